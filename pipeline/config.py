@@ -271,8 +271,10 @@ def _validate(params: Params) -> None:
         if dataset.num_classes != 11:
             raise ConfigError("the built-in digits have 11 classes (background + 10 digits); set dataset.num_classes: 11")
     train = params.ddpm.train
-    for key in ("steps", "batch_size", "lr", "log_every"):
+    for key in ("batch_size", "lr", "log_every"):
         positive(f"ddpm.train.{key}", getattr(train, key))
+    if train.steps < 0:
+        raise ConfigError(f"ddpm.train.steps must be >= 0 (0 keeps the random init), got {train.steps}")
     if not 0 <= train.ema_rate < 1:
         raise ConfigError(f"ddpm.train.ema_rate must be in [0, 1), got {train.ema_rate}")
     for key in ("batch_size", "chunk_pixels", "clevel"):

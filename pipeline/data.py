@@ -228,3 +228,52 @@ def build_digits(config: DatasetConfig, out_root: Path) -> dict[str, int]:
         for index, (image, mask) in enumerate(canvases):
             write_example(folders[split], f"{split}_{index:05d}", image, None if split == "unlabeled" else mask)
     return counts
+
+
+def prepare_folder(config: DatasetConfig, root: Path, out_root: Path) -> dict[str, int]:
+    """Validate a dataset in the paper's layout and write its first ``train_images`` / ``test_images``
+    (sorted by name) and any unlabeled images to ``out_root`` in canonical form (square, resized PNG +
+    uint8 mask, small classes dropped to ignore when ``min_class_pixels`` > 0)."""
+    if not root.is_dir():
+        raise DatasetError(f"dataset.root {root} is not a folder; point it at a dataset in the paper's layout")
+    counts = {}
+    for split, wanted in ((Split.TRAIN, config.train_images), (Split.TEST, config.test_images)):
+        examples = list_examples(root, split)
+        if len(examples) < wanted:
+            key = f"dataset.{split.value}_images"
+            raise DatasetError(
+                f"{split_dir(root, split)} has {len(examples)} images but {key} asks for {wanted}; "
+                f"lower {key} or add images"
+            )
+        for example in examples[:wanted]:
+            image = load_image(example.image_path, config.image_size, config.non_square)
+            mask = load_mask(example.mask_path, example.image_path, config.image_size, config.num_classes,
+                             config.ignore_label, config.non_square)
+            mask = drop_small_classes(mask, config.min_class_pixels, config.ignore_label)
+            write_example(split_dir(out_root, split), example.stem, image, mask)
+        counts[split.value] = wanted
+    unlabeled = root / "unlabeled"
+    paths = list_images(unlabeled) if unlabeled.is_dir() else []
+    for path in paths:
+        write_example(out_root / "unlabeled", path.stem, load_image(path, config.image_size, config.non_square), None)
+    counts["unlabeled"] = len(paths)
+    return counts
+
+
+def load_split(root: Path, split: Split | str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A prepared split: stems, ``[N, S, S, 3] uint8`` images and ``[N, S, S] uint8`` masks."""
+    examples = list_examples(root, split)
+    images = np.stack([np.asarray(Image.open(e.image_path).convert("RGB")) for e in examples])
+    masks = np.stack([np.load(e.mask_path) for e in examples])
+    return [e.stem for e in examples], images, masks
+
+
+def load_unlabeled(root: Path) -> np.ndarray:
+    folder = root / "unlabeled"
+    paths = list_images(folder) if folder.is_dir() else []
+    if not paths:
+        raise DatasetError(
+            f"{folder} holds no images to pretrain the DDPM on; add unlabeled images there, "
+            f"or import a trained model with ddpm.checkpoint"
+        )
+    return np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])

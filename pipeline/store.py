@@ -222,3 +222,10 @@ def lazy_matrix(stores: Sequence[FeatureStore], split: str) -> tuple[da.Array, d
             raise StoreError(f"{store.path} and {first.path} come from different checkpoints; rerun `dvc repro`")
     matrix = da.concatenate([store.features(split) for store in stores], axis=1)
     return matrix, first.labels(split)
+
+
+def expected_record(params, t: int) -> dict[str, Any]:
+    """The record fields a reader demands of the store for step ``t`` under ``params``."""
+    return {"t": t, "blocks": tuple(params.blocks), "upsample": params.features.upsample.value,
+            "noise_seed": params.features.noise_seed, "stochastic_noise": params.features.stochastic_noise,
+            "image_size": params.dataset.image_size}

@@ -1,0 +1,50 @@
+"""Stage fit: train the MLP ensemble on the train pixels streamed from the per-step feature stores."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipeline.config import load_params
+from pipeline.ensemble import fit_ensemble
+from pipeline.report import write_csv_atomic
+from pipeline.runtime import pick_device, stage_main
+from pipeline.store import expected_record, lazy_matrix, open_store
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--stores", required=True, help="store path with {t}, e.g. features/t{t}.zarr")
+    parser.add_argument("--out", type=Path, required=True, help="ensemble file to write")
+    parser.add_argument("--plot", type=Path, required=True, help="per-epoch loss CSV")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
+    matrix, labels = lazy_matrix(stores, "train")
+    print(f"fit: {matrix.shape[0]} pixels x {matrix.shape[1]} features from {len(stores)} stores, "
+          f"{params.ensemble.members} members")
+    start = time.perf_counter()
+    model, history = fit_ensemble(
+        matrix, labels, num_classes=params.dataset.num_classes, ignore_label=params.dataset.ignore_label,
+        config=params.ensemble, device=pick_device(params.ensemble.device),
+        on_epoch=lambda s: print(f"  epoch {s.epoch}: loss {s.loss:.4f} accuracy {s.accuracy:.4f} "
+                                 f"({time.perf_counter() - start:.0f}s)", flush=True),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = args.out.with_name(args.out.name + ".tmp")
+    torch.save({"format": "ddpm-segmentation-ensemble/1", "state_dict": model.cpu().state_dict(),
+                "members": model.members, "dim": model.dim, "num_classes": model.num_classes,
+                "seed": params.ensemble.seed, "t_steps": list(params.t_steps), "blocks": list(params.blocks),
+                "checkpoint_sha256": stores[0].record.checkpoint_sha256}, temporary)
+    temporary.replace(args.out)
+    write_csv_atomic(pd.DataFrame([vars(s) for s in history]), args.plot)
+    print(f"fit: {len(history)} epochs in {time.perf_counter() - start:.0f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The real pipeline: `dvc repro` and `dvc exp run` in a temporary copy of the repository."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "dataset": {"train_images": 4, "test_images": 4, "unlabeled_images": 48},
+    "ddpm": {"train": {"steps": 3, "batch_size": 8, "log_every": 1}},
+    "ensemble": {"members": 3, "epochs": 2},
+    "evaluate": {"overlays": 2},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        base[key] = merge(base[key], value) if isinstance(value, dict) else value
+    return base
+
+
+def run(args, cwd, env):
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, files.split("\0")):
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    params = merge(yaml.safe_load((root / "params.yaml").read_text()), TINY)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "dvc.lock").unlink(missing_ok=True)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        run(command, root, env)
+    return root, env
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def test_repro_writes_metrics_plots_and_stores(workspace):
+    root, env = workspace
+    output = run([str(Path(sys.executable).parent / "dvc"), "repro"], root, env)
+    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate"]
+    metrics = json.loads((root / "metrics" / "eval.json").read_text())
+    assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["pixel_accuracy"] <= 1
+    assert set(metrics["per_class_iou"]) == {"background", *[f"digit_{d}" for d in range(10)]}
+    assert metrics["test_images"] == 4 and metrics["uncertainty"] >= 0
+    for path in ("plots/per_class_iou.csv", "plots/confusion.csv", "plots/fit_loss.csv", "plots/pretrain_loss.csv"):
+        assert (root / path).stat().st_size > 0, path
+    assert len(list((root / "plots" / "overlays").glob("*.png"))) == 2
+    assert (root / "features" / "t150.zarr" / "zarr.json").is_file()
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "baseline"], root, env)
+
+
+def test_changing_t_steps_reruns_only_what_it_affects(workspace):
+    root, env = workspace
+    dvc = str(Path(sys.executable).parent / "dvc")
+    fewer = run([dvc, "exp", "run", "-S", "t_steps=[50,150]"], root, env)
+    assert stages_run(fewer) == ["fit", "evaluate"]
+    diff = run([dvc, "metrics", "diff", "--json"], root, env)
+    assert "miou" in diff
+    more = run([dvc, "exp", "run", "-S", "t_steps=[50,150,250,350]"], root, env)
+    assert stages_run(more) == ["extract@350", "fit", "evaluate"]
+
+
+def test_stage_rejects_bad_params_with_a_clear_message(workspace):
+    root, env = workspace
+    bad = yaml.safe_load((root / "params.yaml").read_text())
+    bad["ensemble"]["learning_rate"] = 0.1
+    path = root / "bad_params.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    result = subprocess.run([sys.executable, "-m", "stages.fit", "--params", str(path), "--stores", "features/t{t}.zarr",
+                             "--out", "x.pt", "--plot", "x.csv"], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "unknown params key(s) ensemble.learning_rate" in result.stderr and "Traceback" not in result.stderr
+    assert not (root / "x.pt").exists()

@@ -1,0 +1,96 @@
+"""Parity with OpenAI guided-diffusion and ddpm-segmentation on the shared reference fixtures."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.diffusion import Diffusion
+from pipeline.features import feature_dim, pixel_features
+from pipeline.unet import ModelFlagsError, create_unet, load_guided_diffusion
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny(reference):
+    meta = json.loads((reference / "tiny32.json").read_text())
+    model = load_guided_diffusion(reference / "tiny32.pt", meta["model_flags"])
+    return model, meta, np.load(reference / "tiny32.npz")
+
+
+def test_schedule_and_q_sample_match_reference(tiny):
+    _, _, arrays = tiny
+    diffusion = Diffusion("linear", 1000)
+    np.testing.assert_allclose(diffusion.alphas_cumprod, arrays["alphas_cumprod"], rtol=0, atol=1e-12)
+    for t in (50, 150, 250):
+        noisy = diffusion.q_sample(torch.from_numpy(arrays["x0"]), torch.full((2,), t), torch.from_numpy(arrays["noise"]))
+        assert (noisy - torch.from_numpy(arrays[f"x_t{t}"])).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("t", [50, 150, 250])
+def test_every_decoder_block_and_output_match_reference(tiny, t):
+    model, meta, arrays = tiny
+    assert model.num_decoder_blocks == meta["num_output_blocks"]
+    assert [list(s) for s in model.decoder_block_shapes()] == [meta["output_block_shapes"][str(i)] for i in range(9)]
+    x_t = torch.from_numpy(arrays[f"x_t{t}"])
+    with torch.no_grad():
+        output, blocks = model(x_t, torch.full((2,), t), return_blocks=list(range(9)))
+        assert output is None  # stops after the last requested block
+        full = model(x_t, torch.full((2,), t))
+    assert (full - torch.from_numpy(arrays[f"out_t{t}"])).abs().max() <= TOLERANCE
+    for index, block in enumerate(blocks):
+        assert (block - torch.from_numpy(arrays[f"block{index}_t{t}"])).abs().max() <= TOLERANCE, index
+
+
+def test_pixel_features_match_reference(tiny):
+    model, meta, arrays = tiny
+    extraction = meta["extraction"]
+    features = pixel_features(model, torch.from_numpy(arrays["x0"]), t_steps=extraction["steps"],
+                              blocks=extraction["blocks"], noise=torch.from_numpy(arrays["noise"]))
+    assert features.shape == (2 * 32 * 32, meta["feature_dim"])
+    assert (features - torch.from_numpy(arrays["pixel_features"])).abs().max() <= TOLERANCE
+
+
+def test_string_and_list_flags_build_the_same_network(tiny):
+    model, meta, _ = tiny
+    as_lists = dict(meta["model_flags"], channel_mult=[1, 2, 2], attention_resolutions=[16, 8])
+    other = create_unet(as_lists)
+    assert {k: v.shape for k, v in other.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert sum(p.numel() for p in model.parameters()) == meta["param_count"]
+
+
+def test_paper_256_configuration_matches_keys_shapes_and_feature_dim(reference):
+    paper = json.loads((reference / "adm256_paper_keys.json").read_text())
+    with torch.device("meta"):
+        model = create_unet(paper["model_flags"])  # channel_mult "" -> the 256 default
+    shapes = {key: list(value.shape) for key, value in model.state_dict().items()}
+    assert shapes == paper["state_dict_shapes"]
+    assert sum(p.numel() for p in model.parameters()) == paper["num_parameters"]
+    assert [list(s) for s in model.decoder_block_shapes()] == [paper["output_block_shapes"][str(i)] for i in range(18)]
+    assert feature_dim(model, [5, 6, 7, 8, 12], num_steps=3) == paper["paper_feature_dim_blocks_5_6_7_8_12_steps_50_150_250"] == 8448
+
+
+def test_mismatched_learn_sigma_names_the_flag(reference, tmp_path):
+    meta = json.loads((reference / "tiny32.json").read_text())
+    with pytest.raises(ModelFlagsError, match=r"learn_sigma: out.2.weight has 6 output channels; set ddpm.model.learn_sigma: true"):
+        load_guided_diffusion(reference / "tiny32.pt", dict(meta["model_flags"], learn_sigma=False))
+
+
+def test_mismatched_num_channels_names_the_flag(reference):
+    meta = json.loads((reference / "tiny32.json").read_text())
+    with pytest.raises(ModelFlagsError, match=r"num_channels"):
+        load_guided_diffusion(reference / "tiny32.pt", dict(meta["model_flags"], num_channels=64))
+
+
+def test_block_out_of_range_is_a_clear_error(tiny):
+    model, _, arrays = tiny
+    with pytest.raises(ValueError, match=r"blocks contains 9, but this model has decoder blocks 0..8"):
+        pixel_features(model, torch.from_numpy(arrays["x0"]), t_steps=[50], blocks=[9], noise=torch.from_numpy(arrays["noise"]))
+
+
+def test_class_cond_is_refused():
+    with pytest.raises(ModelFlagsError, match="class_cond"):
+        create_unet({"image_size": 32, "num_channels": 32, "class_cond": True})
