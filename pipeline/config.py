@@ -17,11 +17,9 @@ from typing import Any
 import yaml
 
 from pipeline.diffusion import NoiseSchedule
+from pipeline.errors import ConfigError
 from pipeline.unet import ModelFlagsError, UNetConfig, config_from_flags
 
-
-class ConfigError(ValueError):
-    """A params file that cannot be used; the message names the key and the fix."""
 
 
 class UpsampleMode(str, enum.Enum):
@@ -43,31 +41,59 @@ class Autocast(str, enum.Enum):
 BUILTIN_DATASET = "digits"
 
 
+# What a custom (non-preset) dataset gets for these keys when they are null.
+CUSTOM_DEFAULTS = {"ignore_label": 255, "min_class_pixels": 0}
+PRESET_KEYS = ("image_size", "num_classes", "class_names", "ignore_label", "train_images", "test_images",
+               "min_class_pixels")
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     """``name: digits`` is the built-in set that ``prepare`` composes; any other name is a folder in the
-    paper's layout at ``root`` (``real/train``, ``real/test``, optional ``unlabeled``)."""
+    paper's layout at ``root`` (``real/train``, ``real/test``, optional ``unlabeled``). Keys left null are
+    filled from the preset of ``name`` (pipeline/presets.py); a custom name must set them."""
 
     name: str = BUILTIN_DATASET
     root: str = "data/builtin"
-    image_size: int = 32
-    num_classes: int = 11
+    image_size: int | None = None
+    num_classes: int | None = None
     class_names: tuple[str, ...] | None = None
-    ignore_label: int = 255
-    train_images: int = 50
-    test_images: int = 50
+    # Pixels with this label are never trained on or scored (255 usually; bedroom_28 uses 0).
+    ignore_label: int | None = None
+    train_images: int | None = None
+    test_images: int | None = None
     # Built-in set only: unlabeled canvases for DDPM pretraining, digit height in pixels, split seed.
     unlabeled_images: int = 4000
     digit_size: int = 24
     seed: int = 0
-    # The paper's rule: a class covering fewer pixels than this in an image becomes ignore there (0 = off).
-    min_class_pixels: int = 0
+    # The paper's rule: a class covering fewer pixels than this in a training mask becomes ignore (0 = off).
+    min_class_pixels: int | None = None
     non_square: NonSquarePolicy = NonSquarePolicy.ERROR
 
     def names(self) -> list[str]:
         if self.class_names is not None:
             return list(self.class_names)
         return [f"class_{index}" for index in range(self.num_classes)]
+
+    def resolved(self) -> "DatasetConfig":
+        """A copy with every null preset key filled from the preset named ``name``."""
+        from pipeline.presets import PRESETS
+
+        preset = PRESETS.get(self.name, {})
+        values = {}
+        for key in PRESET_KEYS:
+            value = getattr(self, key)
+            if value is None and key in preset:
+                value = tuple(preset[key]) if key == "class_names" else preset[key]
+            elif value is None and key in CUSTOM_DEFAULTS:
+                value = CUSTOM_DEFAULTS[key]
+            elif value is None and key != "class_names":
+                raise ConfigError(
+                    f"dataset.{key} is null and dataset.name={self.name!r} is not a preset "
+                    f"({', '.join(PRESETS)}); set dataset.{key} for your dataset"
+                )
+            values[key] = value
+        return dataclasses.replace(self, **values)
 
 
 @dataclass(frozen=True)
@@ -253,10 +279,8 @@ def _validate(params: Params) -> None:
         positive(f"dataset.{key}", getattr(dataset, key))
     if dataset.num_classes < 2:
         raise ConfigError(f"dataset.num_classes must be >= 2, got {dataset.num_classes}")
-    if not 0 <= dataset.ignore_label <= 255 or dataset.ignore_label < dataset.num_classes:
-        raise ConfigError(
-            f"dataset.ignore_label={dataset.ignore_label} must be in [num_classes, 255] so it cannot be a class"
-        )
+    if not 0 <= dataset.ignore_label <= 255:
+        raise ConfigError(f"dataset.ignore_label={dataset.ignore_label} must be in [0, 255] (masks are uint8)")
     if dataset.class_names is not None and len(dataset.class_names) != dataset.num_classes:
         raise ConfigError(
             f"dataset.class_names has {len(dataset.class_names)} names but dataset.num_classes is "
@@ -293,6 +317,7 @@ def _validate(params: Params) -> None:
 def params_from_dict(data: dict, source: str = "params") -> Params:
     try:
         params = _build(Params, data, "")
+        params = dataclasses.replace(params, dataset=params.dataset.resolved())
         _validate(params)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None

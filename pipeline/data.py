@@ -22,18 +22,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import DatasetConfig, NonSquarePolicy
+from pipeline.errors import DatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-DIGIT_CLASS_NAMES = ("background",) + tuple(f"digit_{d}" for d in range(10))
 
 
 class Split(str, enum.Enum):
     TRAIN = "train"
     TEST = "test"
 
-
-class DatasetError(ValueError):
-    """A dataset folder or file that cannot be used; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -249,7 +246,8 @@ def prepare_folder(config: DatasetConfig, root: Path, out_root: Path) -> dict[st
             image = load_image(example.image_path, config.image_size, config.non_square)
             mask = load_mask(example.mask_path, example.image_path, config.image_size, config.num_classes,
                              config.ignore_label, config.non_square)
-            mask = drop_small_classes(mask, config.min_class_pixels, config.ignore_label)
+            if split is Split.TRAIN:  # the paper filters training masks only; test masks are scored as given
+                mask = drop_small_classes(mask, config.min_class_pixels, config.ignore_label)
             write_example(split_dir(out_root, split), example.stem, image, mask)
         counts[split.value] = wanted
     unlabeled = root / "unlabeled"

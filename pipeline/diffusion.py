@@ -11,6 +11,8 @@ import math
 import numpy as np
 import torch
 
+from pipeline.errors import ConfigError
+
 
 class NoiseSchedule(str, enum.Enum):
     LINEAR = "linear"
@@ -59,7 +61,7 @@ class Diffusion:
     def check_timesteps(self, t_steps: list[int]) -> None:
         for t in t_steps:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.num_timesteps:
-                raise ValueError(
+                raise ConfigError(
                     f"timestep {t!r} is outside [0, {self.num_timesteps}) of this {self.num_timesteps}-step schedule; "
                     f"use integers such as [50, 150, 250]"
                 )

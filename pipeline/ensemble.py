@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import EnsembleConfig
+from pipeline.errors import DatasetError
 
 
 def hidden_widths(num_classes: int) -> tuple[int, int]:
@@ -143,7 +144,9 @@ def fit_ensemble(
                 correct += float((logits.argmax(-1) == target).sum())
                 pixels += count
         if pixels == 0:
-            raise ValueError("the training split has no labeled pixels (all are the ignore label)")
+            raise DatasetError(
+                "the training split has no labeled pixels (all are the ignore label); check the masks and dataset.ignore_label"
+            )
         stats = EpochStats(epoch, loss_sum / pixels, correct / pixels, int(pixels // config.members))
         history.append(stats)
         if on_epoch is not None:

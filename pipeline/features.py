@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from pipeline.config import UpsampleMode
 from pipeline.diffusion import Diffusion, NoiseSchedule
+from pipeline.errors import ConfigError
 from pipeline.unet import UNetModel
 
 
@@ -27,7 +28,7 @@ def feature_dim(model: UNetModel, blocks: Sequence[int], num_steps: int = 1) -> 
     shapes = model.decoder_block_shapes()
     for block in blocks:
         if not 0 <= block < len(shapes):
-            raise ValueError(
+            raise ConfigError(
                 f"blocks contains {block}, but this model has decoder blocks 0..{len(shapes) - 1}; "
                 f"choose blocks within that range"
             )

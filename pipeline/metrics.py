@@ -16,17 +16,21 @@ def confusion_matrix(truth: np.ndarray, prediction: np.ndarray, num_classes: int
     return np.bincount(truth * num_classes + prediction, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def iou_per_class(confusion: np.ndarray) -> np.ndarray:
-    """IoU of every class from summed intersections and unions; NaN where a class is in neither."""
+def iou_per_class(confusion: np.ndarray, ignore_label: int | None = None) -> np.ndarray:
+    """IoU of every class from summed intersections and unions; NaN where a class is in neither, and
+    for the ignore label when it is a class index (bedroom_28 ignores class 0)."""
     intersection = np.diag(confusion).astype(np.float64)
     union = confusion.sum(0) + confusion.sum(1) - intersection
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
+        ious = np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
+    if ignore_label is not None and ignore_label < len(ious):
+        ious[ignore_label] = np.nan
+    return ious
 
 
-def mean_iou(confusion: np.ndarray) -> float:
-    """Mean IoU over classes that occur in ground truth or prediction."""
-    return float(np.nanmean(iou_per_class(confusion)))
+def mean_iou(confusion: np.ndarray, ignore_label: int | None = None) -> float:
+    """Mean IoU over the scored classes that occur in ground truth or prediction."""
+    return float(np.nanmean(iou_per_class(confusion, ignore_label)))
 
 
 def pixel_accuracy(confusion: np.ndarray) -> float:

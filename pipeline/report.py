@@ -10,11 +10,12 @@ from PIL import Image
 from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy
 
 
-def metrics_dict(confusion: np.ndarray, class_names: list[str], uncertainty: float, images: int) -> dict:
+def metrics_dict(confusion: np.ndarray, class_names: list[str], ignore_label: int, uncertainty: float,
+                 images: int) -> dict:
     """The JSON DVC reads: mIoU (fraction, mean over classes present), pixel accuracy, per-class IoU."""
-    ious = iou_per_class(confusion)
+    ious = iou_per_class(confusion, ignore_label)
     return {
-        "miou": round(mean_iou(confusion), 6),
+        "miou": round(mean_iou(confusion, ignore_label), 6),
         "pixel_accuracy": round(pixel_accuracy(confusion), 6),
         "uncertainty": round(uncertainty, 6),
         "per_class_iou": {name: (None if np.isnan(iou) else round(float(iou), 6)) for name, iou in zip(class_names, ious)},
@@ -23,8 +24,8 @@ def metrics_dict(confusion: np.ndarray, class_names: list[str], uncertainty: flo
     }
 
 
-def per_class_table(confusion: np.ndarray, class_names: list[str]) -> pd.DataFrame:
-    ious = iou_per_class(confusion)
+def per_class_table(confusion: np.ndarray, class_names: list[str], ignore_label: int) -> pd.DataFrame:
+    ious = iou_per_class(confusion, ignore_label)
     return pd.DataFrame(
         {
             "class": class_names,

@@ -1,22 +1,19 @@
-"""Effects at the edges: devices, threads, atomic writes, and turning project errors into exit codes."""
+"""Effects at the edges: devices, threads, atomic writes, and turning bad input into exit code 2."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from pipeline.config import ConfigError
-from pipeline.data import DatasetError
-from pipeline.store import StoreError
-from pipeline.unet import ModelFlagsError
-
-USER_ERRORS = (ConfigError, DatasetError, StoreError, ModelFlagsError, FileNotFoundError)
+from pipeline.errors import ConfigError, PipelineError
 
 
 def pick_device(name: str) -> torch.device:
@@ -34,17 +31,26 @@ def write_json_atomic(data: dict, path: Path) -> None:
     temporary.replace(path)
 
 
-def temporary_dir_for(path: Path) -> Path:
-    """A fresh sibling ``<path>.tmp`` folder to build an output in before ``replace_dir``."""
+@contextlib.contextmanager
+def building_dir(path: Path) -> Iterator[Path]:
+    """Build a folder output in ``<path>.tmp`` and move it into place only if the block succeeds.
+
+    On any error the temporary folder is removed and an existing ``path`` is left untouched.
+    """
     temporary = path.with_name(path.name + ".tmp")
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir(parents=True)
-    return temporary
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    replace_dir(temporary, path)
 
 
 def replace_dir(temporary: Path, path: Path) -> None:
-    """Move a finished folder into place; the old one is removed only once the new one is complete."""
+    """Move a finished folder into place; the old one is removed only once the new one is in place."""
     if path.exists():
         old = path.with_name(path.name + ".old")
         if old.exists():
@@ -57,7 +63,7 @@ def replace_dir(temporary: Path, path: Path) -> None:
 
 
 def stage_main(function: Callable[[], None]) -> Callable[[], None]:
-    """Run a stage; a bad input exits with code 2 and one readable line instead of a traceback."""
+    """Run a stage; bad input exits with code 2 and one readable line instead of a traceback."""
 
     @functools.wraps(function)
     def wrapper() -> None:
@@ -65,9 +71,15 @@ def stage_main(function: Callable[[], None]) -> Callable[[], None]:
             torch.set_num_threads(int(os.environ["DDPM_SEG_THREADS"]))
         try:
             function()
-        except USER_ERRORS as error:
-            message = str(error).strip("'\"")
-            print(f"error: {message}", file=sys.stderr)
+        except (PipelineError, FileNotFoundError) as error:
+            print(f"error: {str(error).strip(chr(34) + chr(39))}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            print(f"error: disk full while writing ({error.filename or error}); free space and rerun the stage. "
+                  f"Outputs were not moved into place; an interrupted extraction resumes where it stopped.",
+                  file=sys.stderr)
             sys.exit(2)
 
     return wrapper

@@ -27,12 +27,11 @@ import numpy as np
 import zarr
 import zarr.codecs
 
+from pipeline.errors import StoreError
+
 FORMAT = "ddpm-segmentation-features/1"
 SPLITS = ("train", "test")
 
-
-class StoreError(ValueError):
-    """A feature store that is missing, incomplete, or made with other params than the ones asked for."""
 
 
 @dataclass(frozen=True)

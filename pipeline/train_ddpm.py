@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.diffusion import Diffusion, NoiseSchedule
+from pipeline.errors import DatasetError
 from pipeline.unet import ModelFlagsError, UNetConfig, UNetModel, check_state_dict, config_from_flags, create_unet
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"
@@ -56,7 +57,7 @@ def train_ddpm(
     ``config.seed``. ``on_step(step, losses)`` receives the batch-mean losses after each step.
     """
     if len(images) < config.batch_size:
-        raise ValueError(
+        raise DatasetError(
             f"{len(images)} unlabeled images are fewer than ddpm.train.batch_size={config.batch_size}; "
             f"add images or lower the batch size"
         )

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import ModelFlagsError
+
 # guided-diffusion's script_util: channel_mult used when the flag is "" (the default for the size).
 DEFAULT_CHANNEL_MULT = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
@@ -28,9 +30,6 @@ DEFAULT_CHANNEL_MULT = {
     32: (1, 2, 2, 2),
 }
 
-
-class ModelFlagsError(ValueError):
-    """Model flags that cannot build a UNet, or a checkpoint that does not match them."""
 
 
 @dataclass(frozen=True)
@@ -397,7 +396,7 @@ class UNetModel(nn.Module):
         if wanted is not None:
             for index in wanted:
                 if not 0 <= index < self.num_decoder_blocks:
-                    raise ValueError(
+                    raise ModelFlagsError(
                         f"decoder block {index} does not exist: this model has blocks 0..{self.num_decoder_blocks - 1}"
                     )
         emb = self.time_embed(timestep_embedding(timesteps, self.config.num_channels))

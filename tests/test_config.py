@@ -33,7 +33,8 @@ def test_repository_params_load_and_build_the_model():
         ({"ddpm": {"model": {"num_chanels": 32}}}, r"ddpm.model: unknown model flag\(s\) \['num_chanels'\]"),
         ({"ddpm": {"model": {"image_size": 64}}}, r"ddpm.model.image_size=64 differs from dataset.image_size=32"),
         ({"dataset": {"class_names": ["a", "b"]}}, r"dataset.class_names has 2 names but dataset.num_classes is 11"),
-        ({"dataset": {"ignore_label": 3}}, r"dataset.ignore_label=3 must be in \[num_classes, 255\]"),
+        ({"dataset": {"ignore_label": 256}}, r"dataset.ignore_label=256 must be in \[0, 255\]"),
+        ({"dataset": {"name": "mine"}}, r"dataset.image_size is null and dataset.name='mine' is not a preset"),
         ({"ddpm": {"train": {"ema_rate": 1.0}}}, r"ddpm.train.ema_rate must be in \[0, 1\)"),
     ],
 )
@@ -55,3 +56,13 @@ def test_config_is_frozen():
     params = params_from_dict({})
     with pytest.raises(AttributeError):
         params.ensemble.members = 3  # type: ignore[misc]
+
+
+def test_presets_fill_null_keys_and_explicit_values_win():
+    ffhq = params_from_dict({"dataset": {"name": "ffhq_34"}, "ddpm": {"model": {"num_channels": 32}}}).dataset
+    assert (ffhq.image_size, ffhq.num_classes, ffhq.train_images, ffhq.test_images) == (256, 34, 20, 20)
+    assert ffhq.min_class_pixels == 20 and ffhq.names()[17] == "head***hair"
+    bedroom = params_from_dict({"dataset": {"name": "bedroom_28", "train_images": 5}}).dataset
+    assert bedroom.ignore_label == 0 and bedroom.num_classes == 29 and bedroom.train_images == 5
+    digits = params_from_dict({}).dataset
+    assert digits.num_classes == 11 and digits.names()[1] == "digit_0" and digits.min_class_pixels == 0

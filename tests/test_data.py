@@ -35,13 +35,13 @@ def test_canvas_labels_follow_ink_coverage():
 
 
 def test_build_digits_writes_the_paper_layout(tmp_path):
-    counts = build_digits(DatasetConfig(train_images=3, test_images=2, unlabeled_images=5), tmp_path)
+    counts = build_digits(DatasetConfig(train_images=3, test_images=2, unlabeled_images=5).resolved(), tmp_path)
     assert counts == {"train": 3, "test": 2, "unlabeled": 5}
     train = list_examples(tmp_path, Split.TRAIN)
     assert len(train) == 3 and all(e.mask_path.is_file() for e in train)
     assert len(list((tmp_path / "unlabeled").glob("*.png"))) == 5
     again = tmp_path / "again"
-    build_digits(DatasetConfig(train_images=3, test_images=2, unlabeled_images=5), again)
+    build_digits(DatasetConfig(train_images=3, test_images=2, unlabeled_images=5).resolved(), again)
     assert np.array_equal(np.load(train[0].mask_path), np.load(list_examples(again, Split.TRAIN)[0].mask_path))
 
 
@@ -64,7 +64,7 @@ def make_dataset(root, sizes=((8, 8),) * 2, mask_value=1, with_mask=True):
 def config(**overrides):
     base = dict(name="custom", image_size=8, num_classes=3, train_images=2, test_images=2)
     base.update(overrides)
-    return DatasetConfig(**base)
+    return DatasetConfig(**base).resolved()
 
 
 def test_prepare_folder_copies_a_valid_dataset(tmp_path):

@@ -40,3 +40,13 @@ def test_jensen_shannon_is_zero_for_agreement_and_positive_otherwise():
     split = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
     assert jensen_shannon(split)[0] == pytest.approx(np.log(2), rel=1e-5)
     assert top_decile_mean(torch.arange(100.0)) == pytest.approx(94.5)
+
+
+def test_ignore_label_inside_the_class_range_is_not_scored():
+    truth = np.array([0, 1, 1, 2])
+    prediction = np.array([1, 1, 1, 0])
+    confusion = confusion_matrix(truth, prediction, 3, ignore_label=0)
+    assert confusion.sum() == 3
+    ious = iou_per_class(confusion, ignore_label=0)
+    assert np.isnan(ious[0]) and ious[1] == 1.0 and ious[2] == 0.0
+    assert mean_iou(confusion, ignore_label=0) == 0.5

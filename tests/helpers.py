@@ -1,0 +1,60 @@
+"""Small real projects for stage-level tests: a prepared digits dataset and an untrained checkpoint."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline.config import params_from_dict
+from pipeline.diffusion import Diffusion
+from pipeline.train_ddpm import save_checkpoint
+from pipeline.unet import create_unet
+from tests.conftest import REPO
+
+TINY_PARAMS = {
+    "t_steps": [50, 150],
+    "blocks": [1, 2, 3],
+    "dataset": {"train_images": 6, "test_images": 4, "unlabeled_images": 16},
+    "ddpm": {"model": {"num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2], "attention_resolutions": [],
+                       "num_head_channels": 32, "use_scale_shift_norm": True, "resblock_updown": False,
+                       "learn_sigma": False, "dropout": 0.0},
+             "train": {"steps": 2, "batch_size": 8}},
+    "features": {"batch_size": 1},
+    "ensemble": {"members": 2, "epochs": 2},
+    "evaluate": {"overlays": 1},
+}
+
+
+def write_params(path: Path, overrides: dict | None = None) -> Path:
+    data = yaml.safe_load(yaml.safe_dump(TINY_PARAMS))
+    for key, value in (overrides or {}).items():
+        section = data
+        *parents, last = key.split(".")
+        for parent in parents:
+            section = section.setdefault(parent, {})
+        section[last] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_stage(name: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1")
+    return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True)
+
+
+def make_project(root: Path, overrides: dict | None = None) -> dict[str, Path]:
+    """Prepared digits + an untrained checkpoint under ``root``; returns the paths stages take."""
+    params = write_params(root / "params.yaml", overrides)
+    data = root / "prepared"
+    result = run_stage("prepare", "--params", params, "--out", data)
+    assert result.returncode == 0, result.stderr
+    checkpoint = root / "ddpm.pt"
+    loaded = params_from_dict(yaml.safe_load(params.read_text()))
+    torch.manual_seed(0)
+    save_checkpoint(checkpoint, create_unet(loaded.unet_config()).eval(), Diffusion("linear", 1000), {"kind": "test"})
+    return {"params": params, "data": data, "checkpoint": checkpoint}

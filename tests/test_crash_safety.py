@@ -1,0 +1,92 @@
+"""SIGKILL in the middle of extract and of fit, then rerun: same result as an uninterrupted run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+
+from tests.conftest import REPO
+from tests.helpers import make_project, run_stage
+
+pytestmark = pytest.mark.slow
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("crash"), {"dataset.train_images": 40, "dataset.test_images": 20,
+                                                           "ensemble.epochs": 40, "ensemble.patience": 40})
+
+
+def extract_command(project, out):
+    return [sys.executable, "-m", "stages.extract", "--params", str(project["params"]), "--t", "50",
+            "--data", str(project["data"]), "--checkpoint", str(project["checkpoint"]), "--out", str(out)]
+
+
+def done_count(partial):
+    try:
+        group = zarr.open_group(partial, mode="r")
+        return int(group["train/done"][:].sum())
+    except Exception:
+        return 0
+
+
+def test_killed_extraction_resumes_to_the_same_store(project, tmp_path):
+    reference = tmp_path / "reference.zarr"
+    assert subprocess.run(extract_command(project, reference), env=ENV, cwd=REPO, capture_output=True).returncode == 0
+    out = tmp_path / "t50.zarr"
+    partial = out.with_name("t50.zarr.partial")
+    process = subprocess.Popen(extract_command(project, out), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while done_count(partial) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = done_count(partial)
+    assert 3 <= written < 40, f"the kill landed after {written} images; expected mid-extraction"
+    assert not out.exists()  # a killed run never leaves a store that looks complete
+    result = subprocess.run(extract_command(project, out), env=ENV, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"{40 - written}/{40 - written}" in result.stderr  # only the missing train images were extracted
+    resumed, whole = zarr.open_group(out, mode="r"), zarr.open_group(reference, mode="r")
+    for name in ("train/features", "train/labels", "test/features", "test/labels"):
+        assert np.array_equal(resumed[name][:], whole[name][:]), name
+    assert dict(resumed.attrs) == dict(whole.attrs)
+
+
+def test_killed_fit_leaves_no_output_and_reruns_identically(project, tmp_path):
+    store = tmp_path / "t50.zarr"
+    assert subprocess.run(extract_command(project, store), env=ENV, cwd=REPO, capture_output=True).returncode == 0
+    params = tmp_path / "params.yaml"
+    settings = yaml.safe_load(project["params"].read_text())
+    settings["t_steps"] = [50]
+    params.write_text(yaml.safe_dump(settings))
+
+    def command(out):
+        return [sys.executable, "-m", "stages.fit", "--params", str(params), "--stores", str(tmp_path / "t{t}.zarr"),
+                "--out", str(out), "--plot", str(tmp_path / f"{out.stem}.csv")]
+
+    out = tmp_path / "ensemble.pt"
+    process = subprocess.Popen(command(out), env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if "epoch 2:" in line:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    for target in (out, tmp_path / "uninterrupted.pt"):
+        result = subprocess.run(command(target), env=ENV, cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    first = torch.load(out, weights_only=True)["state_dict"]
+    second = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)["state_dict"]
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
