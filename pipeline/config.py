@@ -138,7 +138,7 @@ class EnsembleConfig:
     members: int = 10
     lr: float = 1e-3
     batch_size: int = 64
-    epochs: int = 8
+    epochs: int = 40
     # Stop early when the epoch loss has not improved by min_delta (relative) for `patience` epochs.
     patience: int = 2
     min_delta: float = 0.01
@@ -159,7 +159,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class Params:
     t_steps: tuple[int, ...] = (50, 150, 250)
-    blocks: tuple[int, ...] = (2, 3, 4, 5, 6)
+    blocks: tuple[int, ...] = (0, 1, 2)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)

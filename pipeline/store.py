@@ -15,12 +15,15 @@ stores whose record does not match what the params ask for.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import math
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import dask.array as da
 import numpy as np
@@ -113,6 +116,28 @@ class StoreWriter:
             shutil.rmtree(self.path)
         self.partial.rename(self.path)
         return self.path
+
+
+@contextlib.contextmanager
+def background_writes(writer: StoreWriter, depth: int = 2) -> Iterator[Callable[[str, int, np.ndarray, np.ndarray], None]]:
+    """Compress and write images on one worker thread while the caller computes the next ones.
+
+    Yields ``submit(split, index, features, labels)``; at most ``depth`` images wait in memory, and an
+    error in a write (disk full) is raised in the caller at the next submit or on exit.
+    """
+    pending: collections.deque[Future] = collections.deque()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+
+        def submit(split: str, index: int, features: np.ndarray, labels: np.ndarray) -> None:
+            pending.append(pool.submit(writer.write, split, index, features, labels))
+            while len(pending) > depth:
+                pending.popleft().result()
+
+        try:
+            yield submit
+        finally:
+            while pending:
+                pending.popleft().result()
 
 
 def partial_path(path: Path) -> Path:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from pipeline.config import Autocast, load_params
 from pipeline.data import Split, list_examples, to_model_input
 from pipeline.features import feature_dim, iter_pixel_features, make_noise
-from pipeline.store import StoreRecord, create_or_resume, file_sha256
+from pipeline.store import StoreRecord, background_writes, create_or_resume, file_sha256
 from pipeline.runtime import pick_device, stage_main
 from pipeline.train_ddpm import load_checkpoint
 from PIL import Image
@@ -62,13 +62,17 @@ def main() -> None:
                     noise = torch.cat([noise_for(options.noise_seed, split, i, args.t, size) for i in indices])
                 else:
                     noise = shared_noise
-                yield indices, to_model_input(images).to(device), noise.to(device)
+                x0 = to_model_input(images)
+                if device.type == "cuda":  # page-locked host memory lets the copy overlap the previous batch
+                    x0 = x0.pin_memory()
+                yield indices, x0.to(device, non_blocking=True), noise.to(device)
 
         features = iter_pixel_features(model, diffusion, batches(), t_steps=[args.t], blocks=params.blocks,
                                        upsample=options.upsample, autocast_dtype=AUTOCAST_DTYPES[options.autocast])
-        for index, rows in tqdm(features, total=len(pending), desc=f"extract t={args.t} {split}", unit="img", mininterval=5):
-            mask = np.load(split_examples[index].mask_path)
-            writer.write(split, index, rows.numpy(), mask.reshape(-1))
+        with background_writes(writer) as submit:
+            for index, rows in tqdm(features, total=len(pending), desc=f"extract t={args.t} {split}", unit="img",
+                                    mininterval=5):
+                submit(split, index, rows.numpy(), np.load(split_examples[index].mask_path).reshape(-1))
     writer.finish()
     print(f"t={args.t}: {record.feature_dim} features/pixel, "
           f"{sum(len(e) for e in examples.values())} images in {time.perf_counter() - start:.1f}s -> {args.out}")

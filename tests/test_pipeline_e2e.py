@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from tests.conftest import REPO
 
@@ -75,6 +77,14 @@ def test_repro_writes_metrics_plots_and_stores(workspace):
     run(["git", "commit", "-qm", "baseline"], root, env)
 
 
+def test_same_params_give_the_same_metrics_twice(workspace):
+    root, env = workspace
+    first = (root / "metrics" / "eval.json").read_text()
+    output = run([str(Path(sys.executable).parent / "dvc"), "repro", "--force"], root, env)
+    assert "evaluate" in stages_run(output)
+    assert (root / "metrics" / "eval.json").read_text() == first
+
+
 def test_changing_t_steps_reruns_only_what_it_affects(workspace):
     root, env = workspace
     dvc = str(Path(sys.executable).parent / "dvc")
@@ -97,3 +107,38 @@ def test_stage_rejects_bad_params_with_a_clear_message(workspace):
     assert result.returncode == 2
     assert "unknown params key(s) ensemble.learning_rate" in result.stderr and "Traceback" not in result.stderr
     assert not (root / "x.pt").exists()
+
+
+def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(workspace, reference):
+    root, env = workspace
+    rng = np.random.default_rng(0)
+    dataset = root / "data" / "datasets" / "mini"
+    for split, count in (("train", 3), ("test", 2)):
+        folder = dataset / "real" / split
+        folder.mkdir(parents=True)
+        for index in range(count):
+            mask = np.zeros((32, 32), np.uint8)
+            top, left = rng.integers(0, 16, size=2)
+            mask[top : top + 12, left : left + 12] = 1 + index % 2
+            mask[top, left : left + 12] = 255
+            image = np.stack([mask * 100, 255 - mask * 100, rng.integers(0, 40, (32, 32))], -1).astype(np.uint8)
+            Image.fromarray(image).save(folder / f"{split}{index}.png")
+            np.save(folder / f"{split}{index}.npy", mask)
+    shutil.copy(reference / "tiny32.pt", root / "models" / "mini.pt")
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "add a dataset and a checkpoint"], root, env)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    settings = ["dataset.name=mini", "dataset.root=data/datasets/mini", "dataset.image_size=32",
+                "dataset.num_classes=3", "dataset.train_images=3", "dataset.test_images=2",
+                "ddpm.checkpoint=models/mini.pt", "ddpm.model.attention_resolutions=[16,8]",
+                "ddpm.model.num_head_channels=16", "ddpm.model.learn_sigma=true", "ddpm.model.dropout=0.1",
+                "blocks=[2,3,4,5,6]", "t_steps=[50,150,250]"]
+    output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
+    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate"]
+    assert "imported models/mini.pt" in output
+    metrics = json.loads((root / "metrics" / "eval.json").read_text())
+    assert set(metrics["per_class_iou"]) == {"class_0", "class_1", "class_2"} and metrics["test_images"] == 2
+    import torch
+
+    checkpoint = torch.load(root / "checkpoints" / "ddpm.pt", weights_only=True)
+    assert checkpoint["source"]["kind"] == "imported" and checkpoint["model_flags"]["learn_sigma"] is True
