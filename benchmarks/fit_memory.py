@@ -9,7 +9,8 @@ its peak RSS (ru_maxrss):
   [N*H*W, D] (a second copy, as ddpm-segmentation's prepare_data does), then a shuffled DataLoader
   trains one member for --in-ram-steps batches (memory is set by the arrays, not by the steps).
 
-    python benchmarks/fit_memory.py --work /tmp/fitbench --out benchmarks/results/fit_memory.json
+    python benchmarks/fit_memory.py --work /tmp/fitbench --members 2 --members-per-pass 1 \
+        --out benchmarks/results/fit_memory.json
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def build_stores(work: Path, images: int, chunk_pixels: int) -> Path:
     return folder
 
 
-def streaming(folder: Path, buffer_chunks: int, members: int) -> dict:
+def streaming(folder: Path, buffer_chunks: int, members: int, members_per_pass: int | None) -> dict:
     import torch
 
     from pipeline.config import EnsembleConfig
@@ -57,13 +58,13 @@ def streaming(folder: Path, buffer_chunks: int, members: int) -> dict:
 
     stores = [open_store(folder / f"t{t}.zarr", {"t": t}) for t in STEPS]
     matrix, labels = lazy_matrix(stores, "train")
-    config = EnsembleConfig(members=members, epochs=1, buffer_chunks=buffer_chunks)
+    config = EnsembleConfig(members=members, epochs=1, buffer_chunks=buffer_chunks, members_per_pass=members_per_pass)
     start = time.perf_counter()
     _, history = fit_ensemble(matrix, labels, num_classes=CLASSES, ignore_label=255, config=config,
                               device=torch.device("cpu"))
     seconds = time.perf_counter() - start
-    return {"pixels": history[0].pixels, "seconds": seconds, "pixels_per_s": history[0].pixels / seconds,
-            "member_pixels_per_s": history[0].pixels * members / seconds}
+    return {"pixels": history[0].pixels, "seconds": seconds, "pixels_per_s": history[0].pixels * members / seconds,
+            "note": "pixels_per_s counts member-pixels (one pixel seen by one member) over all passes"}
 
 
 def in_ram(folder: Path, images: int, steps: int) -> dict:
@@ -100,7 +101,7 @@ def in_ram(folder: Path, images: int, steps: int) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     folder = Path(args.folder)
-    result = streaming(folder, args.buffer_chunks, args.members) if args.mode == "streaming" else in_ram(folder, args.images, args.in_ram_steps)
+    result = streaming(folder, args.buffer_chunks, args.members, args.members_per_pass) if args.mode == "streaming" else in_ram(folder, args.images[0], args.in_ram_steps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -109,10 +110,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/fitbench"))
     parser.add_argument("--images", type=int, nargs="+", default=[10, 20, 40])
-    parser.add_argument("--in-ram-images", type=int, nargs="+", default=[10, 20])
+    parser.add_argument("--in-ram-images", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--chunk-pixels", type=int, default=1024)
-    parser.add_argument("--buffer-chunks", type=int, default=4)
+    parser.add_argument("--buffer-chunks", type=int, default=1)
     parser.add_argument("--members", type=int, default=10)
+    parser.add_argument("--members-per-pass", type=int, default=None)
     parser.add_argument("--in-ram-steps", type=int, default=50)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--mode", choices=["streaming", "in_ram"], default=None, help=argparse.SUPPRESS)
@@ -123,7 +125,7 @@ def main() -> None:
         return
     results = {"streaming": {}, "in_ram": {}, "settings": {"image_size": SIZE, "feature_dim": PER_STEP * len(STEPS),
                "classes": CLASSES, "chunk_pixels": args.chunk_pixels, "buffer_chunks": args.buffer_chunks,
-               "members": args.members}}
+               "members": args.members, "members_per_pass": args.members_per_pass}}
     for images in sorted(set(args.images) | set(args.in_ram_images)):
         folder = build_stores(args.work, images, args.chunk_pixels)
         runs = [("streaming", images in args.images), ("in_ram", images in args.in_ram_images)]
@@ -133,10 +135,12 @@ def main() -> None:
             command = [sys.executable, __file__, "--mode", mode, "--folder", str(folder), "--images", str(images),
                        "--buffer-chunks", str(args.buffer_chunks), "--members", str(args.members),
                        "--in-ram-steps", str(args.in_ram_steps)]
+            if args.members_per_pass:
+                command += ["--members-per-pass", str(args.members_per_pass)]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             results[mode][images] = json.loads(output.strip().splitlines()[-1])
             print(mode, images, results[mode][images], flush=True)
-    print("\n| N images | streaming peak RSS (MB) | streaming pixels/s | in-RAM peak RSS (MB) | ratio |\n|---|---|---|---|---|")
+    print("\n| N images | streaming peak RSS (MB) | streaming member-pixels/s | in-RAM peak RSS (MB) | ratio |\n|---|---|---|---|---|")
     for images in sorted(results["streaming"]):
         stream = results["streaming"][images]
         ram = results["in_ram"].get(images)

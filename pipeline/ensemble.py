@@ -48,6 +48,27 @@ class EnsembleMLP(nn.Module):
         # One BatchNorm over M*width channels is M independent BatchNorms of `width` channels.
         self.norms = nn.ModuleList([nn.BatchNorm1d(members * width) for width in widths[1:-1]])
 
+    @classmethod
+    def stack(cls, parts: list["EnsembleMLP"]) -> "EnsembleMLP":
+        """Join ensembles trained in separate passes into one, members in order."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        joined = cls(0, first.dim, first.num_classes, seed=0)
+        joined.members = sum(part.members for part in parts)
+        with torch.no_grad():
+            for layer in range(len(first.weights)):
+                joined.weights[layer] = nn.Parameter(torch.cat([p.weights[layer].detach().cpu() for p in parts]))
+                joined.biases[layer] = nn.Parameter(torch.cat([p.biases[layer].detach().cpu() for p in parts]))
+            norms = []
+            for layer, norm in enumerate(first.norms):
+                merged = nn.BatchNorm1d(norm.num_features // first.members * joined.members)
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(merged, name).copy_(torch.cat([getattr(p.norms[layer], name).detach().cpu() for p in parts]))
+                norms.append(merged)
+            joined.norms = nn.ModuleList(norms)
+        return joined
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 2:
             h = torch.einsum("bd,mdh->mbh", x, self.weights[0]) + self.biases[0]
@@ -68,6 +89,7 @@ class EpochStats:
     loss: float
     accuracy: float
     pixels: int
+    first_member: int = 0
 
 
 def _read_rows(matrix: da.Array, labels: da.Array, blocks: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -78,10 +100,12 @@ def _read_rows(matrix: da.Array, labels: da.Array, blocks: list[int]) -> tuple[n
 
 def stream_buffers(
     matrix: da.Array, labels: da.Array, buffer_chunks: int, rng: np.random.Generator, ignore_label: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One epoch: row-chunks in random order, ``buffer_chunks`` at a time, with the next group prefetched.
 
-    Yields ``([R, D] float32, [R] int64)`` with ignore pixels dropped. Memory is bounded by two groups.
+    Yields ``([R, D] float16 features, [R] int64 labels, [K] int64 indices of the labeled rows)``. The
+    buffer stays float16 and is not masked (batches are gathered from it and cast per step), so memory
+    is about two groups of float16 chunks whatever the number of images.
     """
     if matrix.numblocks[1] != 1:
         matrix = matrix.rechunk({1: -1})
@@ -94,8 +118,8 @@ def stream_buffers(
             features, targets = future.result()
             if index + 1 < len(groups):
                 future = pool.submit(_read_rows, matrix, labels, groups[index + 1])
-            keep = targets != ignore_label
-            yield torch.from_numpy(features[keep].astype(np.float32)), torch.from_numpy(targets[keep].astype(np.int64))
+            labeled = np.flatnonzero(targets != ignore_label)
+            yield torch.from_numpy(features), torch.from_numpy(targets.astype(np.int64)), torch.from_numpy(labeled)
 
 
 def fit_ensemble(
@@ -110,34 +134,59 @@ def fit_ensemble(
 ) -> tuple[EnsembleMLP, list[EpochStats]]:
     """Train ``config.members`` classifiers on ``[P, D]`` features / ``[P]`` labels streamed from a store.
 
-    Each epoch visits every labeled pixel once per member. Stops after ``config.epochs`` or when the
-    mean loss has not improved by ``config.min_delta`` (relative) for ``config.patience`` epochs.
+    Members train ``config.members_per_pass`` at a time (default: all in one pass over the data); each
+    group's member i is seeded ``seed + i`` whatever the grouping. Each epoch visits every labeled pixel
+    once per member. A group stops after ``config.epochs`` or when its mean loss has not improved by
+    ``config.min_delta`` (relative) for ``config.patience`` epochs.
     """
-    model = EnsembleMLP(config.members, matrix.shape[1], num_classes, config.seed).to(device)
+    group = config.members_per_pass or config.members
+    models, history = [], []
+    for first in range(0, config.members, group):
+        model, stats = _fit_members(matrix, labels, first, min(group, config.members - first), num_classes=num_classes,
+                                    ignore_label=ignore_label, config=config, device=device, on_epoch=on_epoch)
+        models.append(model)
+        history.extend(stats)
+    return EnsembleMLP.stack(models).eval(), history
+
+
+def _fit_members(
+    matrix: da.Array,
+    labels: da.Array,
+    first: int,
+    members: int,
+    *,
+    num_classes: int,
+    ignore_label: int,
+    config: EnsembleConfig,
+    device: torch.device,
+    on_epoch: Callable[[EpochStats], None] | None,
+) -> tuple[EnsembleMLP, list[EpochStats]]:
+    seed = config.seed + first
+    model = EnsembleMLP(members, matrix.shape[1], num_classes, seed).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
     history: list[EpochStats] = []
     best, stale = math.inf, 0
     for epoch in range(1, config.epochs + 1):
         model.train()
         loss_sum = correct = pixels = 0.0
-        for features, targets in stream_buffers(matrix, labels, config.buffer_chunks, rng, ignore_label):
-            rows = len(targets)
+        for features, targets, labeled in stream_buffers(matrix, labels, config.buffer_chunks, rng, ignore_label):
+            rows = len(labeled)
             if rows < 2:
                 continue
-            # Each member draws its own permutation of the buffer.
-            order = torch.argsort(torch.rand(config.members, rows, generator=generator), dim=1)
+            # Each member draws its own permutation of the buffer's labeled rows.
+            order = labeled[torch.argsort(torch.rand(members, rows, generator=generator), dim=1)]
             features, targets = features.to(device), targets.to(device)
             for start in range(0, rows, config.batch_size):
                 index = order[:, start : start + config.batch_size].to(device)
                 if index.shape[1] < 2:  # BatchNorm needs two samples
                     break
-                logits = model(features[index])
+                logits = model(features[index].float())
                 target = targets[index]
                 loss = F.cross_entropy(logits.reshape(-1, num_classes), target.reshape(-1), reduction="mean")
                 optimizer.zero_grad(set_to_none=True)
-                (loss * config.members).backward()  # each member's gradient is that of its own mean loss
+                (loss * members).backward()  # each member's gradient is that of its own mean loss
                 optimizer.step()
                 count = target.numel()
                 loss_sum += loss.item() * count
@@ -147,7 +196,7 @@ def fit_ensemble(
             raise DatasetError(
                 "the training split has no labeled pixels (all are the ignore label); check the masks and dataset.ignore_label"
             )
-        stats = EpochStats(epoch, loss_sum / pixels, correct / pixels, int(pixels // config.members))
+        stats = EpochStats(epoch, loss_sum / pixels, correct / pixels, int(pixels // members), first)
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)

@@ -80,7 +80,9 @@ def make_compressors(codec: str, clevel: int) -> list:
         return []
     if codec == "zlib":
         return [zarr.codecs.GzipCodec(level=clevel)]
-    # Bit-shuffle groups float16 exponent bits together; it roughly doubled zstd's ratio on activations.
+    # Bit-shuffle groups float16 exponent bits together. benchmarks/store_codecs.py on the built-in
+    # model's activations: zstd-3 + bit-shuffle 1.17x at ~180 MB/s write, lz4 + bit-shuffle 1.12x at
+    # ~280-430 MB/s, byte-shuffle zstd-3 1.10x; activations are close to incompressible.
     return [zarr.codecs.BloscCodec(cname=codec, clevel=clevel, shuffle=zarr.codecs.BloscShuffle.bitshuffle, typesize=2)]
 
 

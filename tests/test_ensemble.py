@@ -67,3 +67,16 @@ def test_early_stopping_uses_patience():
     config = EnsembleConfig(members=2, epochs=50, patience=1, min_delta=0.9, buffer_chunks=4)
     _, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=config, device=torch.device("cpu"))
     assert len(history) == 2  # the second epoch cannot improve by 90%, so it stops
+
+
+def test_members_per_pass_matches_separately_seeded_fits():
+    x, y = toy()
+    grouped, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, device=torch.device("cpu"),
+                                    config=EnsembleConfig(members=3, members_per_pass=2, epochs=2, seed=5))
+    assert grouped.members == 3 and {s.first_member for s in history} == {0, 2}
+    alone, _ = fit_ensemble(x, y, num_classes=4, ignore_label=255, device=torch.device("cpu"),
+                            config=EnsembleConfig(members=1, epochs=2, seed=7))
+    for layer in range(3):
+        assert torch.equal(grouped.weights[layer][2], alone.weights[layer][0])
+    probe = torch.randn(32, 12)
+    assert torch.allclose(grouped(probe)[2], alone(probe)[0], atol=1e-5)  # BatchNorm statistics joined too
