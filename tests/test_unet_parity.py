@@ -94,3 +94,36 @@ def test_block_out_of_range_is_a_clear_error(tiny):
 def test_class_cond_is_refused():
     with pytest.raises(ModelFlagsError, match="class_cond"):
         create_unet({"image_size": 32, "num_channels": 32, "class_cond": True})
+
+
+def test_fp16_checkpoint_loads_and_matches(reference, tmp_path, tiny):
+    model, meta, arrays = tiny
+    state = torch.load(reference / "tiny32.pt", weights_only=True)
+    half = tmp_path / "fp16.pt"
+    torch.save({key: value.half() for key, value in state.items()}, half)
+    loaded = load_guided_diffusion(half, meta["model_flags"])
+    x_t = torch.from_numpy(arrays["x_t50"])
+    with torch.no_grad():
+        _, ours = loaded(x_t, torch.full((2,), 50), return_blocks=[4])
+        _, full = model(x_t, torch.full((2,), 50), return_blocks=[4])
+    assert (ours[0] - full[0]).abs().max() < 0.05  # only the fp16 rounding of the weights differs
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_other_resolutions_extract_with_computed_feature_dim(size):
+    torch.manual_seed(0)
+    model = create_unet({"image_size": size, "num_channels": 32, "num_res_blocks": 1,
+                         "attention_resolutions": [], "channel_mult": ""}).eval()
+    blocks = [1, model.num_decoder_blocks - 1]
+    noise = torch.randn(1, 3, size, size)
+    features = pixel_features(model, torch.zeros(1, 3, size, size), t_steps=[50], blocks=blocks, noise=noise)
+    assert features.shape == (size * size, feature_dim(model, blocks))
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_large_resolutions_build_with_guided_diffusion_defaults(size):
+    with torch.device("meta"):
+        model = create_unet({"image_size": size, "num_channels": 64, "channel_mult": "", "attention_resolutions": "32,16,8",
+                             "num_head_channels": 64})
+    shapes = model.decoder_block_shapes()
+    assert shapes[-1][1:] == (size, size) and shapes[0][1:] == (size // 2 ** (len(shapes) // 3 - 1),) * 2
