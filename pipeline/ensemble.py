@@ -215,9 +215,11 @@ def predict_chunks(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """For each row-chunk of ``matrix`` yield ``(first_row, member classes [M, R], member probs [M, R, C])``."""
     model.eval()
+    if matrix.numblocks[1] != 1:
+        matrix = matrix.rechunk({1: -1})
     offsets = np.cumsum((0,) + matrix.chunks[0])
     for block in range(matrix.numblocks[0]):
-        (rows,) = dask.compute(matrix.blocks[block, :].rechunk({1: -1}) if matrix.numblocks[1] > 1 else matrix.blocks[block], scheduler="synchronous")
+        (rows,) = dask.compute(matrix.blocks[block], scheduler="synchronous")
         rows = torch.from_numpy(rows.astype(np.float32))
         for start in range(0, len(rows), batch_pixels):
             probabilities = torch.softmax(model(rows[start : start + batch_pixels].to(device)), dim=-1).cpu()

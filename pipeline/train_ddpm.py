@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
+from pipeline.data import to_model_input
 from pipeline.diffusion import Diffusion, NoiseSchedule
 from pipeline.errors import DatasetError
 from pipeline.unet import ModelFlagsError, UNetConfig, UNetModel, check_state_dict, config_from_flags, create_unet
@@ -34,8 +35,6 @@ def update_ema(ema: nn.Module, model: nn.Module, rate: float) -> None:
 
 def infinite_batches(images: np.ndarray, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Reshuffled epochs over ``[N, H, W, 3] uint8`` images, as ``[B, 3, H, W] float32`` in [-1, 1]."""
-    from pipeline.data import to_model_input
-
     while True:
         order = torch.randperm(len(images), generator=generator).numpy()
         for start in range(0, len(order) - batch_size + 1, batch_size):

@@ -449,8 +449,6 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
             f"num_channels: time_embed.0.weight takes {found['time_embed.0.weight'][1]} inputs; "
             f"set ddpm.model.num_channels: {found['time_embed.0.weight'][1]}"
         )
-    elif any(".emb_layers.1.weight" in key for key in mismatched) and any("out_layers.0" in k for k in mismatched) is False:
-        hints.append("use_scale_shift_norm: emb_layers shapes differ; flip ddpm.model.use_scale_shift_norm")
     if not hints and any(key.endswith(("h_upd", "x_upd")) or ".op." in key for key in missing + unexpected):
         hints.append("resblock_updown: down/upsampling layers differ; flip ddpm.model.resblock_updown")
     if not hints and any(".qkv." in key or ".proj_out." in key for key in missing + unexpected):

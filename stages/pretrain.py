@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from pipeline.config import load_params
@@ -40,11 +41,7 @@ def main() -> None:
     images = load_unlabeled(args.data)
     device = pick_device("auto")
     if ddpm.train.threads:
-        import torch
-
         torch.set_num_threads(ddpm.train.threads)
-    import torch
-
     torch.manual_seed(ddpm.train.seed)  # module init (the UNet's random weights)
     model = create_unet(flags)
     rows, window = [], []
