@@ -114,6 +114,8 @@ class DDPMConfig:
     model: dict = field(default_factory=dict)
     diffusion_steps: int = 1000
     noise_schedule: NoiseSchedule = NoiseSchedule.LINEAR
+    # True for improved-diffusion checkpoints (the network sees t * 1000 / diffusion_steps).
+    rescale_timesteps: bool = False
     checkpoint: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 

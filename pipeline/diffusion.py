@@ -40,11 +40,17 @@ def betas_for_schedule(schedule: NoiseSchedule | str, diffusion_steps: int) -> n
 
 
 class Diffusion:
-    """Precomputed float64 schedule quantities for one schedule and step count."""
+    """Precomputed float64 schedule quantities for one schedule and step count.
 
-    def __init__(self, schedule: NoiseSchedule | str, diffusion_steps: int):
+    ``rescale_timesteps``: the network sees ``t * 1000 / diffusion_steps`` instead of ``t``, as
+    improved-diffusion's models do by default (its ``rescale_timesteps=True``); guided-diffusion's
+    models see ``t`` itself. The two agree when ``diffusion_steps`` is 1000.
+    """
+
+    def __init__(self, schedule: NoiseSchedule | str, diffusion_steps: int, rescale_timesteps: bool = False):
         self.schedule = NoiseSchedule(schedule)
         self.num_timesteps = diffusion_steps
+        self.rescale_timesteps = bool(rescale_timesteps)
         self.betas = betas_for_schedule(schedule, diffusion_steps)
         self.alphas_cumprod = np.cumprod(1.0 - self.betas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
@@ -65,6 +71,12 @@ class Diffusion:
                     f"timestep {t!r} is outside [0, {self.num_timesteps}) of this {self.num_timesteps}-step schedule; "
                     f"use integers such as [50, 150, 250]"
                 )
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep values the network is called with for schedule steps ``t`` ``[N]``."""
+        if self.rescale_timesteps:
+            return t.float() * (1000.0 / self.num_timesteps)
+        return t
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Sample ``x_t ~ q(x_t | x_0)``: ``sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε``; ``t`` is ``[N]`` int, noise broadcasts."""

@@ -65,7 +65,7 @@ def feature_maps(
         timesteps = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
         noisy = diffusion.q_sample(x0, timesteps, noise.to(x0.device))
         with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            _, activations = model(noisy, timesteps, return_blocks=list(blocks))
+            _, activations = model(noisy, diffusion.model_timesteps(timesteps), return_blocks=list(blocks))
         maps.append(upsample_concat(activations, x0.shape[-1], upsample))
     return torch.cat(maps, dim=1)
 
@@ -80,10 +80,11 @@ def pixel_features(
     noise_schedule: NoiseSchedule | str = "linear",
     diffusion_steps: int = 1000,
     upsample: UpsampleMode | str = UpsampleMode.BILINEAR,
+    rescale_timesteps: bool = False,
 ) -> torch.Tensor:
     """The paper's per-pixel feature matrix ``[N*H*W, D] float32`` (rows image-major, row-major pixels)."""
     maps = feature_maps(
-        model, Diffusion(noise_schedule, diffusion_steps), x0, t_steps=t_steps, blocks=blocks, noise=noise, upsample=upsample
+        model, Diffusion(noise_schedule, diffusion_steps, rescale_timesteps), x0, t_steps=t_steps, blocks=blocks, noise=noise, upsample=upsample
     )
     return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
 

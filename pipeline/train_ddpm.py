@@ -72,7 +72,7 @@ def train_ddpm(
         t = torch.randint(0, diffusion.num_timesteps, (x_start.shape[0],), generator=generator).to(device)
         noise = torch.randn(x_start.shape, generator=generator).to(device)
         x_t = diffusion.q_sample(x_start, t, noise)
-        terms = diffusion.training_losses(model(x_t, t), x_start, x_t, t, noise)
+        terms = diffusion.training_losses(model(x_t, diffusion.model_timesteps(t)), x_start, x_t, t, noise)
         loss = terms["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -88,7 +88,8 @@ def save_checkpoint(path: Path, model: UNetModel, diffusion: Diffusion, source: 
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model_flags": model.config.to_dict(),
-        "diffusion": {"steps": diffusion.num_timesteps, "noise_schedule": diffusion.schedule.value},
+        "diffusion": {"steps": diffusion.num_timesteps, "noise_schedule": diffusion.schedule.value,
+                      "rescale_timesteps": diffusion.rescale_timesteps},
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
         "source": source,
     }
@@ -112,5 +113,7 @@ def load_checkpoint(path: str | Path) -> tuple[UNetModel, Diffusion, dict]:
     model = create_unet(config)
     check_state_dict(model, payload["state_dict"], f"checkpoint {path}")
     model.load_state_dict(payload["state_dict"])
-    diffusion = Diffusion(NoiseSchedule(payload["diffusion"]["noise_schedule"]), int(payload["diffusion"]["steps"]))
+    schedule = payload["diffusion"]
+    diffusion = Diffusion(NoiseSchedule(schedule["noise_schedule"]), int(schedule["steps"]),
+                          bool(schedule.get("rescale_timesteps", False)))
     return model.eval(), diffusion, payload

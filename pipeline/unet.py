@@ -21,7 +21,8 @@ from torch import nn
 
 from pipeline.errors import ModelFlagsError
 
-# guided-diffusion's script_util: channel_mult used when the flag is "" (the default for the size).
+# channel_mult used when the flag is "" (the default for the size): guided-diffusion's script_util for
+# 64-512, improved-diffusion's for 32 (guided-diffusion has no 32 default; improved-diffusion agrees at 64, 256).
 DEFAULT_CHANNEL_MULT = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -30,6 +31,19 @@ DEFAULT_CHANNEL_MULT = {
     32: (1, 2, 2, 2),
 }
 
+
+# Flags of guided-/improved-diffusion's DIFFUSION_FLAGS that users paste into ddpm.model by mistake.
+_NOT_FOR_FEATURES = "it does not change the network or its features; remove it from ddpm.model"
+DIFFUSION_FLAGS = {
+    "diffusion_steps": "set ddpm.diffusion_steps",
+    "noise_schedule": "set ddpm.noise_schedule",
+    "rescale_timesteps": "set ddpm.rescale_timesteps (true for improved-diffusion checkpoints)",
+    "timestep_respacing": _NOT_FOR_FEATURES,
+    "use_kl": _NOT_FOR_FEATURES,
+    "predict_xstart": _NOT_FOR_FEATURES,
+    "rescale_learned_sigmas": _NOT_FOR_FEATURES,
+    "sigma_small": _NOT_FOR_FEATURES,
+}
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,10 @@ def config_from_flags(model_flags: dict[str, Any]) -> UNetConfig:
     # Flags of guided-diffusion's scripts that do not change the network.
     for ignored in ("use_checkpoint", "num_classes"):
         flags.pop(ignored, None)
+    misplaced = sorted(set(flags) & set(DIFFUSION_FLAGS))
+    if misplaced:
+        raise ModelFlagsError("; ".join(f"{name} is a diffusion flag, not a model flag: {DIFFUSION_FLAGS[name]}"
+                                        for name in misplaced))
     known = {field.name for field in fields(UNetConfig)}
     unknown = sorted(set(flags) - known)
     if unknown:

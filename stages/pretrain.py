@@ -30,7 +30,7 @@ def main() -> None:
     params = load_params(args.params)
     ddpm = params.ddpm
     flags = params.unet_config()
-    diffusion = Diffusion(ddpm.noise_schedule, ddpm.diffusion_steps)
+    diffusion = Diffusion(ddpm.noise_schedule, ddpm.diffusion_steps, ddpm.rescale_timesteps)
     if ddpm.checkpoint is not None:
         model = load_guided_diffusion(ddpm.checkpoint, flags.to_dict())
         save_checkpoint(args.out, model, diffusion, {"kind": "imported", "path": ddpm.checkpoint,
