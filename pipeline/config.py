@@ -133,6 +133,11 @@ class FeaturesConfig:
     clevel: int = 3
     autocast: Autocast = Autocast.NONE
     device: str = "auto"
+    # Where extraction runs (placement only, the store is the same): 0 = in this process; N = a local
+    # dask.distributed cluster of N worker processes; scheduler = the address of a running cluster
+    # (workers need this package installed and the data and store paths visible). One worker per GPU.
+    workers: int = 0
+    scheduler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,8 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"ddpm.train.ema_rate must be in [0, 1), got {train.ema_rate}")
     for key in ("batch_size", "chunk_pixels", "clevel"):
         positive(f"features.{key}", getattr(params.features, key))
+    if params.features.workers < 0:
+        raise ConfigError(f"features.workers must be >= 0 (0 = extract in this process), got {params.features.workers}")
     if params.features.codec not in ("zstd", "lz4", "blosclz", "zlib", "none"):
         raise ConfigError(f"features.codec={params.features.codec!r} is not one of zstd, lz4, blosclz, zlib, none")
     for key in ("members", "lr", "batch_size", "epochs", "buffer_chunks"):

@@ -94,6 +94,12 @@ class StoreWriter:
         self.partial = partial_path(path)
         self.group = group
 
+    @classmethod
+    def reopen(cls, path: str | Path) -> "StoreWriter":
+        """Open the ``.partial`` store that ``create_or_resume`` made (in another process, e.g. a dask worker)."""
+        path = Path(path)
+        return cls(path, zarr.open_group(partial_path(path), mode="r+"))
+
     def pending(self, split: str) -> list[int]:
         done = self.group[f"{split}/done"][:]
         return [int(i) for i in np.flatnonzero(done == 0)]

@@ -5,25 +5,15 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
-from pipeline.config import Autocast, load_params
-from pipeline.data import Split, list_examples, to_model_input
-from pipeline.features import feature_dim, iter_pixel_features, make_noise
-from pipeline.store import StoreRecord, background_writes, create_or_resume, file_sha256
-from pipeline.runtime import pick_device, stage_main
+from pipeline.config import load_params
+from pipeline.data import Split, list_examples
+from pipeline.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
+from pipeline.features import feature_dim
+from pipeline.runtime import stage_main
+from pipeline.store import StoreRecord, create_or_resume, file_sha256
 from pipeline.train_ddpm import load_checkpoint
-from PIL import Image
-
-AUTOCAST_DTYPES = {Autocast.NONE: None, Autocast.BFLOAT16: torch.bfloat16, Autocast.FLOAT16: torch.float16}
-
-
-def noise_for(seed: int, split: str, index: int, t: int, image_size: int) -> torch.Tensor:
-    """Per-image noise of the stochastic variant, reproducible from (seed, split, image, t)."""
-    state = np.random.SeedSequence([seed, 0 if split == "train" else 1, index, t]).generate_state(1)[0]
-    return make_noise(int(state), image_size)
 
 
 @stage_main
@@ -37,45 +27,38 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     options = params.features
-    model, diffusion, _ = load_checkpoint(args.checkpoint)
+    # Validate the checkpoint, t and blocks up front. In process, this load is the one extraction reuses.
+    if options.workers or options.scheduler:
+        model, diffusion, _ = load_checkpoint(args.checkpoint)
+    else:
+        model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(options.device)))
     diffusion.check_timesteps([args.t])
-    device = pick_device(options.device)
-    model.to(device)
-    size = model.config.image_size
     record = StoreRecord(t=args.t, blocks=tuple(params.blocks), upsample=options.upsample.value,
                          noise_seed=options.noise_seed, stochastic_noise=options.stochastic_noise,
-                         checkpoint_sha256=file_sha256(args.checkpoint), image_size=size,
+                         checkpoint_sha256=file_sha256(args.checkpoint), image_size=model.config.image_size,
                          feature_dim=feature_dim(model, params.blocks))
+    del model
     examples = {split.value: list_examples(args.data, split) for split in Split}
-    writer = create_or_resume(args.out, record, {s: [e.stem for e in ex] for s, ex in examples.items()},
-                              chunk_pixels=options.chunk_pixels, codec=options.codec, clevel=options.clevel)
-    shared_noise = make_noise(options.noise_seed, size)
-    start = time.perf_counter()
-    for split, split_examples in examples.items():
-        pending = writer.pending(split)
-
-        def batches():
-            for first in range(0, len(pending), options.batch_size):
-                indices = pending[first : first + options.batch_size]
-                images = np.stack([np.asarray(Image.open(split_examples[i].image_path).convert("RGB")) for i in indices])
-                if options.stochastic_noise:
-                    noise = torch.cat([noise_for(options.noise_seed, split, i, args.t, size) for i in indices])
-                else:
-                    noise = shared_noise
-                x0 = to_model_input(images)
-                if device.type == "cuda":  # page-locked host memory lets the copy overlap the previous batch
-                    x0 = x0.pin_memory()
-                yield indices, x0.to(device, non_blocking=True), noise.to(device)
-
-        features = iter_pixel_features(model, diffusion, batches(), t_steps=[args.t], blocks=params.blocks,
-                                       upsample=options.upsample, autocast_dtype=AUTOCAST_DTYPES[options.autocast])
-        with background_writes(writer) as submit:
-            for index, rows in tqdm(features, total=len(pending), desc=f"extract t={args.t} {split}", unit="img",
-                                    mininterval=5):
-                submit(split, index, rows.numpy(), np.load(split_examples[index].mask_path).reshape(-1))
+    where = (f"dask scheduler {options.scheduler}" if options.scheduler
+             else f"{options.workers} dask workers" if options.workers else "in process")
+    with extraction_runner(options.workers, options.scheduler) as run:
+        writer = create_or_resume(args.out, record, {s: [e.stem for e in ex] for s, ex in examples.items()},
+                                  chunk_pixels=options.chunk_pixels, codec=options.codec, clevel=options.clevel)
+        job = ExtractJob(
+            checkpoint=str(args.checkpoint), store=str(args.out), t=args.t, blocks=tuple(params.blocks),
+            upsample=options.upsample.value, noise_seed=options.noise_seed, stochastic_noise=options.stochastic_noise,
+            batch_size=options.batch_size, autocast=options.autocast.value, device=options.device,
+            image_paths={s: tuple(str(e.image_path) for e in ex) for s, ex in examples.items()},
+            mask_paths={s: tuple(str(e.mask_path) for e in ex) for s, ex in examples.items()},
+        )
+        pending = {split: writer.pending(split) for split in examples}
+        start = time.perf_counter()
+        with tqdm(total=sum(map(len, pending.values())), desc=f"extract t={args.t} ({where})", unit="img",
+                  mininterval=5) as bar:
+            run(job, pending, bar.update)
     writer.finish()
     print(f"t={args.t}: {record.feature_dim} features/pixel, "
-          f"{sum(len(e) for e in examples.values())} images in {time.perf_counter() - start:.1f}s -> {args.out}")
+          f"{sum(len(e) for e in examples.values())} images in {time.perf_counter() - start:.1f}s ({where}) -> {args.out}")
 
 
 if __name__ == "__main__":

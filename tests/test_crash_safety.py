@@ -57,7 +57,8 @@ def test_killed_extraction_resumes_to_the_same_store(project, tmp_path):
     assert not out.exists()  # a killed run never leaves a store that looks complete
     result = subprocess.run(extract_command(project, out), env=ENV, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert f"{40 - written}/{40 - written}" in result.stderr  # only the missing train images were extracted
+    remaining = 40 - written + 20  # the missing train images and the 20 test images
+    assert f"{remaining}/{remaining}" in result.stderr  # only images not yet written were extracted
     resumed, whole = zarr.open_group(out, mode="r"), zarr.open_group(reference, mode="r")
     for name in ("train/features", "train/labels", "test/features", "test/labels"):
         assert np.array_equal(resumed[name][:], whole[name][:]), name

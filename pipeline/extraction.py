@@ -1,0 +1,169 @@
+"""Extraction jobs: one diffusion step's features for a set of images, written into the step's store.
+
+``extract_images`` is the unit of work. It runs in the stage's own process (``features.workers: 0``)
+or as a task on dask.distributed workers (a local cluster of ``features.workers`` processes, or the
+cluster at ``features.scheduler``). Every image owns whole chunks of the store, so workers write their
+images' rows into the shared ``.partial`` store directly and never share a chunk; each image's done
+flag is set after its rows, so an interrupted run resumes from whatever any worker finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import Autocast
+from pipeline.data import to_model_input
+from pipeline.diffusion import Diffusion
+from pipeline.errors import ConfigError
+from pipeline.features import iter_pixel_features, make_noise
+from pipeline.runtime import pick_device
+from pipeline.store import StoreWriter, background_writes
+from pipeline.train_ddpm import load_checkpoint
+from pipeline.unet import UNetModel
+
+AUTOCAST_DTYPES = {Autocast.NONE: None, Autocast.BFLOAT16: torch.bfloat16, Autocast.FLOAT16: torch.float16}
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """Everything a worker needs to extract and write images of one step (plain, picklable values)."""
+
+    checkpoint: str
+    store: str  # the final store path; workers write into its .partial
+    t: int
+    blocks: tuple[int, ...]
+    upsample: str
+    noise_seed: int
+    stochastic_noise: bool
+    batch_size: int
+    autocast: str
+    device: str
+    image_paths: dict[str, tuple[str, ...]]  # split -> image files in store order
+    mask_paths: dict[str, tuple[str, ...]]
+
+
+def noise_for(seed: int, split: str, index: int, t: int, image_size: int) -> torch.Tensor:
+    """Per-image noise of the stochastic variant, reproducible from (seed, split, image, t)."""
+    state = np.random.SeedSequence([seed, 0 if split == "train" else 1, index, t]).generate_state(1)[0]
+    return make_noise(int(state), image_size)
+
+
+def worker_device(name: str) -> torch.device:
+    """The device for this process; on a dask worker of a multi-GPU machine, GPU ``rank % count``."""
+    device = pick_device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        try:
+            from distributed import get_worker
+
+            rank = get_worker().name
+        except (ImportError, ValueError):  # not running on a dask worker
+            rank = 0
+        if isinstance(rank, int):
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+    return device
+
+
+@functools.lru_cache(maxsize=2)
+def loaded_model(checkpoint: str, device: str) -> tuple[UNetModel, Diffusion]:
+    """Each process (the stage, or a dask worker) loads a checkpoint once, then reuses it for every task."""
+    model, diffusion, _ = load_checkpoint(checkpoint)
+    return model.to(device), diffusion
+
+
+def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Callable[[], None] | None = None) -> int:
+    """Extract and write images ``indices`` of ``split``; returns how many were written."""
+    device = worker_device(job.device)
+    model, diffusion = loaded_model(job.checkpoint, str(device))
+    size = model.config.image_size
+    writer = StoreWriter.reopen(job.store)
+    images, masks = job.image_paths[split], job.mask_paths[split]
+    shared_noise = make_noise(job.noise_seed, size)
+
+    def batches() -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        for first in range(0, len(indices), job.batch_size):
+            batch = indices[first : first + job.batch_size]
+            x0 = to_model_input(np.stack([np.asarray(Image.open(images[i]).convert("RGB")) for i in batch]))
+            if job.stochastic_noise:
+                noise = torch.cat([noise_for(job.noise_seed, split, i, job.t, size) for i in batch])
+            else:
+                noise = shared_noise
+            if device.type == "cuda":  # page-locked host memory lets the copy overlap the previous batch
+                x0 = x0.pin_memory()
+            yield batch, x0.to(device, non_blocking=True), noise.to(device)
+
+    features = iter_pixel_features(model, diffusion, batches(), t_steps=[job.t], blocks=job.blocks,
+                                   upsample=job.upsample, autocast_dtype=AUTOCAST_DTYPES[Autocast(job.autocast)])
+    written = 0
+    with background_writes(writer) as submit:
+        for index, rows in features:
+            submit(split, index, rows.numpy(), np.load(masks[index]).reshape(-1))
+            written += 1
+            if on_image is not None:
+                on_image()
+    return written
+
+
+@contextlib.contextmanager
+def dask_client(workers: int, scheduler: str | None) -> Iterator["distributed.Client"]:  # noqa: F821
+    """A client of the cluster at ``scheduler``, or of a local cluster of ``workers`` single-threaded processes."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except OSError as error:
+            raise ConfigError(
+                f"features.scheduler={scheduler!r}: cannot reach a dask scheduler there ({error}); start one "
+                f"(`dask scheduler`) or set features.scheduler: null to use features.workers local processes"
+            ) from None
+        with client:
+            yield client
+        return
+    # dask gives each worker process one BLAS/OpenMP thread; share the cores out instead, so that one
+    # worker computes exactly what the stage computes in process (thread count changes the last bits).
+    # These must be in the environment before the worker process starts (dask's pre-spawn-environ).
+    threads = int(os.environ.get("DDPM_SEG_THREADS") or max(1, torch.get_num_threads() // workers))
+    environ = {f"distributed.nanny.pre-spawn-environ.{name}": threads
+               for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    with dask.config.set(environ), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+@contextlib.contextmanager
+def extraction_runner(workers: int, scheduler: str | None) -> Iterator[Callable[..., None]]:
+    """Yields ``run(job, pending, on_images)`` that extracts every pending image (``{split: [index]}``).
+
+    With no workers and no scheduler it runs in this process; otherwise it connects to the cluster first
+    (so a wrong address fails before anything is written) and submits one task per batch of images.
+    ``on_images(n)`` is called as images are written, for a progress bar.
+    """
+    if not workers and not scheduler:
+
+        def run_here(job: ExtractJob, pending: dict[str, list[int]], on_images: Callable[[int], None]) -> None:
+            for split, indices in pending.items():
+                if indices:
+                    extract_images(job, split, indices, on_image=lambda: on_images(1))
+
+        yield run_here
+        return
+    from distributed import as_completed
+
+    with dask_client(workers, scheduler) as client:
+
+        def run_on_cluster(job: ExtractJob, pending: dict[str, list[int]], on_images: Callable[[int], None]) -> None:
+            futures = [client.submit(extract_images, job, split, indices[first : first + job.batch_size], pure=False)
+                       for split, indices in pending.items() for first in range(0, len(indices), job.batch_size)]
+            for future in as_completed(futures):
+                on_images(future.result())  # a worker's error (bad image, disk full) is raised here
+
+        yield run_on_cluster
