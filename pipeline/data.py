@@ -14,8 +14,10 @@ from __future__ import annotations
 import enum
 import gzip
 import importlib.resources
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -266,7 +268,41 @@ def load_split(root: Path, split: Split | str) -> tuple[list[str], np.ndarray, n
     return [e.stem for e in examples], images, masks
 
 
-def load_unlabeled(root: Path) -> np.ndarray:
+class ImageFiles:
+    """Same-size images of a folder, read from disk when indexed: nothing but the paths stays in RAM.
+
+    ``images[indices]`` -> ``[B, H, W, 3] uint8`` in the order given, decoded by a few threads (PIL's
+    decoders release the GIL). Pretraining draws its batches from this, so the unlabeled set can be far
+    larger than memory.
+    """
+
+    def __init__(self, paths: Sequence[Path], threads: int = 4):
+        self.paths = list(paths)
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> np.ndarray:
+        try:
+            with Image.open(self.paths[index]) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as error:
+            raise DatasetError(f"image {self.paths[index]} cannot be read ({error}); replace or remove the file") from None
+
+    def __getitem__(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads)
+        arrays = list(self._pool.map(self.read, [int(i) for i in indices]))
+        shapes = {array.shape for array in arrays}
+        if len(shapes) > 1:
+            raise DatasetError(f"images of {self.paths[0].parent} differ in size {sorted(shapes)}; rerun the prepare stage")
+        return np.stack(arrays)
+
+
+def load_unlabeled(root: Path) -> ImageFiles:
+    """The prepared unlabeled images (``<root>/unlabeled``), read lazily."""
     folder = root / "unlabeled"
     paths = list_images(folder) if folder.is_dir() else []
     if not paths:
@@ -274,4 +310,4 @@ def load_unlabeled(root: Path) -> np.ndarray:
             f"{folder} holds no images to pretrain the DDPM on; add unlabeled images there, "
             f"or import a trained model with ddpm.checkpoint"
         )
-    return np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])
+    return ImageFiles(paths)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.data import to_model_input
+from pipeline.data import ImageFiles, to_model_input
 from pipeline.diffusion import Diffusion, NoiseSchedule
 from pipeline.errors import DatasetError
 from pipeline.unet import ModelFlagsError, UNetConfig, UNetModel, check_state_dict, config_from_flags, create_unet
@@ -33,8 +33,9 @@ def update_ema(ema: nn.Module, model: nn.Module, rate: float) -> None:
         ema_param.mul_(rate).add_(param.detach(), alpha=1 - rate)
 
 
-def infinite_batches(images: np.ndarray, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Reshuffled epochs over ``[N, H, W, 3] uint8`` images, as ``[B, 3, H, W] float32`` in [-1, 1]."""
+def infinite_batches(images: np.ndarray | ImageFiles, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Reshuffled epochs over ``[N, H, W, 3] uint8`` images (an array, or files read per batch), as
+    ``[B, 3, H, W] float32`` in [-1, 1]."""
     while True:
         order = torch.randperm(len(images), generator=generator).numpy()
         for start in range(0, len(order) - batch_size + 1, batch_size):
@@ -44,13 +45,14 @@ def infinite_batches(images: np.ndarray, batch_size: int, generator: torch.Gener
 def train_ddpm(
     model: UNetModel,
     diffusion: Diffusion,
-    images: np.ndarray,
+    images: np.ndarray | ImageFiles,
     config: TrainConfig,
     *,
     device: torch.device,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> UNetModel:
-    """Train ``model`` for ``config.steps`` Adam steps on ``[N, H, W, 3] uint8`` images; return the EMA model.
+    """Train ``model`` for ``config.steps`` Adam steps on ``[N, H, W, 3] uint8`` images (an array or
+    ``ImageFiles``, which give the same batches); return the EMA model.
 
     Timesteps are drawn uniformly; the noise and batch order come from generators seeded with
     ``config.seed``. ``on_step(step, losses)`` receives the batch-mean losses after each step.

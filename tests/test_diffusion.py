@@ -3,10 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from pipeline.data import ImageFiles, load_unlabeled
 from pipeline.diffusion import Diffusion, betas_for_schedule
 from pipeline.train_ddpm import ema_rate_at, load_checkpoint, save_checkpoint, train_ddpm
 from pipeline.config import TrainConfig
+from pipeline.errors import DatasetError
 from pipeline.unet import create_unet
 
 TINY = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2],
@@ -65,3 +68,27 @@ def test_short_training_lowers_the_loss_and_round_trips(tmp_path):
     assert payload["model_flags"]["learn_sigma"] is True
     for key, value in ema.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_training_from_image_files_equals_training_from_an_array(tmp_path):
+    images = (np.random.default_rng(1).random((24, 16, 16, 3)) * 255).astype(np.uint8)
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"u_{index:03d}.png")
+    files = ImageFiles(sorted(tmp_path.glob("*.png")))
+    assert len(files) == 24 and np.array_equal(files[[3, 0, 3]], images[[3, 0, 3]])
+    weights = []
+    for source in (images, files):
+        torch.manual_seed(0)
+        model = create_unet(TINY)
+        ema = train_ddpm(model, Diffusion("linear", 1000), source, TrainConfig(steps=4, batch_size=8, lr=1e-3),
+                         device=torch.device("cpu"))
+        weights.append(ema.state_dict())
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_unreadable_unlabeled_image_names_the_file(tmp_path):
+    (tmp_path / "unlabeled").mkdir()
+    (tmp_path / "unlabeled" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    files = load_unlabeled(tmp_path)
+    with pytest.raises(DatasetError, match=r"broken.png cannot be read .*replace or remove the file"):
+        files[[0]]
