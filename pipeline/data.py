@@ -83,15 +83,19 @@ def _crop_square(array: np.ndarray, path: Path, policy: NonSquarePolicy) -> np.n
     return array[top : top + side, left : left + side]
 
 
-def load_image(path: Path, image_size: int, non_square: NonSquarePolicy = NonSquarePolicy.ERROR) -> np.ndarray:
-    """Read an image as ``[image_size, image_size, 3] uint8`` (square-cropped per policy, bicubic resize)."""
+def read_rgb(path: str | Path) -> np.ndarray:
+    """An image file as ``[H, W, 3] uint8``; an unreadable or truncated file is a ``DatasetError`` naming it."""
     try:
         with Image.open(path) as opened:
             opened.load()
-            image = np.asarray(opened.convert("RGB"))
+            return np.asarray(opened.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise DatasetError(f"image {path} cannot be read ({error}); replace or remove the file") from None
-    image = _crop_square(image, path, non_square)
+
+
+def load_image(path: Path, image_size: int, non_square: NonSquarePolicy = NonSquarePolicy.ERROR) -> np.ndarray:
+    """Read an image as ``[image_size, image_size, 3] uint8`` (square-cropped per policy, bicubic resize)."""
+    image = _crop_square(read_rgb(path), path, non_square)
     if image.shape[0] != image_size:
         image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BICUBIC))
     return image
@@ -263,7 +267,7 @@ def prepare_folder(config: DatasetConfig, root: Path, out_root: Path) -> dict[st
 def load_split(root: Path, split: Split | str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """A prepared split: stems, ``[N, S, S, 3] uint8`` images and ``[N, S, S] uint8`` masks."""
     examples = list_examples(root, split)
-    images = np.stack([np.asarray(Image.open(e.image_path).convert("RGB")) for e in examples])
+    images = np.stack([read_rgb(e.image_path) for e in examples])
     masks = np.stack([np.load(e.mask_path) for e in examples])
     return [e.stem for e in examples], images, masks
 
@@ -284,17 +288,10 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def read(self, index: int) -> np.ndarray:
-        try:
-            with Image.open(self.paths[index]) as image:
-                return np.asarray(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as error:
-            raise DatasetError(f"image {self.paths[index]} cannot be read ({error}); replace or remove the file") from None
-
     def __getitem__(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads)
-        arrays = list(self._pool.map(self.read, [int(i) for i in indices]))
+        arrays = list(self._pool.map(read_rgb, [self.paths[int(i)] for i in indices]))
         shapes = {array.shape for array in arrays}
         if len(shapes) > 1:
             raise DatasetError(f"images of {self.paths[0].parent} differ in size {sorted(shapes)}; rerun the prepare stage")

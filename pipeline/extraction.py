@@ -16,10 +16,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pipeline.config import Autocast
-from pipeline.data import to_model_input
+from pipeline.data import read_rgb, to_model_input
 from pipeline.diffusion import Diffusion
 from pipeline.errors import ConfigError
 from pipeline.features import iter_pixel_features, make_noise
@@ -89,7 +88,7 @@ def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Ca
     def batches() -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         for first in range(0, len(indices), job.batch_size):
             batch = indices[first : first + job.batch_size]
-            x0 = to_model_input(np.stack([np.asarray(Image.open(images[i]).convert("RGB")) for i in batch]))
+            x0 = to_model_input(np.stack([read_rgb(images[i]) for i in batch]))
             if job.stochastic_noise:
                 noise = torch.cat([noise_for(job.noise_seed, split, i, job.t, size) for i in batch])
             else:

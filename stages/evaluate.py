@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pipeline.config import load_params
-from pipeline.data import Split, list_examples
+from pipeline.data import Split, list_examples, read_rgb
 from pipeline.ensemble import EnsembleMLP, predict_chunks
 from pipeline.metrics import confusion_matrix, jensen_shannon, majority_vote, top_decile_mean
 from pipeline.report import confusion_rows, metrics_dict, overlay, palette, per_class_table, write_csv_atomic
@@ -67,7 +66,7 @@ def main() -> None:
     examples = list_examples(args.data, Split.TEST)
     with building_dir(args.overlays) as temporary:
         for i, example in enumerate(examples[: params.evaluate.overlays]):
-            image = np.asarray(Image.open(example.image_path).convert("RGB"))
+            image = read_rgb(example.image_path)
             rows = slice(i * pixels, (i + 1) * pixels)
             picture = overlay(image, truth[rows].reshape(size, size), prediction[rows].reshape(size, size), colours,
                               scale=max(1, 256 // size))
