@@ -8,6 +8,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy
+from pipeline.runtime import atomic_file
 
 
 def metrics_dict(confusion: np.ndarray, class_names: list[str], ignore_label: int, uncertainty: float,
@@ -69,7 +70,5 @@ def overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, colour
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    frame.to_csv(temporary, index=False)
-    temporary.replace(path)
+    with atomic_file(path) as temporary:
+        frame.to_csv(temporary, index=False)

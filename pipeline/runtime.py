@@ -24,11 +24,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def write_json_atomic(data: dict, path: Path) -> None:
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield ``<path>.tmp`` to write; it replaces ``path`` only if the block succeeds, else it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    try:
+        yield temporary
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     temporary.replace(path)
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    with atomic_file(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 @contextlib.contextmanager

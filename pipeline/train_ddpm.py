@@ -17,6 +17,7 @@ from pipeline.config import TrainConfig
 from pipeline.data import ImageFiles, to_model_input
 from pipeline.diffusion import Diffusion, NoiseSchedule
 from pipeline.errors import DatasetError
+from pipeline.runtime import atomic_file
 from pipeline.unet import ModelFlagsError, UNetConfig, UNetModel, check_state_dict, config_from_flags, create_unet
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"
@@ -95,10 +96,8 @@ def save_checkpoint(path: Path, model: UNetModel, diffusion: Diffusion, source: 
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
         "source": source,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    temporary.replace(path)
+    with atomic_file(path) as temporary:
+        torch.save(payload, temporary)
 
 
 def load_checkpoint(path: str | Path) -> tuple[UNetModel, Diffusion, dict]:
