@@ -1,6 +1,7 @@
 """The real pipeline: `dvc repro` and `dvc exp run` in a temporary copy of the repository."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -77,11 +78,36 @@ def test_repro_writes_metrics_plots_and_stores(workspace):
     run(["git", "commit", "-qm", "baseline"], root, env)
 
 
+# Each stage's outputs, in pipeline order (plots are left out: the pretrain loss curve records seconds).
+STAGE_OUTPUTS = {"prepare": ["data/prepared"], "pretrain": ["checkpoints/ddpm.pt"],
+                 **{f"extract@{t}": [f"features/t{t}.zarr"] for t in (50, 150, 250)},
+                 "fit": ["ensemble/ensemble.pt"], "evaluate": ["metrics/eval.json"]}
+
+
+def output_digests(root: Path) -> dict[str, str]:
+    """sha256 over every file (relative name and bytes) each stage wrote."""
+    digests = {}
+    for stage, outputs in STAGE_OUTPUTS.items():
+        digest = hashlib.sha256()
+        for output in outputs:
+            path = root / output
+            for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                if file.is_file():
+                    digest.update(str(file.relative_to(root)).encode())
+                    digest.update(file.read_bytes())
+        digests[stage] = digest.hexdigest()
+    return digests
+
+
 def test_same_params_give_the_same_metrics_twice(workspace):
     root, env = workspace
-    first = (root / "metrics" / "eval.json").read_text()
+    first, first_digests = (root / "metrics" / "eval.json").read_text(), output_digests(root)
     output = run([str(Path(sys.executable).parent / "dvc"), "repro", "--force"], root, env)
-    assert "evaluate" in stages_run(output)
+    assert stages_run(output) == list(STAGE_OUTPUTS)
+    # Name the first stage whose outputs changed, so a failure says where determinism broke.
+    second_digests = output_digests(root)
+    changed = [stage for stage in STAGE_OUTPUTS if first_digests[stage] != second_digests[stage]]
+    assert not changed, f"outputs differ on the second run, first in stage {changed[0]}: {changed}"
     assert (root / "metrics" / "eval.json").read_text() == first
 
 
