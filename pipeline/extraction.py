@@ -3,7 +3,7 @@
 ``extract_images`` is the unit of work. It runs in the stage's own process (``features.workers: 0``)
 or as a task on dask.distributed workers (a local cluster of ``features.workers`` processes, or the
 cluster at ``features.scheduler``). Every image owns whole chunks of the store, so workers write their
-images' rows into the shared ``.partial`` store directly and never share a chunk; each image's done
+images' rows into the shared unfinished store directly and never share a chunk; each image's done
 flag is set after its rows, so an interrupted run resumes from whatever any worker finished.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ class ExtractJob:
     """Everything a worker needs to extract and write images of one step (plain, picklable values)."""
 
     checkpoint: str
-    store: str  # the final store path; workers write into its .partial
+    store: str  # the final store path or URL; workers write into its staging location (pipeline.store.staging)
     t: int
     blocks: tuple[int, ...]
     upsample: str

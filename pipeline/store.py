@@ -9,9 +9,13 @@ Layout of ``features/t<t>.zarr``::
     <split> attrs: image_ids (stems, in row order), pixels_per_image
 
 ``rows_per_chunk`` divides H*W, so each image owns whole chunks and concurrent writers never share one.
-Writing goes to ``<path>.partial``; an interrupted extraction resumes from the done flags and the store
-is renamed to its final path only when every image is written. Readers refuse incomplete stores and
-stores whose record does not match what the params ask for.
+A store's location is a local path (``file://`` URLs count as local) or an fsspec URL such as
+``s3://bucket/features/t50.zarr``, so that the workers of a dask cluster on other machines can write
+to one place. Locally, writing goes to ``<path>.partial`` and the store is renamed to its final path
+only when every image is written. Object stores have no atomic rename, so there the store is written in
+place and only its ``complete`` flag, set last, makes it readable. Either way an interrupted extraction
+resumes from the done flags, and readers refuse incomplete stores and stores whose record does not
+match what the params ask for.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import dask.array as da
+import fsspec
 import numpy as np
 import zarr
 import zarr.codecs
@@ -62,6 +67,45 @@ class StoreRecord:
         return cls(**values)
 
 
+Location = Path | str  # a local path, or an fsspec URL of a store on another filesystem
+
+
+def as_location(location: str | Path) -> Location:
+    """A local ``Path`` for plain paths and ``file://`` URLs; the URL string for any other protocol."""
+    text = str(location)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    return text if "://" in text else Path(text)
+
+
+def staging(location: Location) -> Location:
+    """Where a store is written before it is complete: ``<path>.partial`` locally, in place on object stores."""
+    return location.with_name(location.name + ".partial") if isinstance(location, Path) else location
+
+
+def url_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as error:
+        raise StoreError(f"cannot open the store location {url!r}: {error}. Install the fsspec package for its "
+                         f"protocol (s3fs for s3://, gcsfs for gs://, adlfs for az://) or give a local path") from None
+
+
+def location_exists(location: Location) -> bool:
+    if isinstance(location, Path):
+        return location.exists()
+    fs, path = url_filesystem(location)
+    return fs.exists(f"{path}/zarr.json")
+
+
+def remove_location(location: Location) -> None:
+    if isinstance(location, Path):
+        shutil.rmtree(location)
+    else:
+        fs, path = url_filesystem(location)
+        fs.rm(path, recursive=True)
+
+
 def file_sha256(path: str | Path, block_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -87,18 +131,19 @@ def make_compressors(codec: str, clevel: int) -> list:
 
 
 class StoreWriter:
-    """Writes a store image by image into ``<path>.partial``; ``finish`` renames it into place."""
+    """Writes a store image by image at ``staging(path)``; ``finish`` marks it complete and, for a local
+    path, renames ``<path>.partial`` into place."""
 
-    def __init__(self, path: Path, group: zarr.Group):
+    def __init__(self, path: Location, group: zarr.Group):
         self.path = path
-        self.partial = partial_path(path)
+        self.partial = staging(path)
         self.group = group
 
     @classmethod
     def reopen(cls, path: str | Path) -> "StoreWriter":
-        """Open the ``.partial`` store that ``create_or_resume`` made (in another process, e.g. a dask worker)."""
-        path = Path(path)
-        return cls(path, zarr.open_group(partial_path(path), mode="r+"))
+        """Open the store that ``create_or_resume`` is writing (in another process, e.g. a dask worker)."""
+        path = as_location(path)
+        return cls(path, zarr.open_group(staging(path), mode="r+"))
 
     def pending(self, split: str) -> list[int]:
         done = self.group[f"{split}/done"][:]
@@ -115,14 +160,15 @@ class StoreWriter:
         self.group[f"{split}/labels"][rows] = np.asarray(labels, dtype=np.uint8).reshape(-1)
         self.group[f"{split}/done"][index] = 1
 
-    def finish(self) -> Path:
+    def finish(self) -> Location:
         missing = {split: len(self.pending(split)) for split in self.group.group_keys()}
         if any(missing.values()):
             raise StoreError(f"{self.partial}: images not yet written {missing}; cannot finish the store")
         self.group.attrs["complete"] = True
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.partial.rename(self.path)
+        if isinstance(self.path, Path):
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.partial.rename(self.path)
         return self.path
 
 
@@ -148,10 +194,6 @@ def background_writes(writer: StoreWriter, depth: int = 2) -> Iterator[Callable[
                 pending.popleft().result()
 
 
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
 def create_or_resume(
     path: str | Path,
     record: StoreRecord,
@@ -161,15 +203,17 @@ def create_or_resume(
     codec: str,
     clevel: int,
 ) -> StoreWriter:
-    """Open ``<path>.partial`` to resume if it was made by the same record and images, else start afresh."""
-    path = Path(path)
-    partial = partial_path(path)
+    """Open the unfinished store at ``staging(path)`` to resume if the same record and images made it,
+    else start afresh (a finished store at a URL is rewritten: its stage is being rerun)."""
+    path = as_location(path)
+    partial = staging(path)
     pixels = record.image_size**2
-    if partial.exists():
+    if location_exists(partial):
         try:
             group = zarr.open_group(partial, mode="r+")
             same = (
                 group.attrs.get("format") == FORMAT
+                and (isinstance(path, Path) or not group.attrs.get("complete"))
                 and StoreRecord.from_attrs(dict(group.attrs["record"])) == record
                 and all(list(group[split].attrs["image_ids"]) == list(ids) for split, ids in image_ids.items())
                 and sorted(group.group_keys()) == sorted(image_ids)
@@ -178,7 +222,7 @@ def create_or_resume(
             same = False
         if same:
             return StoreWriter(path, group)
-        shutil.rmtree(partial)
+        remove_location(partial)
     group = zarr.open_group(partial, mode="w", zarr_format=3)
     group.attrs.update({"format": FORMAT, "record": record.to_attrs(), "complete": False})
     chunk_rows = rows_per_chunk(chunk_pixels, pixels)
@@ -197,7 +241,7 @@ def create_or_resume(
 class FeatureStore:
     """A complete store opened for reading; arrays come back as lazy dask arrays."""
 
-    def __init__(self, path: Path, group: zarr.Group):
+    def __init__(self, path: Location, group: zarr.Group):
         self.path = path
         self.group = group
         self.record = StoreRecord.from_attrs(dict(group.attrs["record"]))
@@ -217,9 +261,10 @@ class FeatureStore:
 
 def open_store(path: str | Path, expected: dict[str, Any]) -> FeatureStore:
     """Open a finished store and check its record against ``expected`` (a subset of StoreRecord fields)."""
-    path = Path(path)
-    if not path.exists():
-        hint = " (an interrupted extraction left a .partial store: rerun the extract stage)" if partial_path(path).exists() else ""
+    path = as_location(path)
+    if not location_exists(path):
+        hint = (" (an interrupted extraction left a .partial store: rerun the extract stage)"
+                if isinstance(path, Path) and staging(path).exists() else "")
         raise StoreError(f"feature store {path} does not exist{hint}; run `dvc repro` to extract features")
     try:
         group = zarr.open_group(path, mode="r")

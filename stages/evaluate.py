@@ -30,7 +30,7 @@ def load_ensemble(path: Path, params, checkpoint_sha256: str) -> EnsembleMLP:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--stores", required=True, help="store path with {t}, e.g. features/t{t}.zarr")
+    parser.add_argument("--stores", required=True, help="store path or fsspec URL with {t}, e.g. features/t{t}.zarr")
     parser.add_argument("--ensemble", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (test images for overlays)")
     parser.add_argument("--metrics", type=Path, required=True)

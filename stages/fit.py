@@ -19,7 +19,7 @@ from pipeline.store import expected_record, lazy_matrix, open_store
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--stores", required=True, help="store path with {t}, e.g. features/t{t}.zarr")
+    parser.add_argument("--stores", required=True, help="store path or fsspec URL with {t}, e.g. features/t{t}.zarr")
     parser.add_argument("--out", type=Path, required=True, help="ensemble file to write")
     parser.add_argument("--plot", type=Path, required=True, help="per-epoch loss CSV")
     args = parser.parse_args()

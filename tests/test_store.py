@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.store import StoreError, StoreRecord, create_or_resume, lazy_matrix, open_store, partial_path
+from pipeline.store import StoreError, StoreRecord, create_or_resume, lazy_matrix, open_store, staging
 
 PIXELS = 16 * 16
 
@@ -39,7 +39,7 @@ def test_round_trip_layout_and_chunks(tmp_path):
     store = open_store(path, {"t": 50, "blocks": (2, 3)})
     matrix = store.features("train").compute()
     assert np.allclose(matrix[PIXELS : 2 * PIXELS], 1.05, atol=1e-3)
-    assert not partial_path(path).exists()
+    assert not staging(path).exists()
 
 
 def test_lazy_matrix_concatenates_steps_in_order(tmp_path):
