@@ -36,6 +36,7 @@ import zarr
 import zarr.codecs
 
 from pipeline.errors import StoreError
+from pipeline.runtime import replace_dir
 
 FORMAT = "ddpm-segmentation-features/1"
 SPLITS = ("train", "test")
@@ -166,9 +167,7 @@ class StoreWriter:
             raise StoreError(f"{self.partial}: images not yet written {missing}; cannot finish the store")
         self.group.attrs["complete"] = True
         if isinstance(self.path, Path):
-            if self.path.exists():
-                shutil.rmtree(self.path)
-            self.partial.rename(self.path)
+            replace_dir(self.partial, self.path)
         return self.path
 
 
