@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, required=True, help="per-epoch loss CSV")
     args = parser.parse_args()
     params = load_params(args.params)
+    if params.ensemble.threads:
+        torch.set_num_threads(params.ensemble.threads)
     stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
     matrix, labels = lazy_matrix(stores, "train")
     print(f"fit: {matrix.shape[0]} pixels x {matrix.shape[1]} features from {len(stores)} stores, "

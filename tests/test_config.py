@@ -23,6 +23,7 @@ def test_repository_params_load_and_build_the_model():
         ({"typo_section": {}}, r"unknown params key\(s\) typo_section"),
         ({"ensemble": {"members": "10"}}, r"ensemble.members must be an integer, got '10'"),
         ({"ensemble": {"members": 0}}, r"ensemble.members must be > 0"),
+        ({"ensemble": {"threads": 0}}, r"ensemble.threads must be >= 1 or null \(all cores\), got 0"),
         ({"t_steps": "50,150"}, r"t_steps must be a YAML list"),
         ({"t_steps": [50, 1.5]}, r"t_steps\[1\] must be an integer"),
         ({"t_steps": [50, 1000]}, r"t_steps contains 1000, outside \[0, 1000\)"),

@@ -91,3 +91,28 @@ def test_killed_fit_leaves_no_output_and_reruns_identically(project, tmp_path):
     first = torch.load(out, weights_only=True)["state_dict"]
     second = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)["state_dict"]
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_fit_threads_param_fixes_the_result_whatever_the_core_count(project, tmp_path):
+    """``ensemble.threads: 1`` (the default) gives the same weights whatever thread count the process starts
+    with; ``null`` follows the process (the control: it differs, so the first check could fail)."""
+    store = tmp_path / "t50.zarr"
+    assert subprocess.run(extract_command(project, store), env=ENV, cwd=REPO, capture_output=True).returncode == 0
+    settings = yaml.safe_load(project["params"].read_text())
+    settings["t_steps"] = [50]
+    settings["ensemble"].update(epochs=2, patience=2)
+    weights = {}
+    for threads in (1, None):
+        settings["ensemble"]["threads"] = threads
+        params = tmp_path / f"params-{threads}.yaml"
+        params.write_text(yaml.safe_dump(settings))
+        for process_threads in ("2", "1"):
+            out = tmp_path / f"ensemble-{threads}-{process_threads}.pt"
+            result = subprocess.run([sys.executable, "-m", "stages.fit", "--params", str(params), "--stores",
+                                     str(tmp_path / "t{t}.zarr"), "--out", str(out), "--plot", str(tmp_path / "f.csv")],
+                                    env=dict(ENV, DDPM_SEG_THREADS=process_threads), cwd=REPO, capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr
+            state = torch.load(out, weights_only=True)["state_dict"]
+            weights[threads, process_threads] = b"".join(state[k].numpy().tobytes() for k in sorted(state))
+    assert weights[1, "2"] == weights[1, "1"]
+    assert weights[None, "2"] != weights[None, "1"]
