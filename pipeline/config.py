@@ -158,7 +158,8 @@ class EnsembleConfig:
     device: str = "auto"
     # CPU threads for the fit's arithmetic (the store reader has its own thread). 1 gives the same weights
     # in every run and on any core count; null uses all cores, ~1.5x faster on 2 cores, but MKL's
-    # multi-threaded batched GEMM gave other last bits in about 1 fresh process in 100. No effect on a GPU.
+    # multi-threaded batched GEMM gave other last bits in 1 of 66 traced fits (README "Determinism").
+    # No effect on a GPU.
     threads: int | None = 1
 
 
