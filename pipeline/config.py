@@ -156,10 +156,10 @@ class EnsembleConfig:
     members_per_pass: int | None = None
     seed: int = 0
     device: str = "auto"
-    # CPU threads for the fit's arithmetic (the store reader has its own thread). 1 gives the same weights
-    # in every run and on any core count; null uses all cores, ~1.5x faster on 2 cores, but MKL's
-    # multi-threaded batched GEMM gave other last bits in 1 of 66 traced fits (README "Determinism").
-    # No effect on a GPU.
+    # CPU threads for the ensemble's arithmetic in fit and evaluate (the store reader has its own thread).
+    # 1 gives the same weights and metrics in every run and on any core count; null uses all cores, ~1.5x
+    # faster fitting on 2 cores, but MKL's multi-threaded batched GEMM then gave other last bits in 1 of
+    # 66 traced fits and in 1 evaluate run (README "Determinism"). No effect on a GPU.
     threads: int | None = 1
 
 

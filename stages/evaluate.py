@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--overlays", type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)
+    if params.ensemble.threads:  # the ensemble's arithmetic, as in fit (README "Determinism")
+        torch.set_num_threads(params.ensemble.threads)
     dataset = params.dataset
     stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
     matrix, labels = lazy_matrix(stores, "test")
