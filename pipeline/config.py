@@ -42,9 +42,9 @@ BUILTIN_DATASET = "digits"
 
 
 # What a custom (non-preset) dataset gets for these keys when they are null.
-CUSTOM_DEFAULTS = {"ignore_label": 255, "min_class_pixels": 0}
-PRESET_KEYS = ("image_size", "num_classes", "class_names", "ignore_label", "train_images", "test_images",
-               "min_class_pixels")
+CUSTOM_DEFAULTS = {"ignore_label": 255, "min_class_pixels": 0, "val_images": 0}
+PRESET_KEYS = ("image_size", "num_classes", "class_names", "ignore_label", "train_images", "val_images",
+               "test_images", "min_class_pixels")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ class DatasetConfig:
     # Pixels with this label are never trained on or scored (255 usually; bedroom_28 uses 0).
     ignore_label: int | None = None
     train_images: int | None = None
+    # Validation images: scored for every choice (blocks, steps, epochs, defaults), never trained on.
+    # From real/val when the dataset has it, else held out of real/train after the training images.
+    val_images: int | None = None
     test_images: int | None = None
     # Built-in set only: unlabeled canvases for DDPM pretraining, digit height in pixels, split seed.
     unlabeled_images: int = 4000
@@ -292,6 +295,8 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"blocks {list(params.blocks)} repeats a block")
     for key in ("image_size", "num_classes", "train_images", "test_images"):
         positive(f"dataset.{key}", getattr(dataset, key))
+    if dataset.val_images < 0:
+        raise ConfigError(f"dataset.val_images must be >= 0 (0 = no validation split), got {dataset.val_images}")
     if dataset.num_classes < 2:
         raise ConfigError(f"dataset.num_classes must be >= 2, got {dataset.num_classes}")
     if not 0 <= dataset.ignore_label <= 255:

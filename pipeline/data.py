@@ -3,6 +3,7 @@
 Layout (as ddpm-segmentation's ``datasets.tar.gz``)::
 
     <root>/real/train/<stem>.png|jpg   + <stem>.npy  (H x W integer mask, 255 = ignore)
+    <root>/real/val/...     (optional: validation images; else ``dataset.val_images`` are held out of train)
     <root>/real/test/...
     <root>/unlabeled/<stem>.png|jpg    (optional: images for DDPM pretraining)
 
@@ -30,7 +31,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 class Split(str, enum.Enum):
+    """train fits the ensemble; val scores every choice (blocks, steps, epochs, defaults); test is scored
+    by the evaluate stage alone, for the final number."""
+
     TRAIN = "train"
+    VAL = "val"
     TEST = "test"
 
 
@@ -50,8 +55,12 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def list_examples(root: Path, split: Split | str, *, with_masks: bool = True) -> list[Example]:
+def list_examples(root: Path, split: Split | str, *, with_masks: bool = True, allow_empty: bool = False) -> list[Example]:
+    """The images of a split (sorted by name) with their masks; ``allow_empty`` accepts a missing or
+    empty folder (a prepared dataset's val split may hold no images)."""
     folder = split_dir(root, split)
+    if allow_empty and not folder.is_dir():
+        return []
     if not folder.is_dir():
         raise DatasetError(
             f"{folder} does not exist; a dataset needs real/train and real/test folders of images with "
@@ -65,7 +74,7 @@ def list_examples(root: Path, split: Split | str, *, with_masks: bool = True) ->
                 f"image {image_path} has no mask {mask_path.name}; add it or remove the image from {folder}"
             )
         examples.append(Example(image_path.stem, image_path, mask_path if with_masks else None))
-    if not examples:
+    if not examples and not allow_empty:
         raise DatasetError(f"{folder} holds no images (.png/.jpg); put the split's images and masks there")
     return examples
 
@@ -176,11 +185,18 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :784].reshape(-1, 28, 28).astype(np.uint8), table[:, 784].astype(np.int64)
 
 
-def split_digit_pools(count: int, seed: int, test_fraction: float = 0.2, train_fraction: float = 0.1) -> dict[str, np.ndarray]:
-    """Disjoint index pools of the digits: unlabeled (DDPM), train (labeled canvases), test."""
+def split_digit_pools(count: int, seed: int, test_fraction: float = 0.2, train_fraction: float = 0.1,
+                      val_fraction: float = 0.1) -> dict[str, np.ndarray]:
+    """Disjoint index pools of the digits: test, train (labeled canvases), val, unlabeled (DDPM).
+
+    No digit is drawn for two splits, so val and test canvases show handwriting that neither the
+    ensemble nor the DDPM saw. (train and test keep the pools they had before val existed.)
+    """
     order = np.random.default_rng(seed).permutation(count)
-    n_test, n_train = int(count * test_fraction), int(count * train_fraction)
-    return {"test": order[:n_test], "train": order[n_test : n_test + n_train], "unlabeled": order[n_test + n_train :]}
+    n_test, n_train, n_val = int(count * test_fraction), int(count * train_fraction), int(count * val_fraction)
+    bounds = np.cumsum([0, n_test, n_train, n_val])
+    return {"test": order[bounds[0] : bounds[1]], "train": order[bounds[1] : bounds[2]],
+            "val": order[bounds[2] : bounds[3]], "unlabeled": order[bounds[3] :]}
 
 
 def compose_canvas(digit: np.ndarray, label: int, image_size: int, digit_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -222,9 +238,11 @@ def build_digits(config: DatasetConfig, out_root: Path) -> dict[str, int]:
     """Write the built-in dataset in the paper's layout under ``out_root``; returns counts per split."""
     digits, labels = load_mnist_5k()
     pools = split_digit_pools(len(digits), config.seed)
-    counts = {"train": config.train_images, "test": config.test_images, "unlabeled": config.unlabeled_images}
-    folders = {"train": split_dir(out_root, Split.TRAIN), "test": split_dir(out_root, Split.TEST), "unlabeled": out_root / "unlabeled"}
-    for offset, split in enumerate(("train", "test", "unlabeled")):
+    counts = {"train": config.train_images, "test": config.test_images, "unlabeled": config.unlabeled_images,
+              "val": config.val_images}
+    folders = {split.value: split_dir(out_root, split) for split in Split} | {"unlabeled": out_root / "unlabeled"}
+    split_dir(out_root, Split.VAL).mkdir(parents=True, exist_ok=True)  # present even when val_images is 0
+    for offset, split in enumerate(("train", "test", "unlabeled", "val")):  # the offset seeds each split's canvases
         canvases = compose_digit_split(
             digits, labels, pools[split], counts[split], config.image_size, config.digit_size, config.seed * 1000 + offset
         )
@@ -233,29 +251,45 @@ def build_digits(config: DatasetConfig, out_root: Path) -> dict[str, int]:
     return counts
 
 
+def select_examples(config: DatasetConfig, root: Path) -> dict[Split, list[Example]]:
+    """Which source images make each split: the first ``train_images`` / ``test_images`` (sorted by name)
+    of real/train and real/test; val is the first ``val_images`` of real/val when that folder exists,
+    else the ``val_images`` train images that follow the training ones (held out, never trained on)."""
+    train, test = list_examples(root, Split.TRAIN), list_examples(root, Split.TEST)
+    has_val_folder = split_dir(root, Split.VAL).is_dir()
+    val_source = list_examples(root, Split.VAL) if has_val_folder else train[config.train_images :]
+    wanted = {Split.TRAIN: (train, config.train_images, "dataset.train_images"),
+              Split.TEST: (test, config.test_images, "dataset.test_images")}
+    for split, (examples, count, key) in wanted.items():
+        if len(examples) < count:
+            raise DatasetError(f"{split_dir(root, split)} has {len(examples)} images but {key} asks for {count}; "
+                               f"lower {key} or add images")
+    if len(val_source) < config.val_images:
+        where = (f"{split_dir(root, Split.VAL)} has {len(val_source)} images" if has_val_folder else
+                 f"{split_dir(root, Split.TRAIN)} has {len(train)} images, {config.train_images} for training")
+        raise DatasetError(f"{where}, but dataset.val_images asks for {config.val_images} validation images; lower "
+                           f"dataset.val_images (or dataset.train_images) or add a real/val folder")
+    return {Split.TRAIN: train[: config.train_images], Split.VAL: val_source[: config.val_images],
+            Split.TEST: test[: config.test_images]}
+
+
 def prepare_folder(config: DatasetConfig, root: Path, out_root: Path) -> dict[str, int]:
-    """Validate a dataset in the paper's layout and write its first ``train_images`` / ``test_images``
-    (sorted by name) and any unlabeled images to ``out_root`` in canonical form (square, resized PNG +
-    uint8 mask, small classes dropped to ignore when ``min_class_pixels`` > 0)."""
+    """Validate a dataset in the paper's layout and write the splits of ``select_examples`` and any
+    unlabeled images to ``out_root`` in canonical form (square, resized PNG + uint8 mask, small classes
+    dropped to ignore in training masks when ``min_class_pixels`` > 0)."""
     if not root.is_dir():
         raise DatasetError(f"dataset.root {root} is not a folder; point it at a dataset in the paper's layout")
     counts = {}
-    for split, wanted in ((Split.TRAIN, config.train_images), (Split.TEST, config.test_images)):
-        examples = list_examples(root, split)
-        if len(examples) < wanted:
-            key = f"dataset.{split.value}_images"
-            raise DatasetError(
-                f"{split_dir(root, split)} has {len(examples)} images but {key} asks for {wanted}; "
-                f"lower {key} or add images"
-            )
-        for example in examples[:wanted]:
+    for split, examples in select_examples(config, root).items():
+        split_dir(out_root, split).mkdir(parents=True, exist_ok=True)
+        for example in examples:
             image = load_image(example.image_path, config.image_size, config.non_square)
             mask = load_mask(example.mask_path, example.image_path, config.image_size, config.num_classes,
                              config.ignore_label, config.non_square)
             if split is Split.TRAIN:  # the paper filters training masks only; test masks are scored as given
                 mask = drop_small_classes(mask, config.min_class_pixels, config.ignore_label)
             write_example(split_dir(out_root, split), example.stem, image, mask)
-        counts[split.value] = wanted
+        counts[split.value] = len(examples)
     unlabeled = root / "unlabeled"
     paths = list_images(unlabeled) if unlabeled.is_dir() else []
     for path in paths:

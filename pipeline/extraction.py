@@ -50,7 +50,8 @@ class ExtractJob:
 
 def noise_for(seed: int, split: str, index: int, t: int, image_size: int) -> torch.Tensor:
     """Per-image noise of the stochastic variant, reproducible from (seed, split, image, t)."""
-    state = np.random.SeedSequence([seed, 0 if split == "train" else 1, index, t]).generate_state(1)[0]
+    stream = {"train": 0, "test": 1, "val": 2}[split]  # train and test keep the streams they had before val
+    state = np.random.SeedSequence([seed, stream, index, t]).generate_state(1)[0]
     return make_noise(int(state), image_size)
 
 

@@ -33,6 +33,52 @@ def mean_iou(confusion: np.ndarray, ignore_label: int | None = None) -> float:
     return float(np.nanmean(iou_per_class(confusion, ignore_label)))
 
 
+def label_counts(truth: np.ndarray, prediction: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[256, C] int64`` counts of (truth value, predicted class) over *all* pixels, ignore pixels included.
+
+    Rows are the raw uint8 truth values (so the ignore label keeps its own row whatever its value);
+    sums of these matrices over images are what both IoU protocols below are computed from.
+    """
+    truth = np.asarray(truth).reshape(-1).astype(np.int64)
+    prediction = np.asarray(prediction).reshape(-1).astype(np.int64)
+    if truth.size and (truth.min() < 0 or truth.max() > 255 or prediction.min() < 0 or prediction.max() >= num_classes):
+        raise ValueError(f"truth outside [0, 255] or predictions outside [0, {num_classes})")
+    return np.bincount(truth * num_classes + prediction, minlength=256 * num_classes).reshape(256, num_classes)
+
+
+def iou_per_class_paper(counts: np.ndarray, ignore_label: int) -> np.ndarray:
+    """IoU per class as the paper's evaluation computes it (ddpm-segmentation ``compute_iou``).
+
+    From ``label_counts`` summed over the test images: for every class c in [0, C) other than the ignore
+    label, intersection = #(pred = c and truth = c), union = #(pred = c or truth = c) over all pixels.
+    Pixels whose truth is the ignore label are *not* masked out: predicting c there enlarges c's union.
+    A class absent from both prediction and truth scores 0 (the official code divides 0 by 1e-8).
+    The ignore label's own entry is NaN (it is no class to score).
+    """
+    num_classes = counts.shape[1]
+    classes = np.arange(num_classes)
+    intersection = counts[classes, classes].astype(np.float64)
+    union = counts.sum(0)[:num_classes] + counts[:num_classes].sum(1) - intersection
+    ious = np.where(union > 0, intersection / np.maximum(union, 1), 0.0)
+    if ignore_label < num_classes:
+        ious[ignore_label] = np.nan
+    return ious
+
+
+def mean_iou_paper(counts: np.ndarray, ignore_label: int) -> float:
+    """The paper's mIoU: mean of ``iou_per_class_paper`` over every class but the ignore label."""
+    return float(np.nanmean(iou_per_class_paper(counts, ignore_label)))
+
+
+def strict_confusion(counts: np.ndarray, ignore_label: int) -> np.ndarray:
+    """``[C, C]`` confusion (rows truth, columns prediction) without the ignore pixels, from ``label_counts``."""
+    num_classes = counts.shape[1]
+    confusion = counts[:num_classes].copy()
+    if ignore_label < num_classes:
+        confusion[ignore_label] = 0
+    return confusion
+
+
 def pixel_accuracy(confusion: np.ndarray) -> float:
     total = confusion.sum()
     return float(np.trace(confusion) / total) if total else float("nan")

@@ -21,40 +21,40 @@ DIGIT_CLASS_NAMES = ["background"] + [f"digit_{d}" for d in range(10)]
 
 PRESETS: dict[str, dict] = {
     "digits": {"image_size": 32, "num_classes": 11, "class_names": DIGIT_CLASS_NAMES, "ignore_label": 255,
-               "train_images": 50, "test_images": 50, "min_class_pixels": 0},
+               "train_images": 50, "val_images": 50, "test_images": 50, "min_class_pixels": 0},
     "bedroom_28": {
         "image_size": 256, "num_classes": 29, "ignore_label": 0,
-        "train_images": 40, "test_images": 20, "min_class_pixels": 20,
+        "train_images": 40, "val_images": 0, "test_images": 20, "min_class_pixels": 20,
         "checkpoint": "lsun_bedroom.pt",
         "class_names": ["background", "bed", "bed***footboard", "bed***headboard", "bed***side rail", "carpet", "ceiling", "chandelier / ceiling fan blade", "curtain", "cushion", "floor", "table/nightstand/dresser", "table/nightstand/dresser***top", "picture / mirrow", "pillow", "lamp***column", "lamp***shade", "wall", "window", "curtain rod", "window***frame", "chair", "picture / mirror***frame", "plinth", "door / door frame", "pouf", "wardrobe", "plant", "table staff"],
     },
     "ffhq_34": {
         "image_size": 256, "num_classes": 34, "ignore_label": 255,
-        "train_images": 20, "test_images": 20, "min_class_pixels": 20,
+        "train_images": 20, "val_images": 0, "test_images": 20, "min_class_pixels": 20,
         "checkpoint": "ffhq.pt",
         "class_names": ["background", "head", "head***cheek", "head***chin", "head***ear", "head***ear***helix", "head***ear***lobule", "head***eye***bottom lid", "head***eye***eyelashes", "head***eye***iris", "head***eye***pupil", "head***eye***sclera", "head***eye***tear duct", "head***eye***top lid", "head***eyebrow", "head***forehead", "head***frown", "head***hair", "head***hair***sideburns", "head***jaw", "head***moustache", "head***mouth***inferior lip", "head***mouth***oral commissure", "head***mouth***superior lip", "head***mouth***teeth", "head***neck", "head***nose", "head***nose***ala of nose", "head***nose***bridge", "head***nose***nose tip", "head***nose***nostril", "head***philtrum", "head***temple", "head***wrinkles"],
     },
     "cat_15": {
         "image_size": 256, "num_classes": 15, "ignore_label": 255,
-        "train_images": 30, "test_images": 20, "min_class_pixels": 20,
+        "train_images": 30, "val_images": 0, "test_images": 20, "min_class_pixels": 20,
         "checkpoint": "lsun_cat.pt",
         "class_names": ["background", "back", "belly", "chest", "leg", "paw", "head", "ear", "eye", "mouth", "tongue", "nose", "tail", "whiskers", "neck"],
     },
     "horse_21": {
         "image_size": 256, "num_classes": 21, "ignore_label": 255,
-        "train_images": 30, "test_images": 30, "min_class_pixels": 20,
+        "train_images": 30, "val_images": 0, "test_images": 30, "min_class_pixels": 20,
         "checkpoint": "lsun_horse.pt",
         "class_names": ["background", "person", "back", "barrel", "bridle", "chest", "ear", "eye", "forelock", "head", "hoof", "leg", "mane", "muzzle", "neck", "nostril", "tail", "thigh", "saddle", "shoulder", "leg protection"],
     },
     "celeba_19": {
         "image_size": 256, "num_classes": 19, "ignore_label": 255,
-        "train_images": 20, "test_images": 500, "min_class_pixels": 20,
+        "train_images": 20, "val_images": 0, "test_images": 500, "min_class_pixels": 20,
         "checkpoint": "ffhq.pt",
         "class_names": ["background", "cloth", "ear_r", "eye_g", "hair", "hat", "l_brow", "l_ear", "l_eye", "l_lip", "mouth", "neck", "neck_l", "nose", "r_brow", "r_ear", "r_eye", "skin", "u_lip"],
     },
     "ade_bedroom_30": {
         "image_size": 256, "num_classes": 30, "ignore_label": 255,
-        "train_images": 50, "test_images": 650, "min_class_pixels": 20,
+        "train_images": 50, "val_images": 0, "test_images": 650, "min_class_pixels": 20,
         "checkpoint": "lsun_bedroom.pt",
         "class_names": ["wall", "bed", "floor", "table", "lamp", "ceiling", "painting", "windowpane", "pillow", "curtain", "cushion", "door", "chair", "cabinet", "chest", "mirror", "rug", "armchair", "book", "sconce", "plant", "wardrobe", "clock", "light", "flower", "vase", "fan", "box", "shelf", "television"],
     },

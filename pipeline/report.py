@@ -1,4 +1,4 @@
-"""Evaluation artifacts for DVC: metrics dict, per-class table, confusion rows, overlay images."""
+"""Evaluation artifacts for DVC: per-class table, confusion rows, overlay images, prediction files."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,32 +7,21 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.metrics import iou_per_class, mean_iou, pixel_accuracy
+from pipeline.metrics import iou_per_class, iou_per_class_paper, strict_confusion
 from pipeline.runtime import atomic_file
 
 
-def metrics_dict(confusion: np.ndarray, class_names: list[str], ignore_label: int, uncertainty: float,
-                 images: int) -> dict:
-    """The JSON DVC reads: mIoU (fraction, mean over classes present), pixel accuracy, per-class IoU."""
-    ious = iou_per_class(confusion, ignore_label)
-    return {
-        "miou": round(mean_iou(confusion, ignore_label), 6),
-        "pixel_accuracy": round(pixel_accuracy(confusion), 6),
-        "uncertainty": round(uncertainty, 6),
-        "per_class_iou": {name: (None if np.isnan(iou) else round(float(iou), 6)) for name, iou in zip(class_names, ious)},
-        "test_images": images,
-        "test_pixels": int(confusion.sum()),
-    }
-
-
-def per_class_table(confusion: np.ndarray, class_names: list[str], ignore_label: int) -> pd.DataFrame:
-    ious = iou_per_class(confusion, ignore_label)
+def per_class_table(counts: np.ndarray, class_names: list[str], ignore_label: int) -> pd.DataFrame:
+    """One row per class from ``label_counts``: IoU under the paper's protocol and the strict one, and
+    pixel counts (truth counts labeled pixels only; predicted counts every pixel, as the paper's unions do)."""
+    confusion = strict_confusion(counts, ignore_label)
     return pd.DataFrame(
         {
             "class": class_names,
-            "iou": np.round(ious, 6),
+            "iou": np.round(iou_per_class_paper(counts, ignore_label), 6),
+            "iou_strict": np.round(iou_per_class(confusion, ignore_label), 6),
             "truth_pixels": confusion.sum(1),
-            "predicted_pixels": confusion.sum(0),
+            "predicted_pixels": counts.sum(0),
         }
     )
 
@@ -67,6 +56,13 @@ def overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, colour
     strip = np.concatenate([image, colours[truth], colours[prediction]], axis=1)
     picture = Image.fromarray(strip)
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def write_prediction(folder: Path, stem: str, prediction: np.ndarray, disagreement: np.ndarray) -> None:
+    """``<stem>.png``: single-channel PNG of class indices; ``<stem>.uncertainty.npy``: ``[S, S] float32``
+    Jensen-Shannon disagreement of the members (nats), so any metric can be recomputed from files."""
+    Image.fromarray(np.asarray(prediction, dtype=np.uint8), mode="L").save(folder / f"{stem}.png")
+    np.save(folder / f"{stem}.uncertainty.npy", np.asarray(disagreement, dtype=np.float32))
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:

@@ -3,7 +3,7 @@
 Layout of ``features/t<t>.zarr``::
 
     attrs: format, record (what made it: t, blocks, upsample, noise seed, checkpoint hash, ...), complete
-    <split>/features  [N*H*W, D_t] float16, chunks (rows_per_chunk, D_t), Blosc/zstd + bit-shuffle
+    <split>/features  [N*H*W, D_t] float16 (split: train, val, test; val may hold no images), chunks (rows_per_chunk, D_t), Blosc/zstd + bit-shuffle
     <split>/labels    [N*H*W] uint8, chunks (rows_per_chunk,)  (255 = ignore)
     <split>/done      [N] uint8, chunks (1,): 1 once image i's rows are written
     <split> attrs: image_ids (stems, in row order), pixels_per_image
@@ -39,7 +39,7 @@ from pipeline.errors import StoreError
 from pipeline.runtime import replace_dir
 
 FORMAT = "ddpm-segmentation-features/1"
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 
 
 
@@ -298,6 +298,37 @@ def lazy_matrix(stores: Sequence[FeatureStore], split: str) -> tuple[da.Array, d
             raise StoreError(f"{store.path} and {first.path} come from different checkpoints; rerun `dvc repro`")
     matrix = da.concatenate([store.features(split) for store in stores], axis=1)
     return matrix, first.labels(split)
+
+
+def set_aside_unused_stores(pattern: str, t_steps: Sequence[int]) -> list[Path]:
+    """Move this pipeline's stores of steps no longer in ``t_steps`` out of the stores' folder.
+
+    ``pattern`` is the local store pattern the stage was given (``features/t{t}.zarr``). fit and evaluate
+    depend on that folder (DVC cannot depend on a list of paths built from a param), so a store left
+    by a removed step would change their hash and make results depend on the workspace's history.
+    Such stores go to ``<folder>/unused/`` (git- and dvc-ignored); nothing is deleted, and only folders
+    whose attributes say they are our stores are moved. Returns the new locations.
+    """
+    location = as_location(pattern.format(t=0))
+    if not isinstance(location, Path):
+        return []
+    folder = location.parent
+    prefix, _, suffix = Path(pattern).name.partition("{t}")
+    moved = []
+    for candidate in sorted(folder.glob(f"{prefix}*{suffix}")) if folder.is_dir() else []:
+        step = candidate.name[len(prefix) : len(candidate.name) - len(suffix)]
+        if not step.isdigit() or int(step) in t_steps or not (candidate / "zarr.json").is_file():
+            continue
+        try:
+            ours = zarr.open_group(candidate, mode="r").attrs.get("format") == FORMAT
+        except Exception:  # not a readable zarr group: not ours, leave it
+            ours = False
+        if ours:
+            target = folder / "unused" / candidate.name
+            target.parent.mkdir(exist_ok=True)
+            replace_dir(candidate, target)
+            moved.append(target)
+    return moved
 
 
 def expected_record(params, t: int) -> dict[str, Any]:

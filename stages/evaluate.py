@@ -1,19 +1,20 @@
-"""Stage evaluate: ensemble majority vote on the test pixels -> metrics JSON, tables, plots, overlays."""
+"""Stage evaluate: ensemble majority vote on the val and test pixels -> metrics JSON, tables, plots,
+overlays and each test image's predicted mask and uncertainty map."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.config import load_params
 from pipeline.data import Split, list_examples, read_rgb
-from pipeline.ensemble import EnsembleMLP, predict_chunks
-from pipeline.metrics import confusion_matrix, jensen_shannon, majority_vote, top_decile_mean
-from pipeline.report import confusion_rows, metrics_dict, overlay, palette, per_class_table, write_csv_atomic
+from pipeline.ensemble import EnsembleMLP
+from pipeline.evaluation import predict_split, score
+from pipeline.metrics import label_counts
+from pipeline.report import confusion_rows, overlay, palette, per_class_table, write_csv_atomic, write_prediction
 from pipeline.runtime import building_dir, pick_device, stage_main, write_json_atomic
-from pipeline.store import StoreError, expected_record, lazy_matrix, open_store
+from pipeline.store import StoreError, expected_record, open_store, set_aside_unused_stores
 
 
 def load_ensemble(path: Path, params, checkpoint_sha256: str) -> EnsembleMLP:
@@ -33,48 +34,57 @@ def main() -> None:
     parser.add_argument("--stores", required=True, help="store path or fsspec URL with {t}, e.g. features/t{t}.zarr")
     parser.add_argument("--ensemble", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (test images for overlays)")
-    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True, help="test-split metrics JSON")
+    parser.add_argument("--val-metrics", type=Path, required=True, help="val-split metrics JSON (what choices are made on)")
     parser.add_argument("--per-class", type=Path, required=True)
     parser.add_argument("--confusion", type=Path, required=True)
     parser.add_argument("--overlays", type=Path, required=True)
+    parser.add_argument("--predictions", type=Path, required=True, help="folder for the test masks and uncertainty maps")
     args = parser.parse_args()
     params = load_params(args.params)
     if params.ensemble.threads:  # the ensemble's arithmetic, as in fit (README "Determinism")
         torch.set_num_threads(params.ensemble.threads)
     dataset = params.dataset
+    names = dataset.names()
+    for moved in set_aside_unused_stores(args.stores, params.t_steps):
+        print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
     stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
-    matrix, labels = lazy_matrix(stores, "test")
     model = load_ensemble(args.ensemble, params, stores[0].record.checkpoint_sha256)
     device = pick_device(params.ensemble.device)
     model.to(device)
-    prediction = np.zeros(matrix.shape[0], dtype=np.uint8)
-    disagreement = torch.zeros(matrix.shape[0])
-    for first, classes, probabilities in predict_chunks(model, matrix, batch_pixels=params.evaluate.batch_pixels, device=device):
-        prediction[first : first + classes.shape[1]] = majority_vote(classes, dataset.num_classes).numpy()
-        disagreement[first : first + classes.shape[1]] = jensen_shannon(probabilities)
-    truth = labels.compute()
-    pixels = stores[0].pixels_per_image("test")
-    images = len(truth) // pixels
-    uncertainty = float(np.mean([top_decile_mean(disagreement[i * pixels : (i + 1) * pixels]) for i in range(images)]))
-    confusion = confusion_matrix(truth, prediction, dataset.num_classes, dataset.ignore_label)
-    names = dataset.names()
-    metrics = metrics_dict(confusion, names, dataset.ignore_label, uncertainty, images)
+    results = {}
+    for split in (Split.VAL, Split.TEST):
+        if not stores[0].image_ids(split.value):
+            results[split] = None
+            continue
+        result = predict_split(model, stores, split.value, batch_pixels=params.evaluate.batch_pixels, device=device)
+        metrics = score(result.truth, result.prediction, names, dataset.ignore_label, result.disagreement,
+                        result.image_size**2)
+        results[split] = (result, {"split": split.value, **metrics, "images": len(result.stems)})
+    val = results[Split.VAL]
+    write_json_atomic(val[1] if val else {"split": "val", "images": 0}, args.val_metrics)
+    test, metrics = results[Split.TEST]
     write_json_atomic(metrics, args.metrics)
-    write_csv_atomic(per_class_table(confusion, names, dataset.ignore_label), args.per_class)
-    write_csv_atomic(confusion_rows(truth, prediction, names, dataset.ignore_label, params.evaluate.confusion_max_pixels),
-                     args.confusion)
+    write_csv_atomic(per_class_table(label_counts(test.truth, test.prediction, len(names)), names, dataset.ignore_label),
+                     args.per_class)
+    write_csv_atomic(confusion_rows(test.truth, test.prediction, names, dataset.ignore_label,
+                                    params.evaluate.confusion_max_pixels), args.confusion)
+    with building_dir(args.predictions) as temporary:
+        for index, stem in enumerate(test.stems):
+            _, prediction, disagreement = test.image(index)
+            write_prediction(temporary, stem, prediction, disagreement)
     colours = palette(dataset.num_classes, dataset.ignore_label)
-    size = dataset.image_size
-    examples = list_examples(args.data, Split.TEST)
+    examples = {example.stem: example for example in list_examples(args.data, Split.TEST)}
     with building_dir(args.overlays) as temporary:
-        for i, example in enumerate(examples[: params.evaluate.overlays]):
-            image = read_rgb(example.image_path)
-            rows = slice(i * pixels, (i + 1) * pixels)
-            picture = overlay(image, truth[rows].reshape(size, size), prediction[rows].reshape(size, size), colours,
-                              scale=max(1, 256 // size))
-            picture.save(temporary / f"{example.stem}.png")
-    print(f"evaluate: mIoU {metrics['miou']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f}, "
-          f"uncertainty {metrics['uncertainty']:.4f} on {images} test images")
+        for index, stem in enumerate(test.stems[: params.evaluate.overlays]):
+            truth, prediction, _ = test.image(index)
+            picture = overlay(read_rgb(examples[stem].image_path), truth, prediction, colours,
+                              scale=max(1, 256 // test.image_size))
+            picture.save(temporary / f"{stem}.png")
+    val_text = f"; val mIoU {val[1]['miou']:.4f}" if val else "; no val images"
+    print(f"evaluate: test mIoU {metrics['miou']:.4f} (paper protocol; strict {metrics['miou_strict']:.4f}), "
+          f"pixel accuracy {metrics['pixel_accuracy']:.4f}, uncertainty {metrics['uncertainty']:.4f} on "
+          f"{metrics['images']} test images{val_text}")
 
 
 if __name__ == "__main__":

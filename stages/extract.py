@@ -38,7 +38,7 @@ def main() -> None:
                          checkpoint_sha256=file_sha256(args.checkpoint), image_size=model.config.image_size,
                          feature_dim=feature_dim(model, params.blocks))
     del model
-    examples = {split.value: list_examples(args.data, split) for split in Split}
+    examples = {split.value: list_examples(args.data, split, allow_empty=split is Split.VAL) for split in Split}
     where = (f"dask scheduler {options.scheduler}" if options.scheduler
              else f"{options.workers} dask workers" if options.workers else "in process")
     with extraction_runner(options.workers, options.scheduler) as run:

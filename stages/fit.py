@@ -12,7 +12,7 @@ from pipeline.config import load_params
 from pipeline.ensemble import fit_ensemble
 from pipeline.report import write_csv_atomic
 from pipeline.runtime import atomic_file, pick_device, stage_main
-from pipeline.store import expected_record, lazy_matrix, open_store
+from pipeline.store import expected_record, lazy_matrix, open_store, set_aside_unused_stores
 
 
 @stage_main
@@ -26,6 +26,8 @@ def main() -> None:
     params = load_params(args.params)
     if params.ensemble.threads:
         torch.set_num_threads(params.ensemble.threads)
+    for moved in set_aside_unused_stores(args.stores, params.t_steps):
+        print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
     stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
     matrix, labels = lazy_matrix(stores, "train")
     print(f"fit: {matrix.shape[0]} pixels x {matrix.shape[1]} features from {len(stores)} stores, "

@@ -19,6 +19,11 @@ from pipeline.train_ddpm import save_checkpoint, train_ddpm
 from pipeline.unet import create_unet, load_guided_diffusion
 
 
+# The default ddpm.checkpoint: a placeholder file meaning "train, import nothing". dvc.yaml depends on
+# ${ddpm.checkpoint}, and DVC cannot depend on a null path, so "no checkpoint" has to be a real file.
+SCRATCH = "models/scratch"
+
+
 @stage_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -31,7 +36,7 @@ def main() -> None:
     ddpm = params.ddpm
     flags = params.unet_config()
     diffusion = Diffusion(ddpm.noise_schedule, ddpm.diffusion_steps, ddpm.rescale_timesteps)
-    if ddpm.checkpoint is not None:
+    if ddpm.checkpoint not in (None, SCRATCH):
         model = load_guided_diffusion(ddpm.checkpoint, flags.to_dict())
         save_checkpoint(args.out, model, diffusion, {"kind": "imported", "path": ddpm.checkpoint,
                                                      "sha256": file_sha256(ddpm.checkpoint)})

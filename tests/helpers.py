@@ -18,7 +18,7 @@ from tests.conftest import REPO
 TINY_PARAMS = {
     "t_steps": [50, 150],
     "blocks": [1, 2, 3],
-    "dataset": {"train_images": 6, "test_images": 4, "unlabeled_images": 16},
+    "dataset": {"train_images": 6, "val_images": 2, "test_images": 4, "unlabeled_images": 16},
     "ddpm": {"model": {"num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2], "attention_resolutions": [],
                        "num_head_channels": 32, "use_scale_shift_norm": True, "resblock_updown": False,
                        "learn_sigma": False, "dropout": 0.0},

@@ -23,7 +23,7 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1")
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    return make_project(tmp_path_factory.mktemp("crash"), {"dataset.train_images": 40, "dataset.test_images": 20,
+    return make_project(tmp_path_factory.mktemp("crash"), {"dataset.train_images": 40, "dataset.val_images": 0, "dataset.test_images": 20,
                                                            "ensemble.epochs": 40, "ensemble.patience": 40})
 
 

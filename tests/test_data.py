@@ -35,8 +35,9 @@ def test_canvas_labels_follow_ink_coverage():
 
 
 def test_build_digits_writes_the_paper_layout(tmp_path):
-    counts = build_digits(DatasetConfig(train_images=3, test_images=2, unlabeled_images=5).resolved(), tmp_path)
-    assert counts == {"train": 3, "test": 2, "unlabeled": 5}
+    counts = build_digits(DatasetConfig(train_images=3, val_images=2, test_images=2, unlabeled_images=5).resolved(), tmp_path)
+    assert counts == {"train": 3, "val": 2, "test": 2, "unlabeled": 5}
+    assert len(list_examples(tmp_path, Split.VAL)) == 2
     train = list_examples(tmp_path, Split.TRAIN)
     assert len(train) == 3 and all(e.mask_path.is_file() for e in train)
     assert len(list((tmp_path / "unlabeled").glob("*.png"))) == 5
@@ -70,8 +71,38 @@ def config(**overrides):
 def test_prepare_folder_copies_a_valid_dataset(tmp_path):
     root = make_dataset(tmp_path / "ds")
     counts = prepare_folder(config(), root, tmp_path / "out")
-    assert counts == {"train": 2, "test": 2, "unlabeled": 0}
+    assert counts == {"train": 2, "val": 0, "test": 2, "unlabeled": 0}
     assert np.load(tmp_path / "out" / "real" / "test" / "img1.npy").tolist() == np.ones((8, 8)).tolist()
+    assert list_examples(tmp_path / "out", Split.VAL, allow_empty=True) == []
+
+
+def test_digit_pools_are_disjoint_and_train_test_pools_did_not_move():
+    pools = split_digit_pools(5000, seed=0)
+    assert sum(len(p) for p in pools.values()) == 5000 and len(np.unique(np.concatenate(list(pools.values())))) == 5000
+    assert len(pools["val"]) == 500
+    # train and test are the slices they were before val existed (so val did not reshuffle them)
+    order = np.random.default_rng(0).permutation(5000)
+    assert np.array_equal(pools["test"], order[:1000]) and np.array_equal(pools["train"], order[1000:1500])
+
+
+def test_val_is_held_out_of_train_without_a_val_folder(tmp_path):
+    root = make_dataset(tmp_path / "ds", sizes=((8, 8),) * 4)
+    counts = prepare_folder(config(train_images=3, val_images=1), root, tmp_path / "out")
+    assert counts["train"] == 3 and counts["val"] == 1
+    assert [e.stem for e in list_examples(tmp_path / "out", Split.VAL)] == ["img3"]
+    assert "img3" not in [e.stem for e in list_examples(tmp_path / "out", Split.TRAIN)]
+    with pytest.raises(DatasetError, match=r"dataset.val_images asks for 2 validation images"):
+        prepare_folder(config(train_images=3, val_images=2), root, tmp_path / "out2")
+
+
+def test_a_real_val_folder_is_used_when_present(tmp_path):
+    root = make_dataset(tmp_path / "ds")
+    (root / "real" / "val").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 50, np.uint8)).save(root / "real" / "val" / "v0.png")
+    np.save(root / "real" / "val" / "v0.npy", np.full((8, 8), 2, np.uint8))
+    prepare_folder(config(val_images=1), root, tmp_path / "out")
+    assert [e.stem for e in list_examples(tmp_path / "out", Split.VAL)] == ["v0"]
+    assert len(list_examples(tmp_path / "out", Split.TRAIN)) == 2  # train keeps all its images
 
 
 @pytest.mark.parametrize(

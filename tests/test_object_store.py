@@ -56,7 +56,8 @@ def fit_and_evaluate(project, params, stores, out):
     assert fitted.returncode == 0, fitted.stderr
     evaluated = run_stage("evaluate", "--params", params, "--stores", stores, "--ensemble", out / "ensemble.pt",
                           "--data", project["data"], "--metrics", out / "eval.json", "--per-class", out / "per_class.csv",
-                          "--confusion", out / "confusion.csv", "--overlays", out / "overlays")
+                          "--confusion", out / "confusion.csv", "--overlays", out / "overlays",
+                          "--val-metrics", out / "val.json", "--predictions", out / "predictions")
     assert evaluated.returncode == 0, evaluated.stderr
     return json.loads((out / "eval.json").read_text()), torch.load(out / "ensemble.pt", weights_only=True)["state_dict"]
 
@@ -71,7 +72,7 @@ def test_stages_on_s3_stores_give_what_local_stores_give(project, s3, tmp_path):
     extract(project, params, 150, f"{s3}/run/t150.zarr")
     for t in (50, 150):
         remote, local = zarr.open_group(f"{s3}/run/t{t}.zarr", mode="r"), zarr.open_group(tmp_path / f"t{t}.zarr", mode="r")
-        for name in ("train/features", "train/labels", "test/features", "test/labels"):
+        for name in ("train/features", "train/labels", "val/features", "test/features", "test/labels"):
             assert np.array_equal(remote[name][:], local[name][:]), (t, name)
         assert dict(remote.attrs) == dict(local.attrs) and remote.attrs["complete"] is True
     local_metrics, local_weights = fit_and_evaluate(project, params, str(tmp_path / "t{t}.zarr"), tmp_path / "local")

@@ -15,12 +15,13 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.metrics import label_counts, mean_iou, mean_iou_paper, strict_confusion
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "dataset": {"train_images": 4, "test_images": 4, "unlabeled_images": 48},
+    "dataset": {"train_images": 4, "val_images": 3, "test_images": 4, "unlabeled_images": 48},
     "ddpm": {"train": {"steps": 3, "batch_size": 8, "log_every": 1}},
     "ensemble": {"members": 3, "epochs": 2},
     "evaluate": {"overlays": 2},
@@ -67,21 +68,80 @@ def test_repro_writes_metrics_plots_and_stores(workspace):
     output = run([str(Path(sys.executable).parent / "dvc"), "repro"], root, env)
     assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate"]
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
-    assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["pixel_accuracy"] <= 1
     assert set(metrics["per_class_iou"]) == {"background", *[f"digit_{d}" for d in range(10)]}
-    assert metrics["test_images"] == 4 and metrics["uncertainty"] >= 0
+    assert metrics["split"] == "test" and metrics["images"] == 4 and metrics["uncertainty"] >= 0
+    val = json.loads((root / "metrics" / "val.json").read_text())
+    assert val["split"] == "val" and val["images"] == 3 and val["pixels"] == 3 * 32 * 32
+    assert sorted(p.name for p in (root / "data" / "prepared" / "real" / "val").glob("*.png")) == \
+        [f"val_{i:05d}.png" for i in range(3)]
+    # The written test predictions reproduce the metric: the paper's mIoU recomputed from the files.
+    counts = 0
+    for mask_path in sorted((root / "data" / "prepared" / "real" / "test").glob("*.npy")):
+        predicted = np.asarray(Image.open(root / "predictions" / f"{mask_path.stem}.png"))
+        assert predicted.shape == (32, 32) and predicted.dtype == np.uint8
+        uncertainty = np.load(root / "predictions" / f"{mask_path.stem}.uncertainty.npy")
+        assert uncertainty.shape == (32, 32) and (uncertainty >= -1e-6).all()
+        counts = counts + label_counts(np.load(mask_path), predicted, 11)
+    assert round(mean_iou_paper(counts, 255), 6) == metrics["miou"]
+    assert round(mean_iou(strict_confusion(counts, 255), 255), 6) == metrics["miou_strict"]
     for path in ("plots/per_class_iou.csv", "plots/confusion.csv", "plots/fit_loss.csv", "plots/pretrain_loss.csv"):
         assert (root / path).stat().st_size > 0, path
     assert len(list((root / "plots" / "overlays").glob("*.png"))) == 2
     assert (root / "features" / "t150.zarr" / "zarr.json").is_file()
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "baseline"], root, env)
+    FIRST_FEATURES_HASH.append(fit_features_hash(root))
+
+
+FIRST_FEATURES_HASH: list[str] = []
+
+
+def fit_features_hash(root: Path) -> str:
+    """The hash of fit's `features` dependency as dvc.lock records it."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return next(dep["md5"] for dep in lock["stages"]["fit"]["deps"] if dep["path"] == "features")
+
+
+def dvc_status(root: Path, env) -> dict:
+    """`dvc status --json`: stale stages by name ({} when everything is up to date)."""
+    result = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status", "--json"], cwd=root, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_leftover_temporaries_change_no_stage_status(workspace):
+    root, env = workspace
+    features = root / "features"
+    shutil.copytree(features / "t50.zarr", features / "t50.zarr.partial")  # an interrupted rewrite
+    shutil.copytree(features / "t150.zarr", features / "t150.zarr.old")  # a replace cut short
+    (features / "unused").mkdir()
+    shutil.copytree(features / "t250.zarr", features / "unused" / "t450.zarr")  # a set-aside store
+    try:
+        assert dvc_status(root, env) == {}
+    finally:
+        for leftover in ("t50.zarr.partial", "t150.zarr.old", "unused"):
+            shutil.rmtree(features / leftover)
+
+
+def test_changed_diffusion_code_makes_every_extract_stage_stale(workspace):
+    root, env = workspace
+    path = root / "pipeline" / "diffusion.py"
+    original = path.read_text()
+    assert "def q_sample" in original
+    path.write_text(original.replace("def q_sample", "def q_sample_changed_by_the_test(self):\n        return None\n\n    def q_sample", 1))
+    try:
+        stale = dvc_status(root, env)
+    finally:
+        path.write_text(original)
+    assert {"extract@50", "extract@150", "extract@250"} <= set(stale)
+    assert dvc_status(root, env) == {}
 
 
 # Each stage's outputs, in pipeline order (plots are left out: the pretrain loss curve records seconds).
 STAGE_OUTPUTS = {"prepare": ["data/prepared"], "pretrain": ["checkpoints/ddpm.pt"],
                  **{f"extract@{t}": [f"features/t{t}.zarr"] for t in (50, 150, 250)},
-                 "fit": ["ensemble/ensemble.pt"], "evaluate": ["metrics/eval.json"]}
+                 "fit": ["ensemble/ensemble.pt"], "evaluate": ["metrics/eval.json", "metrics/val.json", "predictions"]}
 
 
 def output_digests(root: Path) -> dict[str, str]:
@@ -120,6 +180,12 @@ def test_changing_t_steps_reruns_only_what_it_affects(workspace):
     assert "miou" in diff
     more = run([dvc, "exp", "run", "-S", "t_steps=[50,150,250,350]"], root, env)
     assert stages_run(more) == ["extract@350", "fit", "evaluate"]
+    # Back to the first steps: the t350 store is set aside, so fit's inputs hash as in the first run.
+    back = run([dvc, "exp", "run", "-S", "t_steps=[50,150,250]"], root, env)
+    assert "extract@350" not in stages_run(back)
+    assert not (root / "features" / "t350.zarr").exists() and (root / "features" / "unused" / "t350.zarr").is_dir()
+    assert fit_features_hash(root) == FIRST_FEATURES_HASH[0]
+    assert dvc_status(root, env) == {}
 
 
 def test_stage_rejects_bad_params_with_a_clear_message(workspace):
@@ -155,7 +221,7 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
     run(["git", "commit", "-qm", "add a dataset and a checkpoint"], root, env)
     dvc = str(Path(sys.executable).parent / "dvc")
     settings = ["dataset.name=mini", "dataset.root=data/datasets/mini", "dataset.image_size=32",
-                "dataset.num_classes=3", "dataset.train_images=3", "dataset.test_images=2",
+                "dataset.num_classes=3", "dataset.train_images=2", "dataset.val_images=1", "dataset.test_images=2",
                 "ddpm.checkpoint=models/mini.pt", "ddpm.model.attention_resolutions=[16,8]",
                 "ddpm.model.num_head_channels=16", "ddpm.model.learn_sigma=true", "ddpm.model.dropout=0.1",
                 "blocks=[2,3,4,5,6]", "t_steps=[50,150,250]"]
@@ -163,7 +229,10 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
     assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate"]
     assert "imported models/mini.pt" in output
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
-    assert set(metrics["per_class_iou"]) == {"class_0", "class_1", "class_2"} and metrics["test_images"] == 2
+    assert set(metrics["per_class_iou"]) == {"class_0", "class_1", "class_2"} and metrics["images"] == 2
+    # No real/val folder: the train image after the two training ones is held out for validation.
+    assert json.loads((root / "metrics" / "val.json").read_text())["images"] == 1
+    assert [p.name for p in (root / "data" / "prepared" / "real" / "val").glob("*.png")] == ["train2.png"]
     import torch
 
     checkpoint = torch.load(root / "checkpoints" / "ddpm.pt", weights_only=True)

@@ -1,0 +1,77 @@
+"""From feature stores to scores: the one path that evaluate (and every benchmark) takes.
+
+``predict_split`` runs the ensemble over a split's lazy feature matrix row-chunk by row-chunk and keeps
+only per-pixel results (a uint8 class and a float32 disagreement per pixel), never the features.
+``score`` turns predictions and truth into the metrics dict that DVC reads, with the paper's IoU
+protocol as ``miou`` and the stricter one (ignore pixels out of every union, absent classes out of the
+mean) as ``miou_strict``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pipeline.ensemble import EnsembleMLP, predict_chunks
+from pipeline.metrics import (iou_per_class, iou_per_class_paper, jensen_shannon, label_counts, majority_vote,
+                              mean_iou, mean_iou_paper, pixel_accuracy, strict_confusion, top_decile_mean)
+from pipeline.store import FeatureStore, lazy_matrix
+
+
+@dataclass(frozen=True)
+class SplitPrediction:
+    """One split's per-pixel results, rows in store order (image by image, row-major pixels)."""
+
+    stems: list[str]
+    image_size: int
+    truth: np.ndarray  # [P] uint8, the ignore label included
+    prediction: np.ndarray  # [P] uint8 majority vote of the members
+    disagreement: np.ndarray  # [P] float32 Jensen-Shannon disagreement of the members (nats)
+
+    def image(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(truth, prediction, disagreement)`` of image ``index``, each ``[S, S]``."""
+        pixels = self.image_size**2
+        rows = slice(index * pixels, (index + 1) * pixels)
+        shape = (self.image_size, self.image_size)
+        return self.truth[rows].reshape(shape), self.prediction[rows].reshape(shape), self.disagreement[rows].reshape(shape)
+
+
+def predict_split(model: EnsembleMLP, stores: Sequence[FeatureStore], split: str, *, batch_pixels: int,
+                  device: torch.device) -> SplitPrediction:
+    matrix, labels = lazy_matrix(stores, split)
+    prediction = np.zeros(matrix.shape[0], dtype=np.uint8)
+    disagreement = np.zeros(matrix.shape[0], dtype=np.float32)
+    for first, classes, probabilities in predict_chunks(model, matrix, batch_pixels=batch_pixels, device=device):
+        rows = slice(first, first + classes.shape[1])
+        prediction[rows] = majority_vote(classes, model.num_classes).numpy()
+        disagreement[rows] = jensen_shannon(probabilities).numpy()
+    size = int(round(stores[0].pixels_per_image(split) ** 0.5))
+    return SplitPrediction(stores[0].image_ids(split), size, labels.compute(), prediction, disagreement)
+
+
+def score(truth: np.ndarray, prediction: np.ndarray, class_names: list[str], ignore_label: int,
+          disagreement: np.ndarray | None = None, pixels_per_image: int | None = None) -> dict:
+    """The metrics dict: ``miou`` (the paper's protocol), ``miou_strict``, pixel accuracy (labeled pixels),
+    per-class IoU under both protocols and, given the disagreement, the paper's uncertainty score (mean
+    over images of the top-decile mean disagreement)."""
+    counts = label_counts(truth, prediction, len(class_names))
+    confusion = strict_confusion(counts, ignore_label)
+
+    def rounded(values: np.ndarray) -> dict:
+        return {name: (None if np.isnan(v) else round(float(v), 6)) for name, v in zip(class_names, values)}
+
+    metrics = {
+        "miou": round(mean_iou_paper(counts, ignore_label), 6),
+        "miou_strict": round(mean_iou(confusion, ignore_label), 6),
+        "pixel_accuracy": round(pixel_accuracy(confusion), 6),
+    }
+    if disagreement is not None:
+        per_image = torch.from_numpy(disagreement).reshape(-1, pixels_per_image)
+        metrics["uncertainty"] = round(float(np.mean([top_decile_mean(row) for row in per_image])), 6)
+    metrics["per_class_iou"] = rounded(iou_per_class_paper(counts, ignore_label))
+    metrics["per_class_iou_strict"] = rounded(iou_per_class(confusion, ignore_label))
+    metrics["pixels"] = int(truth.size)
+    metrics["labeled_pixels"] = int(confusion.sum())
+    return metrics

@@ -1,0 +1,73 @@
+"""dvc.yaml's code deps are each stage's import closure, and stray files change no stage's inputs."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipeline.store import StoreRecord, create_or_resume, set_aside_unused_stores
+from tests.conftest import REPO
+from tests.dvc_deps import import_closure, missing_and_extra
+
+
+def test_every_stage_depends_on_exactly_the_code_it_imports():
+    report = missing_and_extra(REPO)
+    problems = {stage: {"missing": sorted(missing), "not imported": sorted(extra)}
+                for stage, (missing, extra) in report.items() if missing or extra}
+    assert not problems, f"dvc.yaml code deps differ from the stages' import closures: {problems}"
+    assert {"prepare", "pretrain", "extract", "fit", "evaluate"} <= set(report)
+
+
+def test_the_closure_check_names_a_file_removed_from_a_stage(tmp_path):
+    for folder in ("pipeline", "stages"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["extract"]["do"]["deps"].remove("pipeline/diffusion.py")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
+    missing, extra = missing_and_extra(tmp_path)["extract"]
+    assert missing == {"pipeline/diffusion.py"} and not extra
+
+
+def test_lazy_imports_inside_functions_count(tmp_path):
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "a.py").write_text("def f():\n    from pipeline import b\n    return b\n")
+    (tmp_path / "pipeline" / "b.py").write_text("import numpy\n")
+    assert import_closure(tmp_path, "pipeline.a") == {"pipeline/__init__.py", "pipeline/a.py", "pipeline/b.py"}
+
+
+def test_pretrain_depends_on_the_imported_checkpoint_not_the_models_folder():
+    from stages.pretrain import SCRATCH
+
+    pretrain = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["pretrain"]
+    assert "models" not in pretrain["deps"] and "${ddpm.checkpoint}" in pretrain["deps"]
+    assert yaml.safe_load((REPO / "params.yaml").read_text())["ddpm"]["checkpoint"] == SCRATCH
+    assert (REPO / SCRATCH).is_file()  # DVC needs the placeholder to exist
+
+
+def _store(path: Path, t: int) -> None:
+    record = StoreRecord(t=t, blocks=(0,), upsample="bilinear", noise_seed=0, stochastic_noise=False,
+                         checkpoint_sha256="x", image_size=2, feature_dim=1)
+    writer = create_or_resume(path, record, {"train": ["a"]}, chunk_pixels=4, codec="zstd", clevel=1)
+    writer.write("train", 0, np.zeros((4, 1), np.float16), np.zeros(4, np.uint8))
+    writer.finish()
+
+
+def test_stores_of_removed_steps_are_set_aside_and_nothing_else_moves(tmp_path):
+    features = tmp_path / "features"
+    for t in (50, 150, 350):
+        _store(features / f"t{t}.zarr", t)
+    (features / "t999.zarr").mkdir()  # not one of our stores: never touched
+    (features / "t999.zarr" / "notes.txt").write_text("mine")
+    moved = set_aside_unused_stores(str(features / "t{t}.zarr"), [50, 150])
+    assert moved == [features / "unused" / "t350.zarr"]
+    assert (features / "unused" / "t350.zarr" / "zarr.json").is_file()
+    assert sorted(p.name for p in features.iterdir()) == ["t150.zarr", "t50.zarr", "t999.zarr", "unused"]
+    assert set_aside_unused_stores("s3://bucket/t{t}.zarr", [50]) == []  # object stores are left as they are
+
+
+def test_dvcignore_covers_temporaries_and_set_aside_stores():
+    patterns = (REPO / ".dvcignore").read_text().split()
+    assert {"*.partial", "*.tmp", "*.old", "/features/unused", "/features/.gitignore"} <= set(patterns)
