@@ -18,6 +18,7 @@ import yaml
 
 from pipeline.diffusion import NoiseSchedule
 from pipeline.errors import ConfigError
+from pipeline.presets import MODEL_PRESETS
 from pipeline.unet import ModelFlagsError, UNetConfig, config_from_flags
 
 
@@ -30,6 +31,13 @@ class UpsampleMode(str, enum.Enum):
 class NonSquarePolicy(str, enum.Enum):
     ERROR = "error"
     CENTER_CROP = "center_crop"
+
+
+class ModelPreset(str, enum.Enum):
+    """``ddpm.preset``: model flags and default blocks of pipeline/presets.py ``MODEL_PRESETS``."""
+
+    DIGITS = "digits"  # the built-in 32-channel UNet for the digits (image_size = dataset.image_size)
+    ADM256 = "adm256"  # the paper's 256x256 guided-diffusion checkpoints (lsun_*.pt, ffhq.pt)
 
 
 class Autocast(str, enum.Enum):
@@ -114,6 +122,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DDPMConfig:
+    # Model flags (and the blocks that `blocks: null` reads) come from this preset; keys given in `model`
+    # (guided-diffusion's flag names) override the preset's one by one.
+    preset: ModelPreset = ModelPreset.DIGITS
     model: dict = field(default_factory=dict)
     diffusion_steps: int = 1000
     noise_schedule: NoiseSchedule = NoiseSchedule.LINEAR
@@ -121,6 +132,14 @@ class DDPMConfig:
     rescale_timesteps: bool = False
     checkpoint: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def model_flags(self) -> dict[str, Any]:
+        """The preset's model flags, overridden key by key by the non-null keys of ``model`` (params.yaml
+        lists guided-diffusion's flags as null, so `-S ddpm.model.num_channels=64` needs no `++`)."""
+        return {**MODEL_PRESETS[self.preset.value]["model"], **{k: v for k, v in self.model.items() if v is not None}}
+
+    def preset_blocks(self) -> tuple[int, ...]:
+        return tuple(MODEL_PRESETS[self.preset.value]["blocks"])
 
 
 @dataclass(frozen=True)
@@ -177,7 +196,9 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class Params:
     t_steps: tuple[int, ...] = (50, 150, 250)
-    blocks: tuple[int, ...] = (0, 1, 2)
+    # null = the blocks of ddpm.preset (digits: [0, 1, 2]; adm256: the paper's [5, 6, 7, 8, 12]);
+    # params_from_dict fills it, so stages always see a tuple.
+    blocks: tuple[int, ...] | None = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
@@ -185,13 +206,20 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def unet_config(self) -> UNetConfig:
-        """The model flags of ``ddpm.model``; ``image_size`` defaults to ``dataset.image_size``."""
-        flags = dict(self.ddpm.model)
+        """The model flags of ``ddpm.preset`` overridden by ``ddpm.model``; ``image_size`` defaults to
+        ``dataset.image_size``. Every stage builds or checks its UNet from this."""
+        flags = self.ddpm.model_flags()
         flags.setdefault("image_size", self.dataset.image_size)
         if flags["image_size"] != self.dataset.image_size:
+            if self.ddpm.model.get("image_size") is not None:
+                raise ConfigError(
+                    f"ddpm.model.image_size={flags['image_size']} differs from dataset.image_size="
+                    f"{self.dataset.image_size}; remove ddpm.model.image_size or make them equal"
+                )
             raise ConfigError(
-                f"ddpm.model.image_size={flags['image_size']} differs from dataset.image_size="
-                f"{self.dataset.image_size}; remove ddpm.model.image_size or make them equal"
+                f"ddpm.preset={self.ddpm.preset.value} is a model for {flags['image_size']}x{flags['image_size']} "
+                f"images but dataset.image_size={self.dataset.image_size}; use a {flags['image_size']} px dataset "
+                f"(the paper presets, e.g. dataset.name=ffhq_34) or ddpm.preset=digits with your own ddpm.model flags"
             )
         try:
             return config_from_flags(flags)
@@ -290,7 +318,8 @@ def _validate(params: Params) -> None:
                 f"use steps such as [50, 150, 250]"
             )
     if not params.blocks:
-        raise ConfigError("blocks is empty; list decoder blocks (output_blocks indices), e.g. [2, 3, 4, 5, 6]")
+        raise ConfigError("blocks is empty; list decoder blocks (output_blocks indices), e.g. [2, 3, 4, 5, 6], "
+                          "or null for the blocks of ddpm.preset")
     if len(set(params.blocks)) != len(params.blocks):
         raise ConfigError(f"blocks {list(params.blocks)} repeats a block")
     for key in ("image_size", "num_classes", "train_images", "test_images"):
@@ -344,6 +373,8 @@ def params_from_dict(data: dict, source: str = "params") -> Params:
     try:
         params = _build(Params, data, "")
         params = dataclasses.replace(params, dataset=params.dataset.resolved())
+        if params.blocks is None:  # blocks: null = the model preset's blocks
+            params = dataclasses.replace(params, blocks=params.ddpm.preset_blocks())
         _validate(params)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None

@@ -21,11 +21,11 @@ from pipeline.config import Autocast
 from pipeline.data import read_rgb, to_model_input
 from pipeline.diffusion import Diffusion
 from pipeline.errors import ConfigError
-from pipeline.features import iter_pixel_features, make_noise
+from pipeline.features import feature_dim, images_per_batch, iter_pixel_features, make_noise
 from pipeline.runtime import pick_device
 from pipeline.store import StoreWriter, background_writes
 from pipeline.train_ddpm import load_checkpoint
-from pipeline.unet import UNetModel
+from pipeline.unet import UNetModel, for_inference
 
 AUTOCAST_DTYPES = {Autocast.NONE: None, Autocast.BFLOAT16: torch.bfloat16, Autocast.FLOAT16: torch.float16}
 
@@ -72,9 +72,12 @@ def worker_device(name: str) -> torch.device:
 
 @functools.lru_cache(maxsize=2)
 def loaded_model(checkpoint: str, device: str) -> tuple[UNetModel, Diffusion]:
-    """Each process (the stage, or a dask worker) loads a checkpoint once, then reuses it for every task."""
+    """Each process (the stage, or a dask worker) loads a checkpoint once, then reuses it for every task.
+
+    A ``use_fp16`` model runs in float16 on CUDA and in float32, with one warning, on a CPU
+    (``pipeline.unet.for_inference``)."""
     model, diffusion, _ = load_checkpoint(checkpoint)
-    return model.to(device), diffusion
+    return for_inference(model, device), diffusion
 
 
 def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Callable[[], None] | None = None) -> int:
@@ -85,10 +88,13 @@ def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Ca
     writer = StoreWriter.reopen(job.store)
     images, masks = job.image_paths[split], job.mask_paths[split]
     shared_noise = make_noise(job.noise_seed, size)
+    # features.batch_size is an upper bound: at 256² the paper's blocks give 0.74 GB of float32 maps per
+    # image, so the batch is cut to fit pipeline.features.FEATURE_BATCH_BYTES (2 images there).
+    batch_size = images_per_batch(job.batch_size, size, feature_dim(model, job.blocks))
 
     def batches() -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        for first in range(0, len(indices), job.batch_size):
-            batch = indices[first : first + job.batch_size]
+        for first in range(0, len(indices), batch_size):
+            batch = indices[first : first + batch_size]
             x0 = to_model_input(np.stack([read_rgb(images[i]) for i in batch]))
             if job.stochastic_noise:
                 noise = torch.cat([noise_for(job.noise_seed, split, i, job.t, size) for i in batch])

@@ -35,6 +35,20 @@ def feature_dim(model: UNetModel, blocks: Sequence[int], num_steps: int = 1) -> 
     return num_steps * sum(shapes[block][0] for block in blocks)
 
 
+# Cap on one extraction batch's float32 feature maps ([B, D, H, W] x 4 bytes; upsample_concat holds them
+# about twice while concatenating, and the rows are copied once more to float16). 2 GiB keeps the paper's
+# 256² blocks [5, 6, 7, 8, 12] (D = 2816 per step, 0.74 GB per image) at 2 images per batch, as the
+# README recipe used to set by hand, and leaves the built-in digits (0.8 MB per image) at features.batch_size.
+FEATURE_BATCH_BYTES = 2 * 1024**3
+
+
+def images_per_batch(requested: int, image_size: int, dim: int, budget_bytes: int = FEATURE_BATCH_BYTES) -> int:
+    """``features.batch_size`` lowered so one batch's ``[B, dim, image_size, image_size]`` float32 maps
+    fit in ``budget_bytes`` (at least 1 image)."""
+    per_image = image_size * image_size * dim * 4
+    return max(1, min(requested, budget_bytes // per_image))
+
+
 def upsample_concat(activations: Sequence[torch.Tensor], size: int, mode: UpsampleMode | str) -> torch.Tensor:
     """``[N, C_i, h_i, w_i]`` maps -> ``[N, sum C_i, size, size]``; bilinear uses align_corners=False."""
     mode = UpsampleMode(mode)

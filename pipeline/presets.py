@@ -1,21 +1,45 @@
-"""Dataset presets: the built-in digits and the paper's six datasets (ddpm-segmentation's
+"""Presets: model presets (``ddpm.preset``) and dataset presets (``dataset.name``).
+
+A model preset is a set of guided-diffusion model flags plus the decoder blocks read by default
+(``blocks: null``). Keys given in ``ddpm.model`` override the preset's flags one by one; an explicit
+``blocks`` list wins over the preset's blocks.
+
+Dataset presets: the built-in digits and the paper's six datasets (ddpm-segmentation's
 experiments/<name>/ddpm.json and src/data_util.py). A preset fills every ``dataset`` key left null in
 params.yaml; a key set explicitly wins.
 
 Paper protocol notes: bedroom_28 uses class 0 (background) as its ignore label, so 28 classes are scored;
 every paper preset turns classes covering fewer than 20 pixels of a *training* mask into ignore.
-All four paper checkpoints share PAPER_MODEL_FLAGS; the paper reads blocks [5, 6, 7, 8, 12] at
-t = [50, 150, 250] (8448 features per pixel).
+All four paper checkpoints share PAPER_MODEL_FLAGS (ddpm-segmentation's scripts/ddpm/train_interpreter.sh
+MODEL_FLAGS); the paper reads blocks [5, 6, 7, 8, 12] at t = [50, 150, 250] (8448 features per pixel).
 """
 from __future__ import annotations
 
+# The built-in digits' model: a 32-channel UNet for 32 px canvases (image_size comes from dataset.image_size).
+DIGITS_MODEL_FLAGS = {
+    "num_channels": 32, "num_res_blocks": 2, "channel_mult": [1, 2, 2], "attention_resolutions": [8],
+    "num_head_channels": 32, "use_scale_shift_norm": True, "resblock_updown": True, "learn_sigma": False,
+    "dropout": 0.0,
+}
+DIGITS_BLOCKS = [0, 1, 2]
+
+# lsun_bedroom.pt, ffhq.pt, lsun_cat.pt, lsun_horse.pt (552.8M parameters each). channel_mult [] = the
+# 256 default (1, 1, 2, 2, 4, 4). use_fp16 as the paper ran them: float16 on CUDA, float32 on a CPU.
 PAPER_MODEL_FLAGS = {
     "image_size": 256, "num_channels": 256, "num_res_blocks": 2, "channel_mult": [],
     "attention_resolutions": [32, 16, 8], "num_head_channels": 64, "use_scale_shift_norm": True,
     "resblock_updown": True, "learn_sigma": True, "dropout": 0.1, "use_fp16": True,
 }
 PAPER_BLOCKS = [5, 6, 7, 8, 12]
+# t_steps stays an explicit list in params.yaml (dvc.yaml's `foreach: ${t_steps}` cannot read a preset);
+# its default is this one.
 PAPER_T_STEPS = [50, 150, 250]
+
+# ddpm.preset -> model flags and default blocks (pipeline.config.ModelPreset lists the same names).
+MODEL_PRESETS: dict[str, dict] = {
+    "digits": {"model": DIGITS_MODEL_FLAGS, "blocks": DIGITS_BLOCKS},
+    "adm256": {"model": PAPER_MODEL_FLAGS, "blocks": PAPER_BLOCKS},
+}
 
 DIGIT_CLASS_NAMES = ["background"] + [f"digit_{d}" for d in range(10)]
 

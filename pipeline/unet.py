@@ -7,10 +7,16 @@ chosen decoder blocks (``output_blocks[i]``, numbered as the paper numbers them)
 Tensor contract of the model: ``x`` is ``[N, 3, H, W] float32`` in [-1, 1] (a noisy image ``x_t``),
 ``timesteps`` is ``[N]`` integer diffusion steps in ``[0, diffusion_steps)``; the output is
 ``[N, 3 or 6, H, W]`` (ε prediction, plus the variance interpolation when ``learn_sigma``).
+
+``use_fp16`` is guided-diffusion's: ``convert_to_fp16`` turns the conv weights of the input, middle and
+output blocks to float16, and ``forward`` runs those blocks in float16 while the timestep embedding,
+normalisation, softmax and the output head stay float32. ``for_inference`` applies it on CUDA only.
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,6 +73,8 @@ class UNetConfig:
     use_new_attention_order: bool = False
     learn_sigma: bool = False
     dropout: float = 0.0
+    # Run the blocks in float16 for features (``for_inference``: CUDA only). The weights stay float32 in
+    # checkpoints and pretraining stays float32 (no loss-scaled mixed-precision trainer here).
     use_fp16: bool = False
     in_channels: int = 3
 
@@ -390,6 +398,32 @@ class UNetModel(nn.Module):
     def num_decoder_blocks(self) -> int:
         return len(self.output_blocks)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the input, middle and output blocks run in (float16 after ``convert_to_fp16``).
+
+        Read from the first conv's weight, not from ``config.use_fp16``: the flag says what to do at
+        inference on CUDA (``for_inference``), this says what was done, so the forward always casts ``h``
+        to the dtype its convs actually hold.
+        """
+        return self.input_blocks[0][0].weight.dtype
+
+    def convert_to_fp16(self) -> "UNetModel":
+        """guided-diffusion's ``convert_to_fp16``: the Conv1d/Conv2d weights and biases of input_blocks,
+        middle_block and output_blocks become float16. ``time_embed``, the ResBlocks' ``emb_layers``
+        Linears, the GroupNorm affine parameters and ``out`` stay float32, as in guided-diffusion (its
+        ``convert_module_to_f16`` converts conv layers only; ResBlock casts the embedding projection to
+        ``h``'s dtype for that reason)."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            _convert_convs(part, torch.float16)
+        return self
+
+    def convert_to_fp32(self) -> "UNetModel":
+        """Undo ``convert_to_fp16`` (the float16 rounding of the weights stays)."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            _convert_convs(part, torch.float32)
+        return self
+
     def decoder_block_shapes(self) -> list[tuple[int, int, int]]:
         """``[C, H, W]`` of every ``output_blocks[i]`` output, computed without running the model."""
         shapes = []
@@ -408,7 +442,8 @@ class UNetModel(nn.Module):
 
         With ``return_blocks``, also return the outputs of those decoder blocks, in the order asked;
         the forward pass stops after the last block needed (the output head is then not computed and
-        the first return value is None).
+        the first return value is None). Block outputs are in ``self.dtype`` (float16 after
+        ``convert_to_fp16``); the prediction is in ``x``'s dtype.
         """
         wanted = list(return_blocks) if return_blocks is not None else None
         if wanted is not None:
@@ -417,9 +452,11 @@ class UNetModel(nn.Module):
                     raise ModelFlagsError(
                         f"decoder block {index} does not exist: this model has blocks 0..{self.num_decoder_blocks - 1}"
                     )
+        # As guided-diffusion: the embedding is computed in float32 (time_embed is never converted), then
+        # h is cast to the blocks' dtype; each ResBlock casts its embedding projection to h's dtype.
         emb = self.time_embed(timestep_embedding(timesteps, self.config.num_channels))
         skips = []
-        h = x
+        h = x.type(self.dtype)
         for module in self.input_blocks:
             h = module(h, emb)
             skips.append(h)
@@ -432,15 +469,59 @@ class UNetModel(nn.Module):
                 captured[index] = h
                 if index == last_needed:
                     return None, [captured[i] for i in wanted]  # type: ignore[return-value]
-        out = self.out(h.type(x.dtype))
+        out = self.out(h.type(x.dtype))  # the output head runs in the input's dtype (float32)
         if wanted is not None:
             return out, [captured[i] for i in wanted]
         return out
 
 
+def _convert_convs(module: nn.Module, dtype: torch.dtype) -> None:
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            layer.weight.data = layer.weight.data.to(dtype)
+            if layer.bias is not None:
+                layer.bias.data = layer.bias.data.to(dtype)
+
+
+FP16_FLAG = "ddpm.model.use_fp16"
+
+
+def for_inference(model: UNetModel, device: torch.device | str) -> UNetModel:
+    """``model`` in eval mode on ``device``, in float16 as guided-diffusion runs it when its flags say
+    ``use_fp16`` and ``device`` is CUDA (convert after loading: checkpoints hold float32 weights).
+
+    On a CPU, ``use_fp16`` runs in float32 and warns once, naming the flag. torch's CPU kernels do run
+    the converted model, but a float16 conv2d took ~6x as long as float32 on this project's 2-core AVX-512
+    CPU (torch 2.13, 64 channels at 32², batch 2), and a CPU has no memory to gain back from it; refusing
+    would make every paper preset (use_fp16: true) fail on a CPU, where a few 256² images are minutes.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    if model.config.use_fp16:
+        if device.type == "cuda":
+            model.convert_to_fp16()
+        else:
+            warnings.warn(
+                f"{FP16_FLAG} is true but the model runs on {device.type}: features are computed in float32 "
+                f"(float16 is used on CUDA only); set {FP16_FLAG}: false to silence this",
+                stacklevel=2,
+            )
+    return model
+
+
 def create_unet(model_flags: dict[str, Any] | UNetConfig) -> UNetModel:
     config = model_flags if isinstance(model_flags, UNetConfig) else config_from_flags(model_flags)
     return UNetModel(config)
+
+
+@functools.lru_cache(maxsize=1)
+def _paper_model_shapes() -> dict[str, tuple[int, ...]]:
+    """State-dict shapes of the paper's 256x256 model, built on the meta device (no memory)."""
+    from pipeline.presets import PAPER_MODEL_FLAGS
+
+    with torch.device("meta"):
+        model = create_unet(PAPER_MODEL_FLAGS)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -478,6 +559,11 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
             hints.append("use_scale_shift_norm: emb_layers shapes differ; flip ddpm.model.use_scale_shift_norm")
         else:
             hints.append("channel_mult / num_channels: layer widths differ; check ddpm.model.channel_mult and num_channels")
+    if found == _paper_model_shapes():
+        # The commonest mix-up: the paper's checkpoint (ffhq.pt, lsun_*.pt) with the default digits preset;
+        # one hint that fixes every flag beats a list of single flags.
+        hints = ["these are the paper's 256x256 guided-diffusion weights: set ddpm.preset: adm256 "
+                 "(and drop ddpm.model flags that contradict it)"]
 
     def listing(title: str, keys: list[str], show_shapes: bool = False) -> str:
         if not keys:
@@ -518,7 +604,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 def load_guided_diffusion(path: str | Path, model_flags: dict[str, Any]) -> UNetModel:
     """Build the UNet from guided-diffusion flags and load its ``.pt`` state dict (fp16 ones too).
 
-    Returns the model in eval mode, float32, on the CPU.
+    Returns the model in eval mode, float32, on the CPU, also for ``use_fp16`` flags: guided-diffusion
+    stores even fp16-trained models' weights in float32, and ``for_inference`` converts them when the
+    model is run on CUDA.
     """
     model = create_unet(model_flags)
     state_dict = load_state_dict_file(path)

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Params, UpsampleMode, load_params, params_from_dict
+from pipeline.config import ConfigError, ModelPreset, Params, UpsampleMode, load_params, params_from_dict
+from pipeline.presets import MODEL_PRESETS, PAPER_T_STEPS
 from tests.conftest import REPO
 
 
@@ -67,3 +68,63 @@ def test_presets_fill_null_keys_and_explicit_values_win():
     assert bedroom.ignore_label == 0 and bedroom.num_classes == 29 and bedroom.train_images == 5
     digits = params_from_dict({}).dataset
     assert digits.num_classes == 11 and digits.names()[1] == "digit_0" and digits.min_class_pixels == 0
+
+
+# params.yaml's ddpm.model and blocks before they moved into the digits preset (pipeline/presets.py).
+OLD_DIGITS_FLAGS = {"num_channels": 32, "num_res_blocks": 2, "channel_mult": [1, 2, 2], "attention_resolutions": [8],
+                    "num_head_channels": 32, "use_scale_shift_norm": True, "resblock_updown": True,
+                    "learn_sigma": False, "dropout": 0.0}
+
+
+def test_default_params_resolve_to_the_old_explicit_digits_model_and_blocks():
+    params = load_params(REPO / "params.yaml")
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    # everything comes from ddpm.preset: digits (the listed flags are null = the preset's value)
+    assert set(data["ddpm"]["model"].values()) == {None} and data["blocks"] is None
+    assert params.ddpm.preset is ModelPreset.DIGITS
+    old = params_from_dict(dict(data, blocks=[0, 1, 2], ddpm=dict(data["ddpm"], model=OLD_DIGITS_FLAGS)))
+    assert params.unet_config() == old.unet_config()
+    assert params.unet_config().to_dict() == old.unet_config().to_dict()  # what checkpoints record
+    assert params.blocks == old.blocks == (0, 1, 2)
+    assert list(params.t_steps) == PAPER_T_STEPS  # t_steps stays explicit (dvc.yaml's foreach reads it)
+
+
+def test_null_model_flags_are_the_presets_and_a_value_overrides_only_its_flag():
+    listed = params_from_dict({"ddpm": {"model": {"num_channels": None, "dropout": 0.25}}}).unet_config()
+    assert listed.num_channels == 32 and listed.dropout == 0.25 and listed.resblock_updown is True
+
+
+def test_explicit_model_flags_override_the_preset_key_by_key():
+    digits = params_from_dict({"ddpm": {"model": {"num_channels": 64}}}).unet_config()
+    assert digits.num_channels == 64 and digits.channel_mult == (1, 2, 2) and digits.num_head_channels == 32
+    paper = params_from_dict({"dataset": {"name": "ffhq_34"},
+                              "ddpm": {"preset": "adm256", "model": {"num_channels": 128, "use_fp16": False}}})
+    config = paper.unet_config()
+    assert (config.num_channels, config.use_fp16, config.num_head_channels, config.learn_sigma) == (128, False, 64, True)
+    assert paper.blocks == (5, 6, 7, 8, 12)
+
+
+def test_explicit_blocks_win_over_the_preset():
+    params = params_from_dict({"dataset": {"name": "ffhq_34"}, "ddpm": {"preset": "adm256"}, "blocks": [6, 8]})
+    assert params.blocks == (6, 8)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"ddpm": {"preset": "adm128"}}, r"ddpm.preset='adm128' is not one of \['digits', 'adm256'\]"),
+        ({"ddpm": {"preset": "adm256"}},
+         r"ddpm.preset=adm256 is a model for 256x256 images but dataset.image_size=32; use a 256 px dataset"),
+        ({"blocks": []}, r"blocks is empty; .* or null for the blocks of ddpm.preset"),
+        ({"blocks": "5,6"}, r"blocks must be a YAML list such as \[1, 2\], got '5,6'"),
+    ],
+)
+def test_bad_presets_and_blocks_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        params_from_dict(data)
+
+
+def test_every_model_preset_has_a_name_flags_and_blocks():
+    assert [preset.value for preset in ModelPreset] == list(MODEL_PRESETS)
+    for name, preset in MODEL_PRESETS.items():
+        assert set(preset) == {"model", "blocks"} and preset["blocks"], name

@@ -62,6 +62,8 @@ CASES = {
     "non-square": (break_non_square, {}, "is 20x16, not square; crop it, or set dataset.non_square: center_crop"),
     "empty split": (break_empty_split, {}, "holds no images (.png/.jpg)"),
     "too few images": (lambda root: None, {"dataset.train_images": 5}, "has 3 images but dataset.train_images asks for 5"),
+    "too few for val": (lambda root: None, {"dataset.val_images": 1},
+                        "real/train has 3 images, 3 for training, but dataset.val_images asks for 1 validation images"),
     "unknown key": (lambda root: None, {"dataset.num_clases": 3}, "unknown params key(s) dataset.num_clases"),
     "t_steps range": (lambda root: None, {"t_steps": [50, 1000]}, "t_steps contains 1000, outside [0, 1000)"),
     "t_steps type": (lambda root: None, {"t_steps": "50,150"}, "t_steps must be a YAML list"),
@@ -74,7 +76,7 @@ def test_prepare_rejects_bad_dataset_and_leaves_nothing(tmp_path, case):
     root = paper_layout(tmp_path / "mydata")
     breaker(root)
     settings = {"dataset.name": "mydata", "dataset.root": str(root), "dataset.image_size": 16,
-                "dataset.num_classes": 3, "dataset.train_images": 3, "dataset.test_images": 3,
+                "dataset.num_classes": 3, "dataset.train_images": 3, "dataset.val_images": 0, "dataset.test_images": 3,
                 "ddpm.model.channel_mult": [1, 2]}
     settings.update(overrides)
     params = write_params(tmp_path / "params.yaml", settings)
