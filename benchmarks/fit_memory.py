@@ -49,7 +49,7 @@ def build_stores(work: Path, images: int, chunk_pixels: int) -> Path:
     return folder
 
 
-def streaming(folder: Path, buffer_chunks: int, members: int, members_per_pass: int | None) -> dict:
+def streaming(folder: Path, buffer_rows: int, members: int, members_per_pass: int | None) -> dict:
     import torch
 
     from pipeline.config import EnsembleConfig
@@ -58,7 +58,7 @@ def streaming(folder: Path, buffer_chunks: int, members: int, members_per_pass: 
 
     stores = [open_store(folder / f"t{t}.zarr", {"t": t}) for t in STEPS]
     matrix, labels = lazy_matrix(stores, "train")
-    config = EnsembleConfig(members=members, epochs=1, buffer_chunks=buffer_chunks, members_per_pass=members_per_pass)
+    config = EnsembleConfig(members=members, epochs=1, buffer_rows=buffer_rows, members_per_pass=members_per_pass)
     start = time.perf_counter()
     _, history = fit_ensemble(matrix, labels, num_classes=CLASSES, ignore_label=255, config=config,
                               device=torch.device("cpu"))
@@ -101,7 +101,7 @@ def in_ram(folder: Path, images: int, steps: int) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     folder = Path(args.folder)
-    result = streaming(folder, args.buffer_chunks, args.members, args.members_per_pass) if args.mode == "streaming" else in_ram(folder, args.images[0], args.in_ram_steps)
+    result = streaming(folder, args.buffer_rows, args.members, args.members_per_pass) if args.mode == "streaming" else in_ram(folder, args.images[0], args.in_ram_steps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--in-ram-images", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--chunk-pixels", type=int, default=1024)
-    parser.add_argument("--buffer-chunks", type=int, default=1)
+    parser.add_argument("--buffer-rows", type=int, default=8192, help="ensemble.buffer_rows (x D float16 in the shuffle pool)")
     parser.add_argument("--members", type=int, default=10)
     parser.add_argument("--members-per-pass", type=int, default=None)
     parser.add_argument("--in-ram-steps", type=int, default=50)
@@ -124,7 +124,7 @@ def main() -> None:
         child(args)
         return
     results = {"streaming": {}, "in_ram": {}, "settings": {"image_size": SIZE, "feature_dim": PER_STEP * len(STEPS),
-               "classes": CLASSES, "chunk_pixels": args.chunk_pixels, "buffer_chunks": args.buffer_chunks,
+               "classes": CLASSES, "chunk_pixels": args.chunk_pixels, "buffer_rows": args.buffer_rows,
                "members": args.members, "members_per_pass": args.members_per_pass}}
     for images in sorted(set(args.images) | set(args.in_ram_images)):
         folder = build_stores(args.work, images, args.chunk_pixels)
@@ -133,7 +133,7 @@ def main() -> None:
             if not wanted:
                 continue
             command = [sys.executable, __file__, "--mode", mode, "--folder", str(folder), "--images", str(images),
-                       "--buffer-chunks", str(args.buffer_chunks), "--members", str(args.members),
+                       "--buffer-rows", str(args.buffer_rows), "--members", str(args.members),
                        "--in-ram-steps", str(args.in_ram_steps)]
             if args.members_per_pass:
                 command += ["--members-per-pass", str(args.members_per_pass)]

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import dask.array as da
 import numpy as np
 import torch
 
-from pipeline.ensemble import EnsembleMLP, predict_chunks
+from pipeline.ensemble import EnsembleMLP, fit_ensemble, predict_chunks
 from pipeline.metrics import (iou_per_class, iou_per_class_paper, jensen_shannon, label_counts, majority_vote,
                               mean_iou, mean_iou_paper, pixel_accuracy, strict_confusion, top_decile_mean)
 from pipeline.store import FeatureStore, lazy_matrix
@@ -74,4 +75,24 @@ def score(truth: np.ndarray, prediction: np.ndarray, class_names: list[str], ign
     metrics["per_class_iou_strict"] = rounded(iou_per_class(confusion, ignore_label))
     metrics["pixels"] = int(truth.size)
     metrics["labeled_pixels"] = int(confusion.sum())
+    return metrics
+
+
+def fit_and_score(train: tuple[np.ndarray, np.ndarray], scored: tuple[np.ndarray, np.ndarray], *, config,
+                  class_names: list[str], ignore_label: int, chunk_rows: int, batch_pixels: int = 16384,
+                  device: torch.device | None = None) -> dict:
+    """Fit the ensemble on in-RAM ``(features [P, D], labels [P])`` and score it on another split's.
+
+    For small probes (benchmarks on the built-in data) whose candidate features are not worth a store;
+    the ensemble, the vote and the metrics are those of the fit and evaluate stages.
+    """
+    device = device or torch.device("cpu")
+    model, history = fit_ensemble(da.from_array(train[0], chunks=(chunk_rows, -1)), da.from_array(train[1], chunks=chunk_rows),
+                                  num_classes=len(class_names), ignore_label=ignore_label, config=config, device=device)
+    prediction = np.zeros(len(scored[1]), dtype=np.uint8)
+    for first, classes, _ in predict_chunks(model, da.from_array(scored[0], chunks=(chunk_rows, -1)),
+                                            batch_pixels=batch_pixels, device=device):
+        prediction[first : first + classes.shape[1]] = majority_vote(classes, len(class_names)).numpy()
+    metrics = score(np.asarray(scored[1], dtype=np.uint8), prediction, class_names, ignore_label)
+    metrics["epochs"] = max((stats.epoch for stats in history), default=0)
     return metrics

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import EnsembleConfig
-from pipeline.ensemble import EnsembleMLP, fit_ensemble, hidden_widths, predict_chunks
+from pipeline.config import EnsembleConfig, Stopping
+from pipeline.ensemble import EnsembleMLP, ShufflePool, fit_ensemble, hidden_widths, predict_chunks
 
 
 def paper_member(model: EnsembleMLP, member: int) -> nn.Sequential:
@@ -41,6 +41,11 @@ def test_members_are_seeded_seed_plus_index():
     assert hidden_widths(29) == (128, 32) and hidden_widths(30) == (256, 128)
 
 
+# The toy sets hold ~4k rows: the paper's batch and lr give them enough steps per epoch.
+# One pass of all members (the default runs two passes at once), as these tests count epochs per pass.
+SMALL = {"parallel_passes": 1, "batch_size": 64, "lr": 1e-3}
+
+
 def toy(pixels=4096, dim=12, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(pixels, dim)).astype(np.float16)
@@ -51,7 +56,7 @@ def toy(pixels=4096, dim=12, seed=0):
 
 def test_streaming_fit_learns_and_is_deterministic():
     x, y = toy()
-    config = EnsembleConfig(members=3, epochs=3, buffer_chunks=2)
+    config = EnsembleConfig(**SMALL, members=3, epochs=3, buffer_rows=1024)  # streams through the pool
     model, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=config, device=torch.device("cpu"))
     assert history[-1].accuracy > 0.9 and history[-1].loss < history[0].loss
     assert history[0].pixels == int((y.compute() != 255).sum())  # ignore pixels dropped, each pixel once per epoch
@@ -64,7 +69,7 @@ def test_streaming_fit_learns_and_is_deterministic():
 
 def test_early_stopping_uses_patience():
     x, y = toy()
-    config = EnsembleConfig(members=2, epochs=50, patience=1, min_delta=0.9, buffer_chunks=4)
+    config = EnsembleConfig(**SMALL, members=2, epochs=50, patience=1, min_delta=0.9, buffer_rows=2048)
     _, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=config, device=torch.device("cpu"))
     assert len(history) == 2  # the second epoch cannot improve by 90%, so it stops
 
@@ -72,11 +77,129 @@ def test_early_stopping_uses_patience():
 def test_members_per_pass_matches_separately_seeded_fits():
     x, y = toy()
     grouped, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, device=torch.device("cpu"),
-                                    config=EnsembleConfig(members=3, members_per_pass=2, epochs=2, seed=5))
+                                    config=EnsembleConfig(**SMALL, members=3, members_per_pass=2, epochs=2, seed=5))
     assert grouped.members == 3 and {s.first_member for s in history} == {0, 2}
     alone, _ = fit_ensemble(x, y, num_classes=4, ignore_label=255, device=torch.device("cpu"),
-                            config=EnsembleConfig(members=1, epochs=2, seed=7))
+                            config=EnsembleConfig(**SMALL, members=1, epochs=2, seed=7))
     for layer in range(3):
         assert torch.equal(grouped.weights[layer][2], alone.weights[layer][0])
     probe = torch.randn(32, 12)
     assert torch.allclose(grouped(probe)[2], alone(probe)[0], atol=1e-5)  # BatchNorm statistics joined too
+
+
+def numbered(pixels=3000, chunk=250, ignore_every=7):
+    """Features whose first two columns spell the row number (exact in float16), labels with ignore rows."""
+    ids = np.arange(pixels)
+    x = np.stack([ids // 100, ids % 100, np.zeros(pixels)], axis=1).astype(np.float16)
+    y = (ids % 3).astype(np.uint8)
+    y[::ignore_every] = 255
+    return da.from_array(x, chunks=(chunk, 3)), da.from_array(y, chunks=chunk), ids[y != 255]
+
+
+def visited(pool, rng):
+    rows = []
+    for features, _, index in pool.epoch(rng):
+        block = features[index].float()
+        rows.append((block[:, 0] * 100 + block[:, 1]).long().numpy())
+    return rows
+
+
+def test_shuffle_pool_streams_every_labeled_row_once_within_its_capacity():
+    x, y, labeled = numbered()
+    pool = ShufflePool(x, y, capacity=800, ignore_label=255)
+    assert not pool.resident and pool.size == 800 and pool.total == len(labeled)
+    blocks = visited(pool, np.random.default_rng(0))
+    assert np.array_equal(np.sort(np.concatenate(blocks)), labeled)  # each labeled row once, no ignore row
+    # A group is ~200 rows (one chunk), yet the first evicted block mixes rows of many chunks.
+    assert len(np.unique(blocks[0] // 250)) >= 4
+    again = visited(pool, np.random.default_rng(0))
+    assert all(np.array_equal(a, b) for a, b in zip(blocks, again))  # seeded
+    other = visited(pool, np.random.default_rng(1))
+    assert not np.array_equal(np.concatenate(blocks), np.concatenate(other))
+
+
+def test_shuffle_pool_holds_a_split_that_fits_and_reads_it_once():
+    x, y, labeled = numbered()
+    pool = ShufflePool(x, y, capacity=10_000, ignore_label=255)
+    assert pool.resident and pool.size == len(labeled)
+    first = list(pool.epoch(np.random.default_rng(0)))
+    second = list(pool.epoch(np.random.default_rng(1)))
+    assert len(first) == len(second) == 1
+    assert second[0][0] is first[0][0]  # the same tensor: no second read of the store
+    assert np.array_equal(np.sort(visited(pool, np.random.default_rng(2))[0]), labeled)
+
+
+def test_paper_rule_waits_for_warmup_then_stops_each_member():
+    x, y = toy()
+    never = EnsembleConfig(**SMALL, members=2, epochs=3, stopping=Stopping.PAPER, warmup_epochs=3, batch_patience=0)
+    _, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=never, device=torch.device("cpu"))
+    assert len(history) == 3 and history[-1].stopped == 0  # the rule only looks at epochs after warmup_epochs
+    soon = EnsembleConfig(**SMALL, members=2, epochs=30, stopping=Stopping.PAPER, warmup_epochs=1, batch_patience=3)
+    _, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=soon, device=torch.device("cpu"))
+    assert len(history) == 2 and history[-1].stopped == 2
+    assert history[-1].pixels < history[0].pixels  # both stopped within epoch 2, after a few batches
+
+
+def test_stopped_member_keeps_the_weights_it_stopped_with():
+    """In a pass of two, members stop at different batches; each must end as it would alone, although
+    the pass (and Adam's momentum) goes on after its stop. Stacking changes last bits (~1e-8); ten more
+    Adam steps at lr 1e-3 would change the weights by ~1e-3."""
+    x, y = toy()
+    common = dict(stopping=Stopping.PAPER, warmup_epochs=1, batch_patience=5, epochs=30, seed=3)
+    pair, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, device=torch.device("cpu"),
+                                 config=EnsembleConfig(**SMALL, members=2, **common))
+    alone = [fit_ensemble(x, y, num_classes=4, ignore_label=255, device=torch.device("cpu"),
+                          config=EnsembleConfig(**SMALL, members=1, **{**common, "seed": 3 + i})) for i in range(2)]
+    stops = [(len(h), h[-1].pixels) for _, h in alone]
+    assert stops[0] != stops[1] and max(stops) == (len(history), history[-1].pixels)  # one waits for the other
+    for member, (model, _) in enumerate(alone):
+        for name, value in model.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            mine = pair.state_dict()[name]
+            if name.startswith("norms"):
+                width = value.shape[0]
+                mine = mine[member * width : (member + 1) * width]
+            else:
+                mine = mine[member : member + 1]
+            assert torch.allclose(mine, value, rtol=0, atol=1e-6), name
+
+
+def test_stopping_and_buffer_params_are_validated():
+    from pipeline.config import ConfigError, params_from_dict
+
+    assert params_from_dict({"ensemble": {"stopping": "paper"}}).ensemble.stopping is Stopping.PAPER
+    for bad, message in (({"stopping": "early"}, "ensemble.stopping='early' is not one of"),
+                         ({"buffer_rows": 1}, "ensemble.buffer_rows must be >= 2"),
+                         ({"batch_patience": 0}, "ensemble.batch_patience must be > 0"),
+                         ({"warmup_epochs": -1}, "ensemble.warmup_epochs must be >= 0"),
+                         ({"buffer_chunks": 8}, "unknown params key(s) ensemble.buffer_chunks")):
+        try:
+            params_from_dict({"ensemble": bad})
+        except ConfigError as error:
+            assert message in str(error), str(error)
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
+def test_parallel_passes_give_the_weights_of_passes_run_one_after_another():
+    import dataclasses
+
+    rng = np.random.default_rng(3)
+    features = rng.standard_normal((512, 12)).astype(np.float16)
+    labels = rng.integers(0, 3, 512).astype(np.uint8)
+    matrix, targets = da.from_array(features, chunks=(128, -1)), da.from_array(labels, chunks=128)
+    base = EnsembleConfig(members=4, members_per_pass=2, epochs=2, batch_size=64, lr=1e-3, buffer_rows=1024)
+    torch.set_num_threads(1)
+    weights = {}
+    for passes in (1, 2):
+        model, history = fit_ensemble(matrix, targets, num_classes=3, ignore_label=255,
+                                      config=dataclasses.replace(base, parallel_passes=passes), device=torch.device("cpu"))
+        weights[passes] = model.state_dict()
+        assert [stats.first_member for stats in history] == [0, 0, 2, 2]  # history in member order
+    assert all(torch.equal(weights[1][key], weights[2][key]) for key in weights[1])
+    # members_per_pass null splits the members evenly over the passes that run at once
+    split, history = fit_ensemble(matrix, targets, num_classes=3, ignore_label=255, device=torch.device("cpu"),
+                                  config=dataclasses.replace(base, members_per_pass=None, parallel_passes=2))
+    assert split.members == 4 and {stats.first_member for stats in history} == {0, 2}
+    assert all(torch.equal(split.state_dict()[key], weights[2][key]) for key in weights[2])

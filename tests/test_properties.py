@@ -14,10 +14,10 @@ from pipeline.config import ConfigError, Params, params_from_dict
 from pipeline.data import DatasetError, load_image, load_mask
 
 SECTIONS = {
-    "dataset": ["name", "image_size", "num_classes", "ignore_label", "train_images", "test_images", "non_square",
+    "dataset": ["name", "image_size", "num_classes", "ignore_label", "train_images", "val_images", "test_images", "non_square",
                 "class_names", "min_class_pixels"],
     "features": ["upsample", "noise_seed", "batch_size", "chunk_pixels", "codec", "clevel", "stochastic_noise"],
-    "ensemble": ["members", "lr", "batch_size", "epochs", "patience", "min_delta", "buffer_chunks", "seed"],
+    "ensemble": ["members", "lr", "batch_size", "epochs", "patience", "min_delta", "buffer_rows", "stopping", "seed"],
     "evaluate": ["overlays", "confusion_max_pixels", "batch_pixels"],
 }
 values = st.one_of(
