@@ -178,7 +178,9 @@ def run_one(spec: dict) -> dict:
         overrides = dict(spec.get("set", {}))
         if "stopping" in overrides:
             overrides["stopping"] = Stopping(overrides["stopping"])
-        config = EnsembleConfig(**{**overrides, "members": spec["members"], "seed": spec["seed"]})
+        # Member i is seeded seed + i, so seeds are spaced by the member count: each seed's ensemble
+        # shares no member with another's (seeds 0 and 1 would otherwise share 9 of 10 members).
+        config = EnsembleConfig(**{**overrides, "members": spec["members"], "seed": spec["seed"] * spec["members"]})
         if config.threads:
             torch.set_num_threads(config.threads)
         on_epoch = None

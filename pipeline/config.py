@@ -219,7 +219,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class Params:
     t_steps: tuple[int, ...] = (50, 150, 250)
-    # null = the blocks of ddpm.preset (digits: [0, 1, 2]; adm256: the paper's [5, 6, 7, 8, 12]);
+    # null = the blocks of ddpm.preset (digits: [0, 1, 2, 3]; adm256: the paper's [5, 6, 7, 8, 12]);
     # params_from_dict fills it, so stages always see a tuple.
     blocks: tuple[int, ...] | None = None
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

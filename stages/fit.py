@@ -45,7 +45,9 @@ def main() -> None:
                     "seed": params.ensemble.seed, "t_steps": list(params.t_steps), "blocks": list(params.blocks),
                     "checkpoint_sha256": stores[0].record.checkpoint_sha256}, temporary)
     write_csv_atomic(pd.DataFrame([vars(s) for s in history]), args.plot)
-    print(f"fit: {len(history)} epochs in {time.perf_counter() - start:.0f}s -> {args.out}")
+    passes = len({s.first_member for s in history})
+    print(f"fit: {max(s.epoch for s in history)} epochs ({passes} passes of members) in "
+          f"{time.perf_counter() - start:.0f}s -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -82,10 +82,10 @@ def test_default_params_resolve_to_the_old_explicit_digits_model_and_blocks():
     # everything comes from ddpm.preset: digits (the listed flags are null = the preset's value)
     assert set(data["ddpm"]["model"].values()) == {None} and data["blocks"] is None
     assert params.ddpm.preset is ModelPreset.DIGITS
-    old = params_from_dict(dict(data, blocks=[0, 1, 2], ddpm=dict(data["ddpm"], model=OLD_DIGITS_FLAGS)))
+    old = params_from_dict(dict(data, blocks=[0, 1, 2, 3], ddpm=dict(data["ddpm"], model=OLD_DIGITS_FLAGS)))
     assert params.unet_config() == old.unet_config()
     assert params.unet_config().to_dict() == old.unet_config().to_dict()  # what checkpoints record
-    assert params.blocks == old.blocks == (0, 1, 2)
+    assert params.blocks == old.blocks == (0, 1, 2, 3)  # the digits preset's blocks, chosen on val
     assert list(params.t_steps) == PAPER_T_STEPS  # t_steps stays explicit (dvc.yaml's foreach reads it)
 
 
