@@ -39,15 +39,22 @@ class SplitPrediction:
         return self.truth[rows].reshape(shape), self.prediction[rows].reshape(shape), self.disagreement[rows].reshape(shape)
 
 
-def predict_split(model: EnsembleMLP, stores: Sequence[FeatureStore], split: str, *, batch_pixels: int,
-                  device: torch.device) -> SplitPrediction:
-    matrix, labels = lazy_matrix(stores, split)
+def vote(model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """``[P, D]`` lazy features -> ``([P] uint8`` majority vote, ``[P] float32`` Jensen-Shannon disagreement),
+    row-chunk by row-chunk."""
     prediction = np.zeros(matrix.shape[0], dtype=np.uint8)
     disagreement = np.zeros(matrix.shape[0], dtype=np.float32)
     for first, classes, probabilities in predict_chunks(model, matrix, batch_pixels=batch_pixels, device=device):
         rows = slice(first, first + classes.shape[1])
         prediction[rows] = majority_vote(classes, model.num_classes).numpy()
         disagreement[rows] = jensen_shannon(probabilities).numpy()
+    return prediction, disagreement
+
+
+def predict_split(model: EnsembleMLP, stores: Sequence[FeatureStore], split: str, *, batch_pixels: int,
+                  device: torch.device) -> SplitPrediction:
+    matrix, labels = lazy_matrix(stores, split)
+    prediction, disagreement = vote(model, matrix, batch_pixels=batch_pixels, device=device)
     size = int(round(stores[0].pixels_per_image(split) ** 0.5))
     return SplitPrediction(stores[0].image_ids(split), size, labels.compute(), prediction, disagreement)
 
@@ -89,10 +96,8 @@ def fit_and_score(train: tuple[np.ndarray, np.ndarray], scored: tuple[np.ndarray
     device = device or torch.device("cpu")
     model, history = fit_ensemble(da.from_array(train[0], chunks=(chunk_rows, -1)), da.from_array(train[1], chunks=chunk_rows),
                                   num_classes=len(class_names), ignore_label=ignore_label, config=config, device=device)
-    prediction = np.zeros(len(scored[1]), dtype=np.uint8)
-    for first, classes, _ in predict_chunks(model, da.from_array(scored[0], chunks=(chunk_rows, -1)),
-                                            batch_pixels=batch_pixels, device=device):
-        prediction[first : first + classes.shape[1]] = majority_vote(classes, len(class_names)).numpy()
+    prediction, _ = vote(model, da.from_array(scored[0], chunks=(chunk_rows, -1)), batch_pixels=batch_pixels,
+                         device=device)
     metrics = score(np.asarray(scored[1], dtype=np.uint8), prediction, class_names, ignore_label)
     metrics["epochs"] = max((stats.epoch for stats in history), default=0)
     return metrics
