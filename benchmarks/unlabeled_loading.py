@@ -27,15 +27,14 @@ def measure(folder: Path, mode: str, batch_size: int, batches: int) -> dict:
     import torch
 
     from pipeline.data import load_unlabeled
-    from pipeline.train_ddpm import infinite_batches
+    from pipeline.train_ddpm import batch_at
 
     files = load_unlabeled(folder)
     source = files[range(len(files))] if mode == "in_ram" else files
-    stream = infinite_batches(source, batch_size, torch.Generator().manual_seed(0))
     start = time.perf_counter()
     checksum = 0.0
-    for _ in range(batches):
-        checksum += float(next(stream)[:, :, 0, 0].sum())
+    for step in range(1, batches + 1):
+        checksum += float(batch_at(source, batch_size, 0, step)[:, :, 0, 0].sum())
     seconds = time.perf_counter() - start
     return {"mode": mode, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "batches_per_s": round(batches / seconds, 1), "checksum": checksum}

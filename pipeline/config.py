@@ -40,6 +40,20 @@ class ModelPreset(str, enum.Enum):
     ADM256 = "adm256"  # the paper's 256x256 guided-diffusion checkpoints (lsun_*.pt, ffhq.pt)
 
 
+class LossWeighting(str, enum.Enum):
+    """``ddpm.train.loss_weighting``: how the ε-MSE of each example is weighted by its timestep."""
+
+    UNIFORM = "uniform"  # Ho et al.'s simple loss: every timestep alike
+    MIN_SNR = "min_snr"  # Hang et al. 2023 (Min-SNR-γ): weight min(SNR(t), γ) / SNR(t)
+
+
+class LrSchedule(str, enum.Enum):
+    """``ddpm.train.lr_schedule``, after ``warmup_steps`` of linear warm-up."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"  # half-cosine from lr to 0 at the last step (Loshchilov & Hutter, without restarts)
+
+
 class Autocast(str, enum.Enum):
     NONE = "none"
     BFLOAT16 = "bfloat16"
@@ -109,15 +123,22 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 600
+    steps: int = 800
     batch_size: int = 32
     lr: float = 2e-4
+    lr_schedule: LrSchedule = LrSchedule.CONSTANT
+    warmup_steps: int = 0
+    loss_weighting: LossWeighting = LossWeighting.UNIFORM
+    min_snr_gamma: float = 5.0
     # EMA of the weights used for features; the rate ramps up as (1+k)/(10+k) until it reaches ema_rate,
     # so a short run is not dominated by the random init (0.999 without warm-up hurt at ~600 steps).
     ema_rate: float = 0.999
     seed: int = 0
     log_every: int = 10
     threads: int | None = None
+    # A resumable state (model, EMA, optimizer, RNG, step) is written every state_every steps beside the
+    # checkpoint; a rerun after a kill continues from it (0 = never).
+    state_every: int = 100
 
 
 @dataclass(frozen=True)
@@ -130,7 +151,7 @@ class DDPMConfig:
     noise_schedule: NoiseSchedule = NoiseSchedule.LINEAR
     # True for improved-diffusion checkpoints (the network sees t * 1000 / diffusion_steps).
     rescale_timesteps: bool = False
-    checkpoint: str | None = None
+    checkpoint: str | None = "models/scratch"
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def model_flags(self) -> dict[str, Any]:
@@ -148,7 +169,7 @@ class FeaturesConfig:
     noise_seed: int = 0
     # The paper's main setting shares one noise tensor; True draws new noise per image (seeded by index).
     stochastic_noise: bool = False
-    batch_size: int = 8
+    batch_size: int = 16
     # Upper bound on rows per zarr chunk; the store uses gcd(chunk_pixels, H*W) so each image owns whole chunks.
     chunk_pixels: int = 4096
     codec: str = "zstd"
@@ -212,7 +233,7 @@ class EnsembleConfig:
 class EvaluateConfig:
     overlays: int = 6
     # Cap on per-pixel rows written for DVC's confusion-matrix plot (a seeded sample beyond it).
-    confusion_max_pixels: int = 100000
+    confusion_max_pixels: int = 20000
     batch_pixels: int = 16384
 
 
@@ -373,6 +394,10 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"ddpm.train.steps must be >= 0 (0 keeps the random init), got {train.steps}")
     if not 0 <= train.ema_rate < 1:
         raise ConfigError(f"ddpm.train.ema_rate must be in [0, 1), got {train.ema_rate}")
+    positive("ddpm.train.min_snr_gamma", train.min_snr_gamma)
+    for key in ("warmup_steps", "state_every"):
+        if getattr(train, key) < 0:
+            raise ConfigError(f"ddpm.train.{key} must be >= 0 (0 = off), got {getattr(train, key)}")
     for key in ("batch_size", "chunk_pixels", "clevel"):
         positive(f"features.{key}", getattr(params.features, key))
     if params.features.workers < 0:

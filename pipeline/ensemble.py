@@ -13,6 +13,7 @@ chunks. Memory is set by ``buffer_rows`` x D, never by the number of images.
 """
 from __future__ import annotations
 
+import collections
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -324,16 +325,44 @@ def _fit_members(
 
 @torch.no_grad()
 def predict_chunks(
-    model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: torch.device
+    model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: torch.device, workers: int = 1
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """For each row-chunk of ``matrix`` yield ``(first_row, member classes [M, R], member probs [M, R, C])``."""
+    """For each row-chunk of ``matrix`` yield ``(first_row, member classes [M, R], member probs [M, R, C])``.
+
+    On CPU, ``workers`` row-chunks are read and predicted at once on Python threads (torch releases the
+    GIL in its kernels), yielded in row order. A chunk's arithmetic is the same whichever thread runs it,
+    so with one torch thread per op the results do not depend on ``workers`` or the core count.
+    """
     model.eval()
     if matrix.numblocks[1] != 1:
         matrix = matrix.rechunk({1: -1})
     offsets = np.cumsum((0,) + matrix.chunks[0])
-    for block in range(matrix.numblocks[0]):
+
+    @torch.no_grad()  # grad mode is per thread: the decorator above does not reach the workers
+    def predict_block(block: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         (rows,) = dask.compute(matrix.blocks[block], scheduler="synchronous")
         rows = torch.from_numpy(rows.astype(np.float32))
+        results = []
         for start in range(0, len(rows), batch_pixels):
             probabilities = torch.softmax(model(rows[start : start + batch_pixels].to(device)), dim=-1).cpu()
-            yield int(offsets[block]) + start, probabilities.argmax(-1), probabilities
+            results.append((int(offsets[block]) + start, probabilities.argmax(-1), probabilities))
+        return results
+
+    for results in _in_order(predict_block, range(matrix.numblocks[0]), workers if device.type == "cpu" else 1):
+        yield from results
+
+
+def _in_order(function: Callable, items, workers: int) -> Iterator:
+    """``map(function, items)`` with up to ``workers`` calls at once, results in order, at most
+    ``workers + 1`` finished results held."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

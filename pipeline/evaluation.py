@@ -8,6 +8,7 @@ mean) as ``miou_strict``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,12 +40,22 @@ class SplitPrediction:
         return self.truth[rows].reshape(shape), self.prediction[rows].reshape(shape), self.disagreement[rows].reshape(shape)
 
 
-def vote(model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def prediction_workers() -> int:
+    """Row-chunks predicted at once: every core when torch runs one thread per op (``ensemble.threads: 1``,
+    the default), so the cores share the work while each chunk's arithmetic stays on one thread and the
+    results stay the same on any core count; else 1 (torch already uses the cores inside each op)."""
+    return len(os.sched_getaffinity(0)) if torch.get_num_threads() == 1 else 1
+
+
+def vote(model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: torch.device,
+         workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``[P, D]`` lazy features -> ``([P] uint8`` majority vote, ``[P] float32`` Jensen-Shannon disagreement),
-    row-chunk by row-chunk."""
+    row-chunk by row-chunk, ``workers`` chunks at once (null: ``prediction_workers()``)."""
     prediction = np.zeros(matrix.shape[0], dtype=np.uint8)
     disagreement = np.zeros(matrix.shape[0], dtype=np.float32)
-    for first, classes, probabilities in predict_chunks(model, matrix, batch_pixels=batch_pixels, device=device):
+    workers = prediction_workers() if workers is None else workers
+    for first, classes, probabilities in predict_chunks(model, matrix, batch_pixels=batch_pixels, device=device,
+                                                        workers=workers):
         rows = slice(first, first + classes.shape[1])
         prediction[rows] = majority_vote(classes, model.num_classes).numpy()
         disagreement[rows] = jensen_shannon(probabilities).numpy()

@@ -1,19 +1,25 @@
 """DDPM pretraining (ε-prediction, plus the learned-variance bound when learn_sigma), and checkpoints.
 
+The recipe's options (``ddpm.train``): the ε-MSE weighting (uniform or Min-SNR-γ), the learning-rate
+schedule (linear warm-up, then constant or cosine) and the batch size. A run writes a resumable state
+every ``state_every`` steps, so a killed run continues instead of starting again.
+
 A checkpoint is a plain dict loadable with ``torch.load(weights_only=True)``: format, model flags,
 diffusion schedule, the EMA state dict used for features, and where it came from.
 """
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import TrainConfig
+from pipeline.config import LossWeighting, LrSchedule, TrainConfig
 from pipeline.data import ImageFiles, to_model_input
 from pipeline.diffusion import Diffusion, NoiseSchedule
 from pipeline.errors import DatasetError
@@ -21,6 +27,7 @@ from pipeline.runtime import atomic_file
 from pipeline.unet import ModelFlagsError, UNetConfig, UNetModel, check_state_dict, config_from_flags, create_unet
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"
+STATE_FORMAT = "ddpm-segmentation-pretrain-state/1"
 
 
 def ema_rate_at(step: int, target: float) -> float:
@@ -34,13 +41,82 @@ def update_ema(ema: nn.Module, model: nn.Module, rate: float) -> None:
         ema_param.mul_(rate).add_(param.detach(), alpha=1 - rate)
 
 
-def infinite_batches(images: np.ndarray | ImageFiles, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Reshuffled epochs over ``[N, H, W, 3] uint8`` images (an array, or files read per batch), as
-    ``[B, 3, H, W] float32`` in [-1, 1]."""
-    while True:
-        order = torch.randperm(len(images), generator=generator).numpy()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield to_model_input(images[order[start : start + batch_size]])
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The image order of one epoch: a permutation drawn from a generator seeded by ``(seed, epoch)``, so
+    step k's batch depends on the seed and k only, and a resumed run draws the batches an unbroken one does."""
+    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    return torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed)).numpy()
+
+
+def batch_at(images: np.ndarray | ImageFiles, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Step ``step``'s (1-based) batch as ``[B, 3, H, W] float32`` in [-1, 1]; epochs drop the last partial batch."""
+    per_epoch = len(images) // batch_size
+    epoch, position = divmod(step - 1, per_epoch)
+    order = epoch_order(len(images), seed, epoch)
+    return to_model_input(images[order[position * batch_size : (position + 1) * batch_size]])
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of step ``step`` (1-based): linear warm-up over ``warmup_steps``, then constant or a
+    half-cosine that reaches 0 just after the last step."""
+    if step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    if config.lr_schedule is LrSchedule.COSINE:
+        progress = (step - 1 - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr
+
+
+def mse_weights(diffusion: Diffusion, config: TrainConfig) -> torch.Tensor:
+    """Per-timestep weight ``[T]`` of the ε-MSE. Min-SNR-γ (Hang et al., 2023) caps the signal-to-noise
+    ratio SNR(t) = ᾱ_t / (1 - ᾱ_t) at γ: for ε-prediction the weight is min(SNR, γ) / SNR, so the nearly
+    noise-free steps, whose ε is hard to see and easy to overfit, stop dominating the gradient."""
+    if config.loss_weighting is LossWeighting.UNIFORM:
+        return torch.ones(diffusion.num_timesteps)
+    snr = diffusion.alphas_cumprod / (1.0 - diffusion.alphas_cumprod)
+    return torch.from_numpy(np.minimum(snr, config.min_snr_gamma) / snr).float()
+
+
+@dataclass
+class Trainer:
+    """The mutable state of a pretraining run: what a resumable state file holds."""
+
+    model: UNetModel
+    ema: UNetModel
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # timesteps and noise
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # batch-mean losses of every step so far
+
+    def state(self, fingerprint: str) -> dict:
+        return {"format": STATE_FORMAT, "fingerprint": fingerprint, "step": self.step, "history": self.history,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state()}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
+        self.step, self.history = int(state["step"]), list(state["history"])
+
+
+def load_state(path: Path, fingerprint: str) -> dict | None:
+    """The resumable state at ``path`` if it belongs to this run (same fingerprint), else None with a note."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged state costs a restart, never the run
+        print(f"pretrain: ignoring unreadable resumable state {path} ({type(error).__name__}); starting afresh")
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
+        print(f"pretrain: {path} was written for other params, code or images; starting afresh")
+        return None
+    print(f"pretrain: resuming from step {state['step']} ({path})")
+    return state
 
 
 def train_ddpm(
@@ -51,39 +127,65 @@ def train_ddpm(
     *,
     device: torch.device,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> UNetModel:
+    on_ema: Callable[[int, UNetModel], None] | None = None,
+    state_path: Path | None = None,
+    fingerprint: str = "",
+) -> tuple[UNetModel, list[dict[str, float]]]:
     """Train ``model`` for ``config.steps`` Adam steps on ``[N, H, W, 3] uint8`` images (an array or
-    ``ImageFiles``, which give the same batches); return the EMA model.
+    ``ImageFiles``, which give the same batches); return the EMA model and every step's batch-mean losses.
 
-    Timesteps are drawn uniformly; the noise and batch order come from generators seeded with
-    ``config.seed``. ``on_step(step, losses)`` receives the batch-mean losses after each step.
+    Timesteps are drawn uniformly and the ε-MSE weighted per ``config.loss_weighting``; the noise and the
+    batch order come from generators seeded with ``config.seed``. ``on_step(step, losses)`` follows each
+    step and ``on_ema(step, ema)`` too (e.g. to snapshot the EMA). With ``state_path``, a resumable state
+    is written there every ``config.state_every`` steps and a run whose state matches ``fingerprint``
+    continues from it; the result equals an unbroken run's bit for bit.
     """
     if len(images) < config.batch_size:
         raise DatasetError(
             f"{len(images)} unlabeled images are fewer than ddpm.train.batch_size={config.batch_size}; "
             f"add images or lower the batch size"
         )
-    generator = torch.Generator().manual_seed(config.seed)
     model.to(device).train()
     ema = copy.deepcopy(model).eval()
     for param in ema.parameters():
         param.requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    batches = infinite_batches(images, config.batch_size, generator)
-    for step in range(1, config.steps + 1):
-        x_start = next(batches).to(device)
-        t = torch.randint(0, diffusion.num_timesteps, (x_start.shape[0],), generator=generator).to(device)
-        noise = torch.randn(x_start.shape, generator=generator).to(device)
-        x_t = diffusion.q_sample(x_start, t, noise)
-        terms = diffusion.training_losses(model(x_t, diffusion.model_timesteps(t)), x_start, x_t, t, noise)
-        loss = terms["loss"].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        update_ema(ema, model, ema_rate_at(step, config.ema_rate))
+    trainer = Trainer(model, ema, torch.optim.Adam(model.parameters(), lr=config.lr),
+                      torch.Generator().manual_seed(config.seed))
+    state = load_state(state_path, fingerprint) if state_path is not None else None
+    if state is not None:
+        trainer.restore(state)
+    weights = mse_weights(diffusion, config)
+    while trainer.step < config.steps:
+        trainer.step += 1
+        losses = _train_step(trainer, diffusion, batch_at(images, config.batch_size, config.seed, trainer.step).to(device),
+                             weights, lr_at(trainer.step, config), config.ema_rate)
+        trainer.history.append(losses)
         if on_step is not None:
-            on_step(step, {name: value.detach().mean().item() for name, value in terms.items()})
-    return ema.cpu()
+            on_step(trainer.step, losses)
+        if on_ema is not None:
+            on_ema(trainer.step, ema)
+        if state_path is not None and config.state_every and trainer.step % config.state_every == 0 and trainer.step < config.steps:
+            with atomic_file(state_path) as temporary:
+                torch.save(trainer.state(fingerprint), temporary)
+    return ema.cpu(), trainer.history
+
+
+def _train_step(trainer: Trainer, diffusion: Diffusion, x_start: torch.Tensor, weights: torch.Tensor, lr: float,
+                ema_rate: float) -> dict[str, float]:
+    device = x_start.device
+    t = torch.randint(0, diffusion.num_timesteps, (x_start.shape[0],), generator=trainer.generator)
+    noise = torch.randn(x_start.shape, generator=trainer.generator).to(device)
+    t = t.to(device)
+    x_t = diffusion.q_sample(x_start, t, noise)
+    terms = diffusion.training_losses(trainer.model(x_t, diffusion.model_timesteps(t)), x_start, x_t, t, noise)
+    loss = (terms["loss"] + (weights.to(device)[t] - 1) * terms["mse"]).mean()  # weighted mse + vb
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    trainer.optimizer.step()
+    update_ema(trainer.ema, trainer.model, ema_rate_at(trainer.step, ema_rate))
+    return {name: value.detach().mean().item() for name, value in terms.items()}
 
 
 def save_checkpoint(path: Path, model: UNetModel, diffusion: Diffusion, source: dict) -> None:

@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
+import pipeline.data
+import pipeline.diffusion
+import pipeline.train_ddpm
+import pipeline.unet
 from pipeline.config import load_params
 from pipeline.data import load_unlabeled
 from pipeline.diffusion import Diffusion
@@ -40,7 +48,7 @@ def main() -> None:
         model = load_guided_diffusion(ddpm.checkpoint, flags.to_dict())
         save_checkpoint(args.out, model, diffusion, {"kind": "imported", "path": ddpm.checkpoint,
                                                      "sha256": file_sha256(ddpm.checkpoint)})
-        write_csv_atomic(pd.DataFrame(columns=["step", "loss", "mse", "vb", "seconds"]), args.plot)
+        write_csv_atomic(pd.DataFrame(columns=["step", "loss", "mse", "vb"]), args.plot)
         print(f"imported {ddpm.checkpoint} -> {args.out}")
         return
     images = load_unlabeled(args.data)
@@ -49,26 +57,41 @@ def main() -> None:
         torch.set_num_threads(ddpm.train.threads)
     torch.manual_seed(ddpm.train.seed)  # module init (the UNet's random weights)
     model = create_unet(flags)
-    rows, window = [], []
     start = time.perf_counter()
     bar = tqdm(total=ddpm.train.steps, desc="pretrain", unit="step", mininterval=5)
-
-    def on_step(step: int, losses: dict[str, float]) -> None:
-        window.append(losses)
-        bar.update(1)
-        if step % ddpm.train.log_every == 0 or step == ddpm.train.steps:
-            mean = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
-            rows.append({"step": step, "loss": mean["loss"], "mse": mean["mse"], "vb": mean.get("vb", 0.0),
-                         "seconds": round(time.perf_counter() - start, 2)})
-            bar.set_postfix(loss=f"{mean['loss']:.4f}")
-            window.clear()
-
-    ema = train_ddpm(model, diffusion, images, ddpm.train, device=device, on_step=on_step)
+    state_path = args.out.with_name(args.out.name + ".state")
+    ema, history = train_ddpm(model, diffusion, images, ddpm.train, device=device,
+                              on_step=lambda step, losses: bar.update(1), state_path=state_path,
+                              fingerprint=run_fingerprint(ddpm, flags.to_dict(), images))
     bar.close()
     save_checkpoint(args.out, ema, diffusion, {"kind": "trained", "steps": ddpm.train.steps,
                                                "unlabeled_images": len(images), "ema_rate": ddpm.train.ema_rate})
-    write_csv_atomic(pd.DataFrame(rows), args.plot)
+    write_csv_atomic(loss_curve(history, ddpm.train.log_every), args.plot)
+    state_path.unlink(missing_ok=True)
     print(f"trained {ddpm.train.steps} steps on {len(images)} images in {time.perf_counter() - start:.0f}s -> {args.out}")
+
+
+def run_fingerprint(ddpm, model_flags: dict, images) -> str:
+    """What a resumable state must share with this run to be continued: the recipe, model, schedule, the
+    training code and the unlabeled images' bytes (logging knobs excluded)."""
+    train = {k: v for k, v in dataclasses.asdict(ddpm.train).items() if k not in ("log_every", "state_every")}
+    digest = hashlib.sha256(json.dumps({"train": train, "model": model_flags, "steps": ddpm.diffusion_steps,
+                                        "schedule": ddpm.noise_schedule, "rescale": ddpm.rescale_timesteps},
+                                       sort_keys=True, default=str).encode())
+    for module in (pipeline.train_ddpm, pipeline.unet, pipeline.diffusion, pipeline.data):
+        digest.update(Path(module.__file__).read_bytes())
+    for path in images.paths:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def loss_curve(history: list[dict[str, float]], every: int) -> pd.DataFrame:
+    """Mean losses over windows of ``every`` steps, one row per window (the last one may be shorter)."""
+    frame = pd.DataFrame(history).reindex(columns=["loss", "mse", "vb"]).fillna(0.0)
+    frame["step"] = np.arange(1, len(frame) + 1)
+    windows = frame.groupby((frame["step"] - 1) // every).agg({"step": "max", "loss": "mean", "mse": "mean", "vb": "mean"})
+    return windows[["step", "loss", "mse", "vb"]].reset_index(drop=True)
 
 
 if __name__ == "__main__":

@@ -128,3 +128,26 @@ def test_every_model_preset_has_a_name_flags_and_blocks():
     assert [preset.value for preset in ModelPreset] == list(MODEL_PRESETS)
     for name, preset in MODEL_PRESETS.items():
         assert set(preset) == {"model", "blocks"} and preset["blocks"], name
+
+
+def test_params_yaml_and_the_dataclass_defaults_agree():
+    """One source of defaults: every non-null value in params.yaml is the dataclass default (null means
+    "the preset's value", which the dataclasses spell None / an empty model dict)."""
+    import dataclasses
+    import enum
+
+    def walk(section: dict, defaults, prefix: str = ""):
+        for key, value in section.items():
+            default = getattr(defaults, key)
+            if dataclasses.is_dataclass(default):
+                yield from walk(value, default, f"{prefix}{key}.")
+            elif key == "model":  # guided-diffusion's flags, all null = the preset's
+                assert default == {} and all(flag is None for flag in value.values()), f"{prefix}{key}"
+            else:
+                default = default.value if isinstance(default, enum.Enum) else default
+                default = list(default) if isinstance(default, tuple) else default
+                yield f"{prefix}{key}", value, default
+
+    disagree = [(key, value, default) for key, value, default in walk(yaml.safe_load((REPO / "params.yaml").read_text()), Params())
+                if value != default]
+    assert disagree == []

@@ -58,8 +58,9 @@ def test_short_training_lowers_the_loss_and_round_trips(tmp_path):
     model = create_unet(dict(TINY, learn_sigma=True))
     images = (np.random.default_rng(0).random((64, 16, 16, 3)) > 0.7).astype(np.uint8) * 255
     losses = []
-    ema = train_ddpm(model, Diffusion("linear", 1000), images, TrainConfig(steps=30, batch_size=16, lr=1e-3),
-                     device=torch.device("cpu"), on_step=lambda step, terms: losses.append(terms["loss"]))
+    ema, history = train_ddpm(model, Diffusion("linear", 1000), images, TrainConfig(steps=30, batch_size=16, lr=1e-3),
+                              device=torch.device("cpu"), on_step=lambda step, terms: losses.append(terms["loss"]))
+    assert [row["loss"] for row in history] == losses
     assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5])
     path = tmp_path / "ddpm.pt"
     save_checkpoint(path, ema, Diffusion("cosine", 500), {"kind": "trained"})
@@ -80,8 +81,8 @@ def test_training_from_image_files_equals_training_from_an_array(tmp_path):
     for source in (images, files):
         torch.manual_seed(0)
         model = create_unet(TINY)
-        ema = train_ddpm(model, Diffusion("linear", 1000), source, TrainConfig(steps=4, batch_size=8, lr=1e-3),
-                         device=torch.device("cpu"))
+        ema, _ = train_ddpm(model, Diffusion("linear", 1000), source, TrainConfig(steps=4, batch_size=8, lr=1e-3),
+                            device=torch.device("cpu"))
         weights.append(ema.state_dict())
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 

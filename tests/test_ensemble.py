@@ -203,3 +203,25 @@ def test_parallel_passes_give_the_weights_of_passes_run_one_after_another():
                                   config=dataclasses.replace(base, members_per_pass=None, parallel_passes=2))
     assert split.members == 4 and {stats.first_member for stats in history} == {0, 2}
     assert all(torch.equal(split.state_dict()[key], weights[2][key]) for key in weights[2])
+
+
+def test_prediction_is_the_same_whatever_the_number_of_chunks_predicted_at_once():
+    from pipeline.evaluation import vote
+
+    rng = np.random.default_rng(4)
+    matrix = da.from_array(rng.standard_normal((1000, 12)).astype(np.float16), chunks=(96, -1))
+    model = EnsembleMLP(5, 12, 3, seed=1).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = {workers: vote(model, matrix, batch_pixels=40, device=torch.device("cpu"), workers=workers)
+                   for workers in (1, 2, 3)}
+        rows = [first for first, _, _ in predict_chunks(model, matrix, batch_pixels=40, device=torch.device("cpu"),
+                                                        workers=3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert rows == sorted(rows) and rows[:4] == [0, 40, 80, 96]  # in row order, batches restart at each chunk
+    for workers in (2, 3):
+        assert np.array_equal(results[workers][0], results[1][0])
+        assert np.array_equal(results[workers][1], results[1][1])  # bit for bit, not approximately
+    assert len(np.unique(results[1][0])) > 1

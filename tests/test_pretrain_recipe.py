@@ -1,0 +1,150 @@
+"""The pretraining recipe's options (lr schedule, Min-SNR-γ weighting, batch order) and resumable runs."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import LossWeighting, LrSchedule, TrainConfig
+from pipeline.diffusion import Diffusion
+from pipeline.train_ddpm import batch_at, lr_at, mse_weights, train_ddpm
+from pipeline.unet import create_unet
+from tests.conftest import REPO
+from tests.helpers import make_project
+
+TINY = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2],
+        "attention_resolutions": [], "num_head_channels": 32, "use_scale_shift_norm": True,
+        "resblock_updown": False, "learn_sigma": False, "dropout": 0.0}
+IMAGES = (np.random.default_rng(0).random((24, 16, 16, 3)) > 0.6).astype(np.uint8) * 255
+
+
+def train(config: TrainConfig, **kwargs):
+    torch.manual_seed(0)
+    return train_ddpm(create_unet(TINY), Diffusion("linear", 1000), IMAGES, config, device=torch.device("cpu"), **kwargs)
+
+
+def test_warm_up_ramps_linearly_then_cosine_decays_towards_zero():
+    config = TrainConfig(steps=110, lr=1e-3, warmup_steps=10, lr_schedule=LrSchedule.COSINE)
+    assert lr_at(1, config) == pytest.approx(1e-4) and lr_at(10, config) == pytest.approx(1e-3)
+    assert lr_at(11, config) == pytest.approx(1e-3)  # the first step after warm-up starts the cosine at lr
+    assert lr_at(61, config) == pytest.approx(5e-4)  # half way
+    assert 0 < lr_at(110, config) < 1e-6
+    decay = [lr_at(step, config) for step in range(11, 111)]
+    assert all(later < earlier for earlier, later in zip(decay, decay[1:]))
+    constant = dataclasses.replace(config, lr_schedule=LrSchedule.CONSTANT)
+    assert lr_at(11, constant) == lr_at(110, constant) == 1e-3
+
+
+def test_min_snr_weights_cap_the_signal_to_noise_ratio_at_gamma():
+    diffusion = Diffusion("linear", 1000)
+    snr = diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod)
+    uniform = mse_weights(diffusion, TrainConfig())
+    weights = mse_weights(diffusion, TrainConfig(loss_weighting=LossWeighting.MIN_SNR, min_snr_gamma=5.0))
+    assert torch.equal(uniform, torch.ones(1000))
+    noisy = snr <= 5.0
+    assert noisy.any() and (~noisy).any()
+    assert torch.all(weights[torch.from_numpy(noisy)] == 1.0)
+    expected = torch.from_numpy(5.0 / snr[~noisy]).float()
+    assert torch.allclose(weights[torch.from_numpy(~noisy)], expected)
+    assert weights[0] < 1e-3  # the nearly clean step: SNR ~ 1e4
+
+
+def test_min_snr_changes_training_and_a_gamma_above_every_snr_is_the_uniform_loss():
+    base = TrainConfig(steps=3, batch_size=8, lr=1e-3)
+    uniform, _ = train(base)
+    capped, _ = train(dataclasses.replace(base, loss_weighting=LossWeighting.MIN_SNR, min_snr_gamma=1e9))
+    weighted, _ = train(dataclasses.replace(base, loss_weighting=LossWeighting.MIN_SNR, min_snr_gamma=5.0))
+    key = "out.2.weight"
+    assert torch.equal(uniform.state_dict()[key], capped.state_dict()[key])
+    assert not torch.equal(uniform.state_dict()[key], weighted.state_dict()[key])
+
+
+def test_batches_are_a_function_of_seed_and_step_covering_each_epoch_once():
+    per_epoch = len(IMAGES) // 8
+    first_epoch = torch.cat([batch_at(IMAGES, 8, 0, step) for step in range(1, per_epoch + 1)])
+    every_image = torch.from_numpy(IMAGES).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert sorted(map(tuple, first_epoch.flatten(1).tolist())) == sorted(map(tuple, every_image.flatten(1).tolist()))
+    assert torch.equal(batch_at(IMAGES, 8, 0, 5), batch_at(IMAGES, 8, 0, 5))
+    assert not torch.equal(batch_at(IMAGES, 8, 0, 1), batch_at(IMAGES, 8, 0, per_epoch + 1))  # a new order
+    assert not torch.equal(batch_at(IMAGES, 8, 0, 1), batch_at(IMAGES, 8, 1, 1))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_to_the_unbroken_runs_weights(tmp_path):
+    config = TrainConfig(steps=7, batch_size=8, lr=1e-3, state_every=2, warmup_steps=2, lr_schedule=LrSchedule.COSINE,
+                         loss_weighting=LossWeighting.MIN_SNR)
+    whole, whole_history = train(config)
+    state = tmp_path / "ddpm.pt.state"
+
+    def stop_at_five(step, losses):
+        if step == 5:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(config, on_step=stop_at_five, state_path=state, fingerprint="run")
+    assert torch.load(state, weights_only=True)["step"] == 4
+    resumed_steps = []
+    resumed, history = train(config, on_step=lambda step, losses: resumed_steps.append(step), state_path=state,
+                             fingerprint="run")
+    assert resumed_steps == [5, 6, 7]
+    assert history == whole_history
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_a_state_of_other_params_is_not_resumed(tmp_path, capsys):
+    config = TrainConfig(steps=4, batch_size=8, lr=1e-3, state_every=2)
+    state = tmp_path / "ddpm.pt.state"
+    with pytest.raises(Interrupted):
+        train(config, on_step=lambda step, losses: (_ for _ in ()).throw(Interrupted) if step == 3 else None,
+              state_path=state, fingerprint="old params")
+    steps = []
+    train(config, on_step=lambda step, losses: steps.append(step), state_path=state, fingerprint="new params")
+    assert steps == [1, 2, 3, 4]
+    assert "written for other params" in capsys.readouterr().out
+    state.write_bytes(b"not a torch file")
+    steps.clear()
+    train(config, on_step=lambda step, losses: steps.append(step), state_path=state, fingerprint="new params")
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_killed_pretraining_resumes_to_a_byte_identical_checkpoint(tmp_path):
+    project = make_project(tmp_path, {"dataset.unlabeled_images": 32, "ddpm.train.steps": 40,
+                                      "ddpm.train.state_every": 10, "ddpm.train.batch_size": 8})
+    env = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1")
+
+    def command(out):
+        return [sys.executable, "-m", "stages.pretrain", "--params", str(project["params"]), "--data",
+                str(project["data"]), "--out", str(out), "--plot", str(out.with_suffix(".csv"))]
+
+    whole = tmp_path / "unbroken" / "resumed.pt"  # torch.save records the file's name in its archive
+    whole.parent.mkdir()
+    assert subprocess.run(command(whole), env=env, cwd=REPO, capture_output=True).returncode == 0
+    out = tmp_path / "resumed.pt"
+    state = tmp_path / "resumed.pt.state"
+    process = subprocess.Popen(command(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists() and not out.exists(), "the kill should land mid-training, after a state was written"
+    killed_at = torch.load(state, weights_only=True)["step"]
+    assert 10 <= killed_at < 40
+    result = subprocess.run(command(out), env=env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from step {killed_at}" in result.stdout
+    assert out.read_bytes() == whole.read_bytes()
+    assert out.with_suffix(".csv").read_text() == whole.with_suffix(".csv").read_text()
+    assert not state.exists()  # a finished run leaves no state behind
