@@ -45,13 +45,20 @@ class Diffusion:
     ``rescale_timesteps``: the network sees ``t * 1000 / diffusion_steps`` instead of ``t``, as
     improved-diffusion's models do by default (its ``rescale_timesteps=True``); guided-diffusion's
     models see ``t`` itself. The two agree when ``diffusion_steps`` is 1000.
+
+    ``betas`` (``[diffusion_steps]`` in (0, 1)) replace the named schedule's for checkpoints that bring
+    their own (a diffusers ``scheduler_config.json``); ``schedule`` then only names their family.
     """
 
-    def __init__(self, schedule: NoiseSchedule | str, diffusion_steps: int, rescale_timesteps: bool = False):
+    def __init__(self, schedule: NoiseSchedule | str, diffusion_steps: int, rescale_timesteps: bool = False,
+                 betas: np.ndarray | None = None):
         self.schedule = NoiseSchedule(schedule)
         self.num_timesteps = diffusion_steps
         self.rescale_timesteps = bool(rescale_timesteps)
-        self.betas = betas_for_schedule(schedule, diffusion_steps)
+        self.explicit_betas = betas is not None
+        self.betas = betas_for_schedule(schedule, diffusion_steps) if betas is None else np.asarray(betas, np.float64)
+        if self.betas.shape != (diffusion_steps,) or not ((self.betas > 0) & (self.betas < 1)).all():
+            raise ConfigError(f"a noise schedule needs {diffusion_steps} betas in (0, 1), got shape {self.betas.shape}")
         self.alphas_cumprod = np.cumprod(1.0 - self.betas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)

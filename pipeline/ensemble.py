@@ -17,7 +17,8 @@ import collections
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import dask
 import dask.array as da
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import EnsembleConfig, Stopping
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, StoreError
 
 
 def hidden_widths(num_classes: int) -> tuple[int, int]:
@@ -366,3 +367,17 @@ def _in_order(function: Callable, items, workers: int) -> Iterator:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def load_ensemble(path: Path, t_steps: Sequence[int], blocks: Sequence[int], checkpoint_sha256: str) -> EnsembleMLP:
+    """The ensemble that stages/fit.py wrote, in eval mode on the CPU; refused (``StoreError``) unless it
+    was fit on the features of ``t_steps``, ``blocks`` and the checkpoint with this sha256."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ensemble {path} does not exist; run the fit stage (`dvc repro fit`)")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("t_steps") != list(t_steps) or payload.get("blocks") != list(blocks) \
+            or payload.get("checkpoint_sha256") != checkpoint_sha256:
+        raise StoreError(f"ensemble {path} was fit on other features than the params ask for; rerun `dvc repro`")
+    model = EnsembleMLP(payload["members"], payload["dim"], payload["num_classes"], payload["seed"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()

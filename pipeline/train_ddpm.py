@@ -28,6 +28,7 @@ from pipeline.unet import ModelFlagsError, UNetConfig, UNetModel, check_state_di
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"
 STATE_FORMAT = "ddpm-segmentation-pretrain-state/1"
+GUIDED_DIFFUSION = "guided-diffusion.UNetModel"  # checkpoints without an "architecture" key are these
 
 
 def ema_rate_at(step: int, target: float) -> float:
@@ -194,10 +195,13 @@ def save_checkpoint(path: Path, model: UNetModel, diffusion: Diffusion, source: 
         "format": CHECKPOINT_FORMAT,
         "model_flags": model.config.to_dict(),
         "diffusion": {"steps": diffusion.num_timesteps, "noise_schedule": diffusion.schedule.value,
-                      "rescale_timesteps": diffusion.rescale_timesteps},
+                      "rescale_timesteps": diffusion.rescale_timesteps,
+                      **({"betas": diffusion.betas.tolist()} if diffusion.explicit_betas else {})},
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
         "source": source,
     }
+    if getattr(model, "architecture", GUIDED_DIFFUSION) != GUIDED_DIFFUSION:  # guided-diffusion files stay as they were
+        payload["architecture"] = model.architecture
     with atomic_file(path) as temporary:
         torch.save(payload, temporary)
 
@@ -212,11 +216,25 @@ def load_checkpoint(path: str | Path) -> tuple[UNetModel, Diffusion, dict]:
         raise ModelFlagsError(
             f"{path} is not a checkpoint of this pipeline; import guided-diffusion .pt files with ddpm.checkpoint"
         )
+    model = build_model(payload, path)
+    schedule = payload["diffusion"]
+    betas = np.asarray(schedule["betas"], dtype=np.float64) if "betas" in schedule else None
+    diffusion = Diffusion(NoiseSchedule(schedule["noise_schedule"]), int(schedule["steps"]),
+                          bool(schedule.get("rescale_timesteps", False)), betas=betas)
+    return model.eval(), diffusion, payload
+
+
+def build_model(payload: dict, path: Path) -> nn.Module:
+    """The checkpoint's network with its weights: a guided-diffusion UNet, or a diffusers UNet2DModel
+    (imported by the pretrain stage; needs the diffusers extra)."""
+    if payload.get("architecture", GUIDED_DIFFUSION) != GUIDED_DIFFUSION:
+        from pipeline.diffusers_unet import build_unet
+
+        model = build_unet(payload["model_flags"]["diffusers"])
+        model.load_state_dict(payload["state_dict"])
+        return model
     config: UNetConfig = config_from_flags(payload["model_flags"])
     model = create_unet(config)
     check_state_dict(model, payload["state_dict"], f"checkpoint {path}")
     model.load_state_dict(payload["state_dict"])
-    schedule = payload["diffusion"]
-    diffusion = Diffusion(NoiseSchedule(schedule["noise_schedule"]), int(schedule["steps"]),
-                          bool(schedule.get("rescale_timesteps", False)))
-    return model.eval(), diffusion, payload
+    return model

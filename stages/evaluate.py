@@ -9,22 +9,12 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.data import Split, list_examples, read_rgb
-from pipeline.ensemble import EnsembleMLP
+from pipeline.ensemble import load_ensemble
 from pipeline.evaluation import predict_split, score
 from pipeline.metrics import label_counts
 from pipeline.report import confusion_rows, overlay, palette, per_class_table, write_csv_atomic, write_prediction
 from pipeline.runtime import building_dir, pick_device, stage_main, write_json_atomic
-from pipeline.store import StoreError, expected_record, open_store, set_aside_unused_stores
-
-
-def load_ensemble(path: Path, params, checkpoint_sha256: str) -> EnsembleMLP:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("t_steps") != list(params.t_steps) or payload.get("blocks") != list(params.blocks) \
-            or payload.get("checkpoint_sha256") != checkpoint_sha256:
-        raise StoreError(f"ensemble {path} was fit on other features than the params ask for; rerun `dvc repro`")
-    model = EnsembleMLP(payload["members"], payload["dim"], payload["num_classes"], payload["seed"])
-    model.load_state_dict(payload["state_dict"])
-    return model.eval()
+from pipeline.store import expected_record, open_store, set_aside_unused_stores
 
 
 @stage_main
@@ -49,7 +39,7 @@ def main() -> None:
     for moved in set_aside_unused_stores(args.stores, params.t_steps):
         print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
     stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
-    model = load_ensemble(args.ensemble, params, stores[0].record.checkpoint_sha256)
+    model = load_ensemble(args.ensemble, params.t_steps, params.blocks, stores[0].record.checkpoint_sha256)
     device = pick_device(params.ensemble.device)
     model.to(device)
     results = {}

@@ -19,6 +19,7 @@ import pipeline.train_ddpm
 import pipeline.unet
 from pipeline.config import load_params
 from pipeline.data import load_unlabeled
+from pipeline.diffusers_unet import import_diffusers_folder
 from pipeline.diffusion import Diffusion
 from pipeline.report import write_csv_atomic
 from pipeline.runtime import pick_device, stage_main
@@ -42,8 +43,14 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     ddpm = params.ddpm
-    flags = params.unet_config()
     diffusion = Diffusion(ddpm.noise_schedule, ddpm.diffusion_steps, ddpm.rescale_timesteps)
+    if ddpm.checkpoint not in (None, SCRATCH) and Path(ddpm.checkpoint).is_dir():
+        model, diffusion, source = import_diffusers_folder(Path(ddpm.checkpoint), diffusion, params.dataset.image_size)
+        save_checkpoint(args.out, model, diffusion, source)
+        write_csv_atomic(pd.DataFrame(columns=["step", "loss", "mse", "vb", "seconds"]), args.plot)
+        print(f"imported diffusers UNet2DModel {ddpm.checkpoint} ({model.num_decoder_blocks} decoder blocks) -> {args.out}")
+        return
+    flags = params.unet_config()
     if ddpm.checkpoint not in (None, SCRATCH):
         model = load_guided_diffusion(ddpm.checkpoint, flags.to_dict())
         save_checkpoint(args.out, model, diffusion, {"kind": "imported", "path": ddpm.checkpoint,

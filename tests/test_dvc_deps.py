@@ -17,7 +17,7 @@ def test_every_stage_depends_on_exactly_the_code_it_imports():
     problems = {stage: {"missing": sorted(missing), "not imported": sorted(extra)}
                 for stage, (missing, extra) in report.items() if missing or extra}
     assert not problems, f"dvc.yaml code deps differ from the stages' import closures: {problems}"
-    assert {"prepare", "pretrain", "extract", "fit", "evaluate"} <= set(report)
+    assert {"prepare", "pretrain", "extract", "fit", "evaluate", "segment"} <= set(report)
 
 
 def test_the_closure_check_names_a_file_removed_from_a_stage(tmp_path):

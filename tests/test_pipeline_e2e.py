@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
 
+from pipeline.data import compose_digit_split, load_mnist_5k, split_digit_pools
 from pipeline.metrics import label_counts, mean_iou, mean_iou_paper, strict_confusion
 from tests.conftest import REPO
 
@@ -43,7 +45,9 @@ def run(args, cwd, env):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    # tracked and untracked-but-not-ignored files: the working tree as it would be committed
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout
     for name in filter(None, files.split("\0")):
         target = root / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +70,9 @@ def stages_run(output: str) -> list[str]:
 def test_repro_writes_metrics_plots_and_stores(workspace):
     root, env = workspace
     output = run([str(Path(sys.executable).parent / "dvc"), "repro"], root, env)
-    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate"]
+    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate",
+                                  "segment"]
+    assert pd.read_csv(root / "segmentations" / "summary.csv").empty  # data/segment holds only its README
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert set(metrics["per_class_iou"]) == {"background", *[f"digit_{d}" for d in range(10)]}
     assert metrics["split"] == "test" and metrics["images"] == 4 and metrics["uncertainty"] >= 0
@@ -94,6 +100,47 @@ def test_repro_writes_metrics_plots_and_stores(workspace):
 
 
 FIRST_FEATURES_HASH: list[str] = []
+
+
+def test_segment_gives_evaluates_test_masks_and_segments_new_canvases(workspace, tmp_path):
+    root, env = workspace
+    test_images = root / "data" / "prepared" / "real" / "test"
+    run([sys.executable, "-m", "stages.segment", "--images", str(test_images), "--out", str(tmp_path / "test")], root, env)
+    stems = sorted(p.stem for p in test_images.glob("*.png"))
+    assert len(stems) == 4
+    for stem in stems:
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "test" / f"{stem}.png")),
+                                      np.asarray(Image.open(root / "predictions" / f"{stem}.png")))
+        np.testing.assert_allclose(np.load(tmp_path / "test" / f"{stem}.uncertainty.npy"),
+                                   np.load(root / "predictions" / f"{stem}.uncertainty.npy"), atol=1e-4)
+    # New canvases: digits of the unlabeled pool (in neither train nor test), one at twice the size.
+    digits, labels = load_mnist_5k()
+    pool = split_digit_pools(len(digits), seed=0)["unlabeled"]
+    new = tmp_path / "new"
+    new.mkdir()
+    for index, (image, _) in enumerate(compose_digit_split(digits, labels, pool, 3, 32, 24, seed=99)):
+        picture = Image.fromarray(image)
+        (picture.resize((64, 64), Image.BICUBIC) if index == 2 else picture).save(new / f"new{index}.png")
+    run([sys.executable, "-m", "stages.segment", "--images", str(new), "--out", str(tmp_path / "out")], root, env)
+    for index, size in ((0, 32), (1, 32), (2, 64)):
+        assert np.asarray(Image.open(tmp_path / "out" / f"new{index}.png")).shape == (size, size)
+        assert np.load(tmp_path / "out" / f"new{index}.uncertainty.npy").shape == (size, size)
+        assert (tmp_path / "out" / f"new{index}.overlay.png").is_file()
+    assert list(pd.read_csv(tmp_path / "out" / "summary.csv")["image"]) == ["new0", "new1", "new2"]
+
+
+def readme_example() -> str:
+    """The Python block of the README's "Segment new images" section."""
+    section = (REPO / "README.md").read_text().split("## Segment new images", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_api_example_runs_in_a_finished_run(workspace):
+    root, env = workspace
+    code = readme_example()
+    assert len(code.strip().splitlines()) <= 5
+    output = run([sys.executable, "-c", code], root, env)
+    assert re.search(r"^\(32, 32\) \d\.\d+", output, re.M), output
 
 
 def fit_features_hash(root: Path) -> str:
@@ -141,7 +188,8 @@ def test_changed_diffusion_code_makes_every_extract_stage_stale(workspace):
 # Each stage's outputs, in pipeline order (plots are left out: the pretrain loss curve records seconds).
 STAGE_OUTPUTS = {"prepare": ["data/prepared"], "pretrain": ["checkpoints/ddpm.pt"],
                  **{f"extract@{t}": [f"features/t{t}.zarr"] for t in (50, 150, 250)},
-                 "fit": ["ensemble/ensemble.pt"], "evaluate": ["metrics/eval.json", "metrics/val.json", "predictions"]}
+                 "fit": ["ensemble/ensemble.pt"], "evaluate": ["metrics/eval.json", "metrics/val.json", "predictions"],
+                 "segment": ["segmentations"]}
 
 
 def output_digests(root: Path) -> dict[str, str]:
@@ -175,11 +223,11 @@ def test_changing_t_steps_reruns_only_what_it_affects(workspace):
     root, env = workspace
     dvc = str(Path(sys.executable).parent / "dvc")
     fewer = run([dvc, "exp", "run", "-S", "t_steps=[50,150]"], root, env)
-    assert stages_run(fewer) == ["fit", "evaluate"]
+    assert stages_run(fewer) == ["fit", "evaluate", "segment"]
     diff = run([dvc, "metrics", "diff", "--json"], root, env)
     assert "miou" in diff
     more = run([dvc, "exp", "run", "-S", "t_steps=[50,150,250,350]"], root, env)
-    assert stages_run(more) == ["extract@350", "fit", "evaluate"]
+    assert stages_run(more) == ["extract@350", "fit", "evaluate", "segment"]
     # Back to the first steps by editing params.yaml and `dvc repro` (no experiment checkout removes the
     # t350 store here): fit sets it aside, so fit's inputs hash as in the first run and nothing is stale.
     assert (root / "features" / "t350.zarr").is_dir()
@@ -230,7 +278,8 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
                 "ddpm.model.num_head_channels=16", "ddpm.model.learn_sigma=true", "ddpm.model.dropout=0.1",
                 "blocks=[2,3,4,5,6]", "t_steps=[50,150,250]"]
     output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
-    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate"]
+    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate",
+                                  "segment"]
     assert "imported models/mini.pt" in output
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert set(metrics["per_class_iou"]) == {"class_0", "class_1", "class_2"} and metrics["images"] == 2

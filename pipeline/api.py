@@ -1,0 +1,173 @@
+"""Segment new images with a finished run: one code path for the segment stage and for notebooks.
+
+    from pipeline.api import Segmenter
+    segmenter = Segmenter.from_run(".")          # params.yaml, checkpoints/ddpm.pt, ensemble/ensemble.pt
+    results = segmenter.predict(["a.png", image_array])
+    results[0].mask, results[0].uncertainty      # [H, W] uint8 classes, [H, W] float32 nats
+
+An image goes through prepare's rule (``dataset.non_square``: an error, or a centre crop; then a bicubic
+resize to ``dataset.image_size``), its features are the extract stage's (``pipeline.features``: same
+shared noise, steps, blocks and upsampling, same float16 rows and batch size), and the ensemble votes
+through ``pipeline.evaluation.vote``, the function evaluate scores with, row-chunk by row-chunk as
+evaluate reads them from a store. So on the test images ``mask`` equals evaluate's predictions.
+Results are mapped back to the input's own size (nearest); pixels a centre crop cut away get the
+ignore label and NaN uncertainty. Memory is set by one batch of images, never by how many are given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import dask.array as da
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import NonSquarePolicy, Params, load_params
+from pipeline.data import _crop_square, read_rgb, to_model_input
+from pipeline.diffusion import Diffusion
+from pipeline.ensemble import EnsembleMLP, load_ensemble
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.evaluation import vote
+from pipeline.extraction import AUTOCAST_DTYPES
+from pipeline.features import feature_dim, images_per_batch, iter_pixel_features, make_noise
+from pipeline.runtime import pick_device
+from pipeline.store import file_sha256, rows_per_chunk
+from pipeline.train_ddpm import load_checkpoint
+from pipeline.unet import UNetModel, for_inference
+
+ImageInput = str | Path | np.ndarray  # a file, or an [H, W, 3] uint8 array
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """One image's result at the input's own size."""
+
+    name: str
+    mask: np.ndarray  # [H, W] uint8 class indices (the ignore label where a centre crop cut the image)
+    uncertainty: np.ndarray  # [H, W] float32 Jensen-Shannon disagreement of the members (nats), NaN where cut
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An input after prepare's rule: ``square`` is ``[S, S, 3] uint8``; ``box`` is (top, left, side)
+    of the square in the original ``height`` x ``width`` image."""
+
+    name: str
+    square: np.ndarray
+    height: int
+    width: int
+    box: tuple[int, int, int]
+
+
+def prepare_image(image: ImageInput, image_size: int, non_square: NonSquarePolicy, name: str | None = None) -> PreparedImage:
+    """Read (a file: prepare's ``DatasetError`` when unreadable), crop and resize as prepare does."""
+    if isinstance(image, (str, Path)):
+        array, name = read_rgb(image), name or Path(image).stem
+        where = Path(image)
+    else:
+        array, name = _as_rgb(image, name), name or "image"
+        where = Path(name)
+    height, width = array.shape[:2]
+    # The crop box comes from cropping pixel coordinates with prepare's own function, so the box used to
+    # map results back can never disagree with the crop the features were computed on.
+    corner = _crop_square(np.indices((height, width)).transpose(1, 2, 0), where, non_square)
+    box = (int(corner[0, 0, 0]), int(corner[0, 0, 1]), int(corner.shape[0]))
+    square = array[box[0] : box[0] + box[2], box[1] : box[1] + box[2]]
+    if square.shape[0] != image_size:  # as pipeline.data.load_image resizes
+        square = np.asarray(Image.fromarray(square).resize((image_size, image_size), Image.BICUBIC))
+    return PreparedImage(name, square, height, width, box)
+
+
+def _as_rgb(image: np.ndarray, name: str | None) -> np.ndarray:
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise PipelineError(f"image {name or ''} is {array.dtype} {array.shape}; pass [H, W, 3] uint8 RGB arrays or files")
+    return array
+
+
+def back_to_input_size(prepared: PreparedImage, mask: np.ndarray, uncertainty: np.ndarray,
+                       ignore_label: int) -> Segmentation:
+    """``[S, S]`` results -> the input's ``[H, W]`` (nearest), outside the crop box ignore / NaN."""
+    top, left, side = prepared.box
+    full_mask = np.full((prepared.height, prepared.width), ignore_label, dtype=np.uint8)
+    full_uncertainty = np.full((prepared.height, prepared.width), np.nan, dtype=np.float32)
+    full_mask[top : top + side, left : left + side] = _resize_nearest(mask, side)
+    full_uncertainty[top : top + side, left : left + side] = _resize_nearest(uncertainty, side)
+    return Segmentation(prepared.name, full_mask, full_uncertainty)
+
+
+def _resize_nearest(values: np.ndarray, side: int) -> np.ndarray:
+    if values.shape[0] == side:
+        return values
+    return np.asarray(Image.fromarray(values).resize((side, side), Image.NEAREST))
+
+
+class Segmenter:
+    """A finished run's DDPM and ensemble, applied to new images."""
+
+    def __init__(self, params: Params, model: UNetModel, diffusion: Diffusion, ensemble: EnsembleMLP):
+        self.params, self.model, self.diffusion = params, model, diffusion
+        self.device = pick_device(params.ensemble.device)
+        self.ensemble = ensemble.to(self.device)
+        size = params.dataset.image_size
+        self.noise = make_noise(params.features.noise_seed, size)
+        # extract's batch size (one step's features per batch), so the UNet sees the batches it saw there
+        self.batch_size = images_per_batch(params.features.batch_size, size, feature_dim(model, params.blocks))
+        self.chunk_rows = rows_per_chunk(params.features.chunk_pixels, size * size)  # a store's row chunk
+
+    @classmethod
+    def load(cls, params: str | Path, checkpoint: str | Path, ensemble: str | Path) -> "Segmenter":
+        """From the three files of a run (the paths dvc.yaml gives the segment stage)."""
+        loaded = load_params(params)
+        model, diffusion, _ = load_checkpoint(checkpoint)  # not extract's cache: a notebook may see a new file
+        model = for_inference(model, pick_device(loaded.features.device))
+        members = load_ensemble(Path(ensemble), loaded.t_steps, loaded.blocks, file_sha256(checkpoint))
+        return cls(loaded, model, diffusion, members)
+
+    @classmethod
+    def from_run(cls, run: str | Path = ".") -> "Segmenter":
+        """A finished run's folder: its params.yaml, checkpoints/ddpm.pt and ensemble/ensemble.pt (dvc.yaml's outs)."""
+        run = Path(run)
+        return cls.load(run / "params.yaml", run / "checkpoints" / "ddpm.pt", run / "ensemble" / "ensemble.pt")
+
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Segmentation]:
+        """Files or ``[H, W, 3] uint8`` arrays -> one ``Segmentation`` each; a bad image raises its error."""
+        if isinstance(images, (str, Path)) or isinstance(images, np.ndarray) and images.ndim == 3:
+            images = [images]
+        dataset = self.params.dataset
+        prepared = [prepare_image(image, dataset.image_size, dataset.non_square,
+                                  None if isinstance(image, (str, Path)) else f"image {index}")
+                    for index, image in enumerate(images)]
+        return list(self.segment_prepared(prepared))
+
+    def segment_prepared(self, prepared: Iterable[PreparedImage]) -> Iterator[Segmentation]:
+        """Prepared images -> results in the same order, computed one batch of images at a time."""
+        batch: list[PreparedImage] = []
+        for item in prepared:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield from self._segment_batch(batch)
+                batch = []
+        if batch:
+            yield from self._segment_batch(batch)
+
+    def _segment_batch(self, batch: list[PreparedImage]) -> list[Segmentation]:
+        params = self.params
+        if params.features.stochastic_noise:  # refused here, not on loading: a run may have nothing to segment
+            raise ConfigError("features.stochastic_noise: true draws noise per stored image index, which new images "
+                              "do not have; segment runs with the shared noise only (set it to false)")
+        size = params.dataset.image_size
+        x0 = to_model_input(np.stack([item.square for item in batch])).to(next(self.model.parameters()).device)
+        batches = iter([(list(range(len(batch))), x0, self.noise.to(x0.device))])
+        rows = [r for _, r in iter_pixel_features(
+            self.model, self.diffusion, batches, t_steps=params.t_steps, blocks=params.blocks,
+            upsample=params.features.upsample, autocast_dtype=AUTOCAST_DTYPES[params.features.autocast])]
+        matrix = da.from_array(torch.cat(rows).numpy(), chunks=(self.chunk_rows, -1))
+        prediction, disagreement = vote(self.ensemble, matrix, batch_pixels=params.evaluate.batch_pixels,
+                                        device=self.device)
+        shape = (len(batch), size, size)
+        prediction, disagreement = prediction.reshape(shape), disagreement.reshape(shape)
+        return [back_to_input_size(item, prediction[i], disagreement[i], params.dataset.ignore_label)
+                for i, item in enumerate(batch)]

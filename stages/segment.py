@@ -1,0 +1,76 @@
+"""Stage segment: the finished run applied to a folder of new images -> per image a class-index mask
+(<stem>.png), a colour overlay (<stem>.overlay.png), the members' Jensen-Shannon disagreement
+(<stem>.uncertainty.npy, and <stem>.uncertainty.png to look at), plus summary.csv. A bad image is
+reported at the end (exit code 2) and costs only its own outputs."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.api import PreparedImage, Segmenter, prepare_image
+from pipeline.data import list_images
+from pipeline.errors import DatasetError, PipelineError
+from pipeline.report import palette, write_csv_atomic
+from pipeline.runtime import stage_main
+from pipeline.segment_outputs import summary_row, write_outputs
+
+
+def readable(paths: list[Path], segmenter: Segmenter, bad: dict[Path, str]) -> Iterator[PreparedImage]:
+    """The images that prepare's rule accepts; the error of every other one goes into ``bad``."""
+    dataset = segmenter.params.dataset
+    for path in paths:
+        try:
+            yield prepare_image(path, dataset.image_size, dataset.non_square)
+        except PipelineError as error:
+            bad[path] = str(error)
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/ddpm.pt"))
+    parser.add_argument("--ensemble", type=Path, default=Path("ensemble/ensemble.pt"))
+    parser.add_argument("--images", type=Path, required=True, help="folder of .png/.jpg images to segment")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the masks, overlays, maps and summary.csv")
+    args = parser.parse_args()
+    if not args.images.is_dir():
+        raise DatasetError(f"--images {args.images} is not a folder; give a folder of .png/.jpg images")
+    segmenter = Segmenter.load(args.params, args.checkpoint, args.ensemble)
+    if segmenter.params.ensemble.threads:  # the ensemble's arithmetic, as in fit and evaluate
+        torch.set_num_threads(segmenter.params.ensemble.threads)
+    paths = list_images(args.images)
+    stems = [path.stem for path in paths]
+    if len(set(stems)) != len(stems):
+        twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+        raise DatasetError(f"{args.images} holds several images named {twice} (other suffixes); outputs are named "
+                           f"by stem, so rename them")
+    args.out.mkdir(parents=True, exist_ok=True)
+    dataset = segmenter.params.dataset
+    colours, names = palette(dataset.num_classes, dataset.ignore_label), dataset.names()
+    bad: dict[Path, str] = {}
+    rows = []
+    by_stem = {path.stem: path for path in paths}
+    for result in tqdm(segmenter.segment_prepared(readable(paths, segmenter, bad)), total=len(paths),
+                       desc="segment", unit="img", mininterval=5):
+        write_outputs(args.out, result, by_stem[result.name], colours)
+        rows.append(summary_row(result, names))
+    write_csv_atomic(pd.DataFrame(rows, columns=["image", "width", "height", "mean_uncertainty",
+                                                 *[f"pixels_{name}" for name in names]]), args.out / "summary.csv")
+    print(f"segment: {len(rows)} of {len(paths)} images -> {args.out}")
+    if bad:
+        for path, message in bad.items():
+            print(f"error: {message}", file=sys.stderr)
+        print(f"error: {len(bad)} of {len(paths)} images could not be segmented (listed above); the others' "
+              f"outputs are written. Fix or remove them and rerun", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
