@@ -181,6 +181,17 @@ class FeaturesConfig:
     # (workers need this package installed and the data and store paths visible). One worker per GPU.
     workers: int = 0
     scheduler: str | None = None
+    # A tls:// scheduler needs these PEM files (dask's Security: CA, this client's certificate and key). A tcp://
+    # address is plain TCP: dask sends pickles, unauthenticated, so anyone who reaches it runs code (docs/scaling.md).
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def tls_files(self) -> dict[str, str] | None:
+        """dask ``Security`` arguments for a tls:// scheduler, else None."""
+        if self.scheduler is None or not self.scheduler.startswith("tls://"):
+            return None
+        return {"tls_ca_file": self.tls_ca_file, "tls_client_cert": self.tls_cert, "tls_client_key": self.tls_key}
 
 
 class Stopping(str, enum.Enum):
@@ -372,6 +383,9 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"dataset.val_images must be >= 0 (0 = no validation split), got {dataset.val_images}")
     if dataset.num_classes < 2:
         raise ConfigError(f"dataset.num_classes must be >= 2, got {dataset.num_classes}")
+    if dataset.num_classes > MAX_CLASSES:
+        raise ConfigError(f"dataset.num_classes={dataset.num_classes}: masks, labels and predictions are uint8 and keep "
+                          f"one value for the ignore label, so at most {MAX_CLASSES} classes fit; merge classes")
     if not 0 <= dataset.ignore_label <= 255:
         raise ConfigError(f"dataset.ignore_label={dataset.ignore_label} must be in [0, 255] (masks are uint8)")
     if dataset.class_names is not None and len(dataset.class_names) != dataset.num_classes:
@@ -421,7 +435,67 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"ensemble.patience must be >= 1, got {params.ensemble.patience}")
     for key in ("confusion_max_pixels", "batch_pixels"):
         positive(f"evaluate.{key}", getattr(params.evaluate, key))
-    params.unet_config()  # model flags build a valid network
+    _validate_numbers_and_devices(params)
+    _build_unet_on_meta(params.unet_config())  # the flags build a network, so prepare rejects what pretrain would crash on
+
+
+# Levels the codecs take (numcodecs' Blosc and zlib: 0..9, where 0 stores uncompressed: use codec: none for that).
+CODEC_LEVELS = {"zstd": (1, 9), "lz4": (1, 9), "blosclz": (1, 9), "zlib": (1, 9), "none": (None, None)}
+# Masks are uint8 and one value is the ignore label (255 usually).
+MAX_CLASSES = 255
+SEED_LIMIT = 2**63
+
+
+def _validate_numbers_and_devices(params: Params) -> None:
+    """Seeds, codec level, dropout, schedule and devices: what later stages would crash or go NaN on."""
+    from pipeline.diffusion import betas_for_schedule
+    from pipeline.runtime import check_device
+
+    for key, seed in (("dataset.seed", params.dataset.seed), ("features.noise_seed", params.features.noise_seed),
+                      ("ensemble.seed", params.ensemble.seed)):
+        if not 0 <= seed < SEED_LIMIT:
+            raise ConfigError(f"{key}={seed}: seeds must be in [0, 2**63) (numpy and torch refuse negative seeds)")
+    low, high = CODEC_LEVELS[params.features.codec]
+    if low is not None and not low <= params.features.clevel <= high:
+        raise ConfigError(f"features.clevel={params.features.clevel} is outside [{low}, {high}], the levels of "
+                          f"features.codec={params.features.codec}; use e.g. 3 (or codec: none for no compression)")
+    dropout = params.ddpm.model_flags().get("dropout", 0.0)
+    if isinstance(dropout, (int, float)) and not 0 <= dropout < 1:
+        raise ConfigError(f"ddpm.model.dropout={dropout} must be in [0, 1) (a probability of dropping; 0 = off)")
+    betas_for_schedule(params.ddpm.noise_schedule, params.ddpm.diffusion_steps)
+    remote = params.features.scheduler is not None  # the cluster's workers, not this machine, run extraction
+    check_device(params.features.device, "features.device", local=not remote)
+    check_device(params.ensemble.device, "ensemble.device", local=True)
+    _validate_tls(params.features)
+
+
+def _validate_tls(features: FeaturesConfig) -> None:
+    keys = {"features.tls_ca_file": features.tls_ca_file, "features.tls_cert": features.tls_cert,
+            "features.tls_key": features.tls_key}
+    if features.tls_files() is None:
+        given = [key for key, value in keys.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} given but features.scheduler={features.scheduler!r} is not a tls:// "
+                              f"address; use tls://host:port, or set {', '.join(given)} to null")
+        return
+    for key, value in keys.items():
+        if value is None or not Path(value).is_file():
+            raise ConfigError(f"features.scheduler={features.scheduler!r} is a TLS address, so {key} must be an existing "
+                              f"PEM file, got {value!r} (docs/scaling.md: running extraction on a cluster safely)")
+
+
+def _build_unet_on_meta(config: UNetConfig) -> None:
+    """Build the UNet on the meta device (no memory, no arithmetic): group norms, heads and widths are checked."""
+    import torch
+
+    from pipeline.unet import create_unet
+
+    try:
+        with torch.device("meta"):
+            create_unet(config)
+    except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as error:
+        raise ConfigError(f"ddpm.model flags do not build a UNet ({error}); channel counts (num_channels x each "
+                          f"channel_mult) must be divisible by the 32 group-norm groups and by num_head_channels") from None
 
 
 def params_from_dict(data: dict, source: str = "params") -> Params:
@@ -436,15 +510,36 @@ def params_from_dict(data: dict, source: str = "params") -> Params:
     return params
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    lines: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, typing.Hashable) and key in lines:
+            raise ConfigError(f"key {key!r} appears twice in one section, on line {lines[key]} and line {line}; "
+                              f"delete one of them (YAML would silently keep the last)")
+        lines[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Load and validate params.yaml; every problem is a ``ConfigError`` naming the file and key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} does not exist; run from the repository root or pass --params")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping of params sections, got {type(data).__name__}")
     return params_from_dict(data, str(path))

@@ -12,22 +12,26 @@ Images are returned as ``[H, W, 3] uint8``; ``to_model_input`` maps them to ``[N
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import gzip
 import importlib.resources
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import DatasetConfig, NonSquarePolicy
 from pipeline.errors import DatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # these swap width and height
 
 
 class Split(str, enum.Enum):
@@ -52,7 +56,18 @@ def split_dir(root: Path, split: Split | str) -> Path:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The images of a folder, sorted; two images for one stem (``a.png`` and ``a.jpg``) are an error, since
+    masks, store rows and predictions are keyed by stem."""
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    by_stem: dict[str, list[Path]] = {}
+    for path in paths:
+        by_stem.setdefault(path.stem, []).append(path)
+    clashes = [names for names in by_stem.values() if len(names) > 1]
+    if clashes:
+        shown = "; ".join(" and ".join(str(p) for p in names) for names in clashes[:5])
+        raise DatasetError(f"{len(clashes)} stem(s) of {folder} have more than one image: {shown}; each image needs "
+                           f"its own stem (its mask is <stem>.npy): remove or rename all but one")
+    return paths
 
 
 def list_examples(root: Path, split: Split | str, *, with_masks: bool = True, allow_empty: bool = False) -> list[Example]:
@@ -92,14 +107,121 @@ def _crop_square(array: np.ndarray, path: Path, policy: NonSquarePolicy) -> np.n
     return array[top : top + side, left : left + side]
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """An image file as ``[H, W, 3] uint8``; an unreadable or truncated file is a ``DatasetError`` naming it."""
+# How each Pillow mode becomes 8-bit RGB, said once per kind (``_say_once``). PNG/JPEG open as 1, L, LA, P,
+# PA, RGB, RGBA, CMYK or I;16 (16-bit grey); I and F come from other writers (arrays, TIFF) and are
+# accepted when their values fit a 16-bit or [0, 1] / [0, 255] range, refused otherwise.
+PLAIN_MODES = {"RGB"}
+CONVERTED_MODES = {
+    "1": "1-bit images become black/white RGB",
+    "L": "greyscale (L) images are repeated into R, G and B",
+    "LA": "greyscale+alpha (LA) images lose their alpha channel",
+    "P": "palette (P) images are looked up in their palette",
+    "PA": "palette+alpha (PA) images are looked up in their palette and lose their alpha channel",
+    "RGBA": "RGBA images lose their alpha channel (colours kept as stored, not composited)",
+    "CMYK": "CMYK images are converted to RGB (Pillow's naive conversion, no colour profile)",
+}
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT_MAX = 65535
+_said: set[str] = set()
+
+
+def _say_once(kind: str, message: str) -> None:
+    """One line on stderr per kind of conversion and process, so a folder of 16-bit PNGs says so once."""
+    if kind not in _said:
+        _said.add(kind)
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _scaled_to_8bit(values: np.ndarray, top: float) -> np.ndarray:
+    """``values`` in [0, top] -> uint8 in [0, 255], rounded (65535 -> 255; 257 * v -> v exactly)."""
+    return np.rint(values.astype(np.float64) * (255.0 / top)).astype(np.uint8)
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _wide_to_rgb(image: Image.Image, path: Path) -> np.ndarray:
+    """16-bit (I;16*, I) and float (F) greyscale -> ``[H, W, 3] uint8``; refuses values it cannot place."""
+    values = np.asarray(image)
+    if not np.all(np.isfinite(values)):
+        raise DatasetError(f"image {path} ({image.mode}) holds NaN or infinite values; re-save it as an 8-bit PNG")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode in SIXTEEN_BIT_MODES and 0 <= low and high <= SIXTEEN_BIT_MAX:
+        _say_once("16-bit", f"16-bit greyscale images ({image.mode}) are scaled to 8 bits (value * 255 / 65535), "
+                            f"e.g. {path}")
+        return _grey_to_rgb(_scaled_to_8bit(values, SIXTEEN_BIT_MAX))
+    if image.mode == "F" and 0 <= low and high <= 255:
+        top = 1.0 if high <= 1 else 255.0
+        _say_once(f"float-{top:g}", f"float greyscale images (F) in [0, {top:g}] are scaled to 8 bits, e.g. {path}")
+        return _grey_to_rgb(_scaled_to_8bit(values, top))
+    raise DatasetError(f"image {path} ({image.mode}) holds values in [{low:g}, {high:g}], outside the ranges this reader "
+                       f"scales (0..65535 for integer, 0..1 or 0..255 for float images); re-save it as an 8-bit PNG")
+
+
+def rgb_array(image: Image.Image, path: str | Path = "<image>") -> np.ndarray:
+    """A decoded image in any Pillow mode -> ``[H, W, 3] uint8``, each conversion said once (``_say_once``)."""
+    if image.mode in PLAIN_MODES:
+        return np.asarray(image)
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
+        return _wide_to_rgb(image, Path(path))
+    if image.mode not in CONVERTED_MODES:
+        raise DatasetError(f"image {path} has pixel mode {image.mode}, which this reader does not convert; "
+                           f"re-save it as an 8-bit RGB PNG")
+    _say_once(image.mode, f"{CONVERTED_MODES[image.mode]}, e.g. {path}")
+    if image.mode == "P" and "transparency" in image.info:  # Pillow wants palette transparency to go via RGBA
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"))
+
+
+def _oriented(image: Image.Image, path: Path) -> Image.Image:
+    """The image as it is displayed: EXIF orientation applied (phone JPEGs), said once."""
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation in (None, 1):
+        return image
+    _say_once("exif", f"EXIF orientation is applied to images (masks must be in the displayed orientation), "
+                      f"e.g. {path} (orientation {orientation})")
+    return ImageOps.exif_transpose(image)
+
+
+@contextlib.contextmanager
+def opened_image(path: str | Path) -> Iterator[Image.Image]:
+    """Open an image file, refusing one whose header claims more than ``Image.MAX_IMAGE_PIXELS`` pixels
+    (a decompression bomb, or a damaged header) and naming the file for any decoding error."""
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            return np.asarray(opened.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"its header claims {width}x{height} pixels")
+            yield image
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError as error:
+        if not str(error).startswith("its header"):  # Pillow's own check, at twice the limit
+            error = "its header claims more than twice the limit"
+        raise DatasetError(f"image {path} is too large to decode safely ({error}; the limit is "
+                           f"{Image.MAX_IMAGE_PIXELS} pixels): a damaged header or a decompression bomb; replace the "
+                           f"file, or resize it below the limit") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DatasetError(f"image {path} cannot be read ({error}); replace or remove the file") from None
+
+
+def displayed_size(path: str | Path) -> tuple[int, int, int]:
+    """``(width, height, EXIF orientation)`` of an image file, width and height as displayed."""
+    with opened_image(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1) or 1
+        if orientation in TRANSPOSING_ORIENTATIONS:
+            return height, width, orientation
+        return width, height, orientation
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """An image file as ``[H, W, 3] uint8`` in its displayed orientation; conversions from other modes are
+    said once per kind; an unreadable, truncated or oversized file is a ``DatasetError`` naming it."""
+    with opened_image(path) as image:
+        image.load()
+        return rgb_array(_oriented(image, Path(path)), path)
 
 
 def load_image(path: Path, image_size: int, non_square: NonSquarePolicy = NonSquarePolicy.ERROR) -> np.ndarray:
@@ -118,24 +240,17 @@ def load_mask(
     ignore_label: int,
     non_square: NonSquarePolicy = NonSquarePolicy.ERROR,
 ) -> np.ndarray:
-    """Read a ``.npy`` mask as ``[image_size, image_size] uint8``; checks its size and class values."""
-    try:
-        mask = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise DatasetError(f"mask {path} is not a readable .npy array ({error}); re-save it with numpy.save") from None
-    if mask.ndim == 3 and mask.shape[-1] == 1:
-        mask = mask[..., 0]
-    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer) and not np.issubdtype(mask.dtype, np.floating):
-        raise DatasetError(f"mask {path} has shape {mask.shape} dtype {mask.dtype}; expected an H x W integer array")
-    if np.issubdtype(mask.dtype, np.floating):
-        if not np.all(np.mod(mask, 1) == 0):
-            raise DatasetError(f"mask {path} holds non-integer values; masks hold class indices")
-    with Image.open(image_path) as image:
-        width, height = image.size
+    """Read a ``.npy`` mask as ``[image_size, image_size] uint8``; checks its size (against the image as
+    displayed, EXIF orientation applied) and class values."""
+    mask = _mask_values(read_npy(path), path)
+    width, height, orientation = displayed_size(image_path)
     if mask.shape != (height, width):
+        stored = mask.shape == (width, height) and orientation in TRANSPOSING_ORIENTATIONS
+        hint = (f"; it fits the image as stored, before its EXIF orientation {orientation} turns it: rotate the "
+                f"mask to the displayed orientation, or strip the image's EXIF orientation tag" if stored else "")
         raise DatasetError(
             f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} is {width}x{height}; "
-            f"masks must have their image's size"
+            f"masks must have their image's size{hint}"
         )
     values = np.unique(mask)
     bad = [int(v) for v in values if not (0 <= v < num_classes or v == ignore_label)]
@@ -148,6 +263,42 @@ def load_mask(
     if mask.shape[0] != image_size:
         mask = np.asarray(Image.fromarray(mask).resize((image_size, image_size), Image.NEAREST))
     return mask
+
+
+NPY_MAGIC = b"\x93NUMPY"
+OTHER_CONTAINERS = {b"PK\x03\x04": "a zip archive (an .npz renamed .npy?)", b"\x80": "a Python pickle",
+                    b"\x89PNG": "a PNG image"}
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """A plain ``.npy`` array; any other container (npz, pickle, image, text) is a ``DatasetError``.
+    Pickles are never loaded (``allow_pickle=False``)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(NPY_MAGIC))
+            if head != NPY_MAGIC:
+                what = next((name for magic, name in OTHER_CONTAINERS.items() if head.startswith(magic)), "not .npy data")
+                raise DatasetError(f"mask {path} is {what}, not a .npy array; save the mask with numpy.save(path, mask)")
+            handle.seek(0)
+            return np.lib.format.read_array(handle, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        if isinstance(error, DatasetError):
+            raise
+        raise DatasetError(f"mask {path} is not a readable .npy array ({error}); re-save it with numpy.save") from None
+
+
+def _mask_values(mask: np.ndarray, path: Path) -> np.ndarray:
+    """An ``[H, W]`` (or ``[H, W, 1]``) bool, integer or integral float array -> ``[H, W]`` int64."""
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    numeric = mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)
+    if mask.ndim != 2 or not numeric:
+        raise DatasetError(f"mask {path} has shape {mask.shape} dtype {mask.dtype}; expected an H x W integer array")
+    if np.issubdtype(mask.dtype, np.floating) and not (np.all(np.isfinite(mask)) and np.all(np.mod(mask, 1) == 0)):
+        raise DatasetError(f"mask {path} holds non-integer values (or NaN/inf); masks hold class indices")
+    if np.issubdtype(mask.dtype, np.floating) and mask.size and np.abs(mask).max() > 2**31:
+        raise DatasetError(f"mask {path} holds values beyond +-2**31; masks hold class indices")
+    return mask.astype(np.int64)
 
 
 def drop_small_classes(mask: np.ndarray, min_pixels: int, ignore_label: int) -> np.ndarray:

@@ -23,11 +23,11 @@ def betas_for_schedule(schedule: NoiseSchedule | str, diffusion_steps: int) -> n
     """``[diffusion_steps] float64`` betas of guided-diffusion's named schedules."""
     schedule = NoiseSchedule(schedule)
     if diffusion_steps < 1:
-        raise ValueError(f"diffusion_steps must be >= 1, got {diffusion_steps}")
+        raise ConfigError(f"ddpm.diffusion_steps must be >= 1, got {diffusion_steps}")
     if schedule is NoiseSchedule.LINEAR:
         # Ho et al.'s 1e-4..0.02 for 1000 steps, rescaled so other step counts keep the same endpoints.
         scale = 1000 / diffusion_steps
-        return np.linspace(scale * 0.0001, scale * 0.02, diffusion_steps, dtype=np.float64)
+        return _checked(np.linspace(scale * 0.0001, scale * 0.02, diffusion_steps, dtype=np.float64), schedule)
 
     def alpha_bar(time: float) -> float:
         return math.cos((time + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -36,7 +36,19 @@ def betas_for_schedule(schedule: NoiseSchedule | str, diffusion_steps: int) -> n
         min(1 - alpha_bar((i + 1) / diffusion_steps) / alpha_bar(i / diffusion_steps), 0.999)
         for i in range(diffusion_steps)
     ]
-    return np.array(betas, dtype=np.float64)
+    return _checked(np.array(betas, dtype=np.float64), schedule)
+
+
+def _checked(betas: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
+    """Betas must lie in (0, 1): beta = 1 zeroes alpha-bar (division by zero: NaN features), beta > 1 a negative one."""
+    bad = np.flatnonzero(~((betas > 0) & (betas < 1)))
+    if bad.size:
+        minimum = 21 if schedule is NoiseSchedule.LINEAR else 2
+        raise ConfigError(
+            f"ddpm.diffusion_steps={len(betas)} with ddpm.noise_schedule={schedule.value} gives beta={betas[bad[0]]:g} at "
+            f"step {bad[0]}, outside (0, 1) (every later number would be NaN); use ddpm.diffusion_steps >= {minimum}"
+        )
+    return betas
 
 
 class Diffusion:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import EnsembleConfig, Stopping
-from pipeline.errors import DatasetError, StoreError
+from pipeline.errors import DatasetError, NumericsError, StoreError
 
 
 def hidden_widths(num_classes: int) -> tuple[int, int]:
@@ -238,6 +238,16 @@ def fit_ensemble(
     return EnsembleMLP.stack([model for model, _ in results]).eval(), history
 
 
+def check_finite_loss(losses: torch.Tensor, first: int, epoch: int, batch: int, lr: float) -> None:
+    """Stop the fit at the first NaN/inf member loss (``losses [M]``), naming member, epoch, batch and a cause."""
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if bad:
+        raise NumericsError(
+            f"fit: the loss of ensemble member(s) {[first + member for member in bad]} became "
+            f"{float(losses[bad[0]])} at epoch {epoch}, batch {batch}; likely cause: ensemble.lr={lr:g} is too "
+            f"high for these features (try a 10x lower one). No ensemble was written")
+
+
 def _fit_members(
     matrix: da.Array,
     labels: da.Array,
@@ -288,6 +298,7 @@ def _fit_members(
                 member_loss.sum().backward()  # each member's gradient is that of its own mean loss
                 optimizer.step()
                 losses = member_loss.detach().cpu()
+                check_finite_loss(losses, first, epoch, rows_seen // config.batch_size + 1, config.lr)
                 hits = (logits.detach().argmax(-1) == target).sum(1).cpu()
                 live = training.clone()
                 loss_sum += float(losses[live].sum()) * batch

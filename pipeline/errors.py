@@ -18,5 +18,9 @@ class ModelFlagsError(PipelineError):
     """Model flags that cannot build a UNet, or a checkpoint that does not match them."""
 
 
+class NumericsError(PipelineError):
+    """NaN, infinity or overflow made by a stage: it stops there, naming the step, the stage and a likely cause."""
+
+
 class StoreError(PipelineError):
     """A feature store that is missing, incomplete, or made with other params than the ones asked for."""

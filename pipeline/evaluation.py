@@ -8,6 +8,7 @@ mean) as ``miou_strict``.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.ensemble import EnsembleMLP, fit_ensemble, predict_chunks
+from pipeline.errors import NumericsError
 from pipeline.metrics import (iou_per_class, iou_per_class_paper, jensen_shannon, label_counts, majority_vote,
                               mean_iou, mean_iou_paper, pixel_accuracy, strict_confusion, top_decile_mean)
 from pipeline.store import FeatureStore, lazy_matrix
@@ -94,6 +96,16 @@ def score(truth: np.ndarray, prediction: np.ndarray, class_names: list[str], ign
     metrics["pixels"] = int(truth.size)
     metrics["labeled_pixels"] = int(confusion.sum())
     return metrics
+
+
+def check_finite_metrics(metrics: dict, split: str, ignore_label: int) -> None:
+    """Refuse NaN/inf among a metrics dict's numbers (JSON has no NaN: ``dvc metrics`` could not read it)."""
+    bad = [key for key, value in metrics.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        raise NumericsError(
+            f"evaluate: {', '.join(bad)} of the {split} split came out as {metrics[bad[0]]}; likely cause: its masks hold "
+            f"no labeled pixels ({metrics.get('labeled_pixels')} of {metrics.get('pixels')} are not the ignore label "
+            f"{ignore_label}): check the {split} masks and dataset.ignore_label. No metrics were written")
 
 
 def fit_and_score(train: tuple[np.ndarray, np.ndarray], scored: tuple[np.ndarray, np.ndarray], *, config,

@@ -105,7 +105,8 @@ def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Ca
             yield batch, x0.to(device, non_blocking=True), noise.to(device)
 
     features = iter_pixel_features(model, diffusion, batches(), t_steps=[job.t], blocks=job.blocks,
-                                   upsample=job.upsample, autocast_dtype=AUTOCAST_DTYPES[Autocast(job.autocast)])
+                                   upsample=job.upsample, autocast_dtype=AUTOCAST_DTYPES[Autocast(job.autocast)],
+                                   name_of=lambda index: f"{split} image {images[index]}")
     written = 0
     with background_writes(writer) as submit:
         for index, rows in features:
@@ -117,14 +118,18 @@ def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Ca
 
 
 @contextlib.contextmanager
-def dask_client(workers: int, scheduler: str | None) -> Iterator["distributed.Client"]:  # noqa: F821
-    """A client of the cluster at ``scheduler``, or of a local cluster of ``workers`` single-threaded processes."""
+def dask_client(workers: int, scheduler: str | None,
+                tls_files: dict[str, str] | None = None) -> Iterator["distributed.Client"]:  # noqa: F821
+    """A client of the cluster at ``scheduler`` (over TLS with ``tls_files``, dask ``Security`` arguments), or of
+    a local cluster of ``workers`` single-threaded processes."""
     import dask
     from distributed import Client, LocalCluster
+    from distributed.security import Security
 
     if scheduler:
+        security = Security(**tls_files, require_encryption=True) if tls_files else None
         try:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler, timeout="10s", security=security)
         except OSError as error:
             raise ConfigError(
                 f"features.scheduler={scheduler!r}: cannot reach a dask scheduler there ({error}); start one "
@@ -146,7 +151,8 @@ def dask_client(workers: int, scheduler: str | None) -> Iterator["distributed.Cl
 
 
 @contextlib.contextmanager
-def extraction_runner(workers: int, scheduler: str | None) -> Iterator[Callable[..., None]]:
+def extraction_runner(workers: int, scheduler: str | None,
+                      tls_files: dict[str, str] | None = None) -> Iterator[Callable[..., None]]:
     """Yields ``run(job, pending, on_images)`` that extracts every pending image (``{split: [index]}``).
 
     With no workers and no scheduler it runs in this process; otherwise it connects to the cluster first
@@ -164,7 +170,7 @@ def extraction_runner(workers: int, scheduler: str | None) -> Iterator[Callable[
         return
     from distributed import as_completed
 
-    with dask_client(workers, scheduler) as client:
+    with dask_client(workers, scheduler, tls_files) as client:
 
         def run_on_cluster(job: ExtractJob, pending: dict[str, list[int]], on_images: Callable[[int], None]) -> None:
             futures = [client.submit(extract_images, job, split, indices[first : first + job.batch_size], pure=False)

@@ -24,6 +24,29 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(name: str, key: str, *, local: bool = True) -> None:
+    """Refuse a device name torch cannot parse, or (``local``) a device this machine does not have."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ConfigError(f"{key}={name!r} is not a device; use auto, cpu, cuda, cuda:<index> or mps")
+    if not local or device.type == "cpu":
+        return
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}={name!r}: this machine has no MPS device; use auto or cpu")
+    count = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
+    if device.type == "cuda" and (count == 0 or (device.index or 0) >= count):
+        raise ConfigError(f"{key}={name!r}: this machine has {count} CUDA device(s); use auto, cpu"
+                          f"{f' or cuda:0..{count - 1}' if count else ''}")
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield ``<path>.tmp`` to write; it replaces ``path`` only if the block succeeds, else it is removed."""
@@ -37,9 +60,25 @@ def atomic_file(path: Path) -> Iterator[Path]:
     temporary.replace(path)
 
 
+# torch's zip writer turns ENOSPC into a bare RuntimeError with this text (caffe2 inline_container.cc).
+TORCH_WRITE_FAILED = ("file write failed", "failed writing file")
+
+
+def save_torch_atomic(payload: object, path: Path) -> None:
+    """``torch.save`` to ``<path>.tmp`` then rename; a failed write (disk full) leaves ``path`` as it was and
+    is raised as ``OSError(ENOSPC)``, which ``stage_main`` reports in one line."""
+    with atomic_file(path) as temporary:
+        try:
+            torch.save(payload, temporary)
+        except RuntimeError as error:
+            if not any(text in str(error) for text in TORCH_WRITE_FAILED):
+                raise
+            raise OSError(errno.ENOSPC, f"torch.save could not write its file ({error})", str(path)) from None
+
+
 def write_json_atomic(data: dict, path: Path) -> None:
     with atomic_file(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")  # NaN is no JSON
 
 
 @contextlib.contextmanager

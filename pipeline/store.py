@@ -24,8 +24,9 @@ import contextlib
 import hashlib
 import math
 import shutil
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -34,12 +35,14 @@ import fsspec
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.sync import sync
 
-from pipeline.errors import StoreError
+from pipeline.errors import NumericsError, PipelineError, StoreError
 from pipeline.runtime import replace_dir
 
 FORMAT = "ddpm-segmentation-features/1"
 SPLITS = ("train", "val", "test")
+CHECKED_ARRAYS = ("features", "labels")
 
 
 
@@ -55,6 +58,9 @@ class StoreRecord:
     checkpoint_sha256: str
     image_size: int
     feature_dim: int
+    # sha256 over the split, stem, image bytes and mask bytes of every image (``inputs_sha256``): a resume
+    # after the images or masks changed starts afresh. "" = not recorded (stores made before it existed).
+    inputs_sha256: str = ""
 
     def to_attrs(self) -> dict[str, Any]:
         out = asdict(self)
@@ -63,7 +69,7 @@ class StoreRecord:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> "StoreRecord":
-        values = {f.name: attrs[f.name] for f in fields(cls)}
+        values = {f.name: attrs[f.name] if f.default is MISSING else attrs.get(f.name, f.default) for f in fields(cls)}
         values["blocks"] = tuple(values["blocks"])
         return cls(**values)
 
@@ -100,11 +106,40 @@ def location_exists(location: Location) -> bool:
 
 
 def remove_location(location: Location) -> None:
+    """Delete a store; refused unless its metadata says it is one of ours (``check_ours_or_absent``)."""
+    if not check_ours_or_absent(location):
+        return
     if isinstance(location, Path):
         shutil.rmtree(location)
     else:
         fs, path = url_filesystem(location)
         fs.rm(path, recursive=True)
+
+
+def _holds_anything(location: Location) -> bool:
+    if isinstance(location, Path):
+        return location.exists() and (not location.is_dir() or any(location.iterdir()))
+    fs, path = url_filesystem(location)
+    return fs.exists(path) and bool(fs.ls(path))
+
+
+def is_our_store(location: Location) -> bool:
+    """True when ``location`` is a zarr group whose attributes carry this pipeline's store format."""
+    try:
+        return zarr.open_group(location, mode="r").attrs.get("format") == FORMAT
+    except Exception:  # not a zarr group at all (or an unreadable one): not ours
+        return False
+
+
+def check_ours_or_absent(location: Location) -> bool:
+    """True when a store of ours is at ``location``, False when nothing (or an empty folder) is; anything
+    else is a ``StoreError``: we never replace or delete what we did not write."""
+    if not _holds_anything(location):
+        return False
+    if is_our_store(location):
+        return True
+    raise StoreError(f"{location} exists but is not a feature store of this pipeline (its zarr.json has no format "
+                     f"{FORMAT!r}); nothing was deleted: move it away, or give the stage another --out")
 
 
 def file_sha256(path: str | Path, block_size: int = 1 << 20) -> str:
@@ -157,14 +192,32 @@ class StoreWriter:
         """Write image ``index``: ``features [H*W, D] float16``, ``labels [H*W] uint8``; then mark it done."""
         pixels = int(self.group[split].attrs["pixels_per_image"])
         rows = slice(index * pixels, (index + 1) * pixels)
-        self.group[f"{split}/features"][rows] = np.asarray(features, dtype=np.float16)
-        self.group[f"{split}/labels"][rows] = np.asarray(labels, dtype=np.uint8).reshape(-1)
+        with zarr.config.set({"array.write_empty_chunks": True}):  # a runtime setting, taken when an array is opened
+            self.group[f"{split}/features"][rows] = self._as_float16(features, split, index)
+            self.group[f"{split}/labels"][rows] = np.asarray(labels, dtype=np.uint8).reshape(-1)
         self.group[f"{split}/done"][index] = 1
+
+    def _as_float16(self, features: np.ndarray, split: str, index: int) -> np.ndarray:
+        """The rows as float16; NaN, inf or values past float16's +-65504 (which would become inf) are refused."""
+        with np.errstate(over="ignore"):
+            rows = np.asarray(features, dtype=np.float16)
+        if rows.size and not (np.isfinite(rows.max()) and np.isfinite(rows.min())):  # max/min carry NaN and inf
+            source = np.asarray(features)
+            overflow = bool(np.isfinite(source.max()) and np.isfinite(source.min()))
+            what = (f"values up to {float(np.abs(source).max()):.4g}, beyond float16's 65504" if overflow
+                    else "NaN or infinite values")
+            raise NumericsError(f"store {self.partial}: {split} image {index} "
+                                f"({self.image_ids(split)[index]}) has {what}; nothing of it was written. Likely "
+                                f"cause: a checkpoint whose activations are not normalised or hold NaN (check its "
+                                f"flags and pretraining loss)")
+        return rows
 
     def finish(self) -> Location:
         missing = {split: len(self.pending(split)) for split in self.group.group_keys()}
         if any(missing.values()):
             raise StoreError(f"{self.partial}: images not yet written {missing}; cannot finish the store")
+        if isinstance(self.path, Path):
+            check_ours_or_absent(self.path)
         self.group.attrs["complete"] = True
         if isinstance(self.path, Path):
             replace_dir(self.partial, self.path)
@@ -193,6 +246,37 @@ def background_writes(writer: StoreWriter, depth: int = 2) -> Iterator[Callable[
                 pending.popleft().result()
 
 
+def _why_not_resumable(group: zarr.Group, path: Location, record: StoreRecord,
+                       image_ids: dict[str, Sequence[str]]) -> str | None:
+    """None when the unfinished store in ``group`` was started with this record and these images, else why not."""
+    try:
+        if not isinstance(path, Path) and group.attrs.get("complete"):
+            return "it is a finished store, and its stage is being rerun"
+        started = StoreRecord.from_attrs(dict(group.attrs["record"]))
+        same_but_inputs = replace(started, inputs_sha256="") == replace(record, inputs_sha256="")
+        if started.inputs_sha256 != record.inputs_sha256 and same_but_inputs:
+            return ("the images or masks changed since it was started (inputs_sha256 differs)" if started.inputs_sha256
+                    else "it was started before stores recorded a digest of their inputs")
+        if started != record:
+            changed = [f.name for f in fields(StoreRecord) if getattr(started, f.name) != getattr(record, f.name)]
+            return f"it was started with other {', '.join(changed)}"
+        if sorted(group.group_keys()) != sorted(image_ids) or any(
+                list(group[split].attrs["image_ids"]) != list(ids) for split, ids in image_ids.items()):
+            return "it was started for other images"
+    except (KeyError, TypeError, ValueError) as error:
+        return f"its record cannot be read ({error!r})"
+    return None
+
+
+def inputs_sha256(files: dict[str, Sequence[tuple[str, Path, Path | None]]]) -> str:
+    """One sha256 over ``{split: [(stem, image path, mask path or None)]}``: split names, stems and file bytes."""
+    digest = hashlib.sha256()
+    for split in sorted(files):
+        for stem, image, mask in files[split]:
+            digest.update(f"{split}/{stem}:{file_sha256(image)}:{file_sha256(mask) if mask else '-'};".encode())
+    return digest.hexdigest()
+
+
 def create_or_resume(
     path: str | Path,
     record: StoreRecord,
@@ -207,34 +291,78 @@ def create_or_resume(
     path = as_location(path)
     partial = staging(path)
     pixels = record.image_size**2
-    if location_exists(partial):
-        try:
-            group = zarr.open_group(partial, mode="r+")
-            same = (
-                group.attrs.get("format") == FORMAT
-                and (isinstance(path, Path) or not group.attrs.get("complete"))
-                and StoreRecord.from_attrs(dict(group.attrs["record"])) == record
-                and all(list(group[split].attrs["image_ids"]) == list(ids) for split, ids in image_ids.items())
-                and sorted(group.group_keys()) == sorted(image_ids)
-            )
-        except Exception:  # an unreadable leftover is simply replaced
-            same = False
-        if same:
+    if isinstance(path, Path):
+        check_ours_or_absent(path)  # the final store is replaced at the end: it must be ours, or nothing
+    if check_ours_or_absent(partial):
+        group = zarr.open_group(partial, mode="r+")
+        reason = _why_not_resumable(group, path, record, image_ids)
+        if reason is None:
             return StoreWriter(path, group)
+        print(f"{partial}: not resuming the interrupted extraction, starting afresh: {reason}", file=sys.stderr)
         remove_location(partial)
-    group = zarr.open_group(partial, mode="w", zarr_format=3)
-    group.attrs.update({"format": FORMAT, "record": record.to_attrs(), "complete": False})
+    # The attributes come with the group's first metadata write, so a leftover of ours always says it is ours.
+    group = zarr.open_group(partial, mode="w", zarr_format=3, attributes={
+        "format": FORMAT, "record": record.to_attrs(), "complete": False, "all_chunks_stored": True})
     chunk_rows = rows_per_chunk(chunk_pixels, pixels)
     compressors = make_compressors(codec, clevel)
     for split, ids in image_ids.items():
         sub = group.create_group(split)
         sub.attrs.update({"image_ids": list(ids), "pixels_per_image": pixels})
         rows = len(ids) * pixels
+        # StoreWriter.write stores every chunk, even an all-zero one, so a chunk missing from a finished store is
+        # damage (zarr would read it back as zeros); open_store checks.
         sub.create_array("features", shape=(rows, record.feature_dim), chunks=(chunk_rows, record.feature_dim),
                          dtype="float16", compressors=compressors, fill_value=0)
-        sub.create_array("labels", shape=(rows,), chunks=(chunk_rows,), dtype="uint8", compressors=compressors, fill_value=0)
+        sub.create_array("labels", shape=(rows,), chunks=(chunk_rows,), dtype="uint8", compressors=compressors,
+                         fill_value=0)
         sub.create_array("done", shape=(len(ids),), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
     return StoreWriter(path, group)
+
+
+class CheckedChunks:
+    """A zarr array whose reads name the store and chunk when a chunk cannot be decoded (a damaged file)."""
+
+    def __init__(self, array: zarr.Array, path: Location, name: str):
+        self.array, self.path, self.name = array, path, name
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        try:
+            return self.array[selection]
+        except PipelineError:
+            raise
+        except Exception as error:  # codecs raise RuntimeError, ValueError, zlib.error, ...: all mean damage here
+            raise StoreError(f"feature store {self.path}: chunk {self._chunk_key(selection)} of {self.name} cannot be "
+                             f"decoded ({type(error).__name__}: {error}); the store is damaged: delete it and rerun "
+                             f"its extract stage") from None
+
+    def _chunk_key(self, selection: Any) -> str:
+        """The key of the (first) chunk a read touches: dask reads chunk by chunk, so it is that chunk."""
+        first = selection[0] if isinstance(selection, tuple) else selection
+        start = (first.start or 0) if isinstance(first, slice) else int(first)
+        return f"c/{start // self.array.chunks[0]}" + "/0" * (self.ndim - 1)
+
+
+def missing_chunks(array: zarr.Array) -> list[str]:
+    """Chunk keys of ``array`` that its store does not hold (zarr would read them back as the fill value)."""
+    if array.nchunks_initialized == array.nchunks:
+        return []
+    grid = [math.ceil(size / chunk) for size, chunk in zip(array.shape, array.chunks)]
+    keys = ["c/" + "/".join(map(str, coords)) for coords in np.ndindex(*grid)]
+    return [key for key in keys if not sync(array.store.exists(f"{array.path}/{key}"))]
+
+
+def check_chunks(group: zarr.Group, path: Location) -> None:
+    """Every chunk of a finished store must be stored (stores made since ``all_chunks_stored`` write all-zero ones)."""
+    if not group.attrs.get("all_chunks_stored"):
+        return
+    for split in group.group_keys():
+        for name in CHECKED_ARRAYS:
+            missing = missing_chunks(group[f"{split}/{name}"])
+            if missing:
+                raise StoreError(f"feature store {path} is damaged: {len(missing)} chunk(s) of {split}/{name} are "
+                                 f"missing ({', '.join(missing[:5])}), which zarr would read as zeros; delete the store "
+                                 f"and rerun its extract stage")
 
 
 class FeatureStore:
@@ -246,10 +374,15 @@ class FeatureStore:
         self.record = StoreRecord.from_attrs(dict(group.attrs["record"]))
 
     def features(self, split: str) -> da.Array:
-        return da.from_zarr(self.group[f"{split}/features"])
+        return self._lazy(f"{split}/features")
 
     def labels(self, split: str) -> da.Array:
-        return da.from_zarr(self.group[f"{split}/labels"])
+        return self._lazy(f"{split}/labels")
+
+    def _lazy(self, name: str) -> da.Array:
+        array = self.group[name]
+        return da.from_array(CheckedChunks(array, self.path, name), chunks=array.chunks, name=f"store-{self.path}-{name}",
+                             lock=False, asarray=True)
 
     def image_ids(self, split: str) -> list[str]:
         return list(self.group[split].attrs["image_ids"])
@@ -274,6 +407,7 @@ def open_store(path: str | Path, expected: dict[str, Any]) -> FeatureStore:
         raise StoreError(f"{path} is not a feature store of this pipeline (format {attrs.get('format')!r})")
     if not attrs.get("complete") or any((group[f"{s}/done"][:] == 0).any() for s in group.group_keys()):
         raise StoreError(f"feature store {path} is incomplete (its writing was interrupted); rerun its extract stage")
+    check_chunks(group, path)
     store = FeatureStore(path, group)
     actual = store.record.to_attrs()
     for key, value in expected.items():

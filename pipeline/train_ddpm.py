@@ -23,7 +23,7 @@ from pipeline.config import LossWeighting, LrSchedule, TrainConfig
 from pipeline.data import ImageFiles, to_model_input
 from pipeline.diffusion import Diffusion, NoiseSchedule
 from pipeline.errors import DatasetError
-from pipeline.runtime import atomic_file
+from pipeline.runtime import save_torch_atomic
 from pipeline.unet import ModelFlagsError, UNetConfig, UNetModel, check_state_dict, config_from_flags, create_unet
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"
@@ -166,8 +166,7 @@ def train_ddpm(
         if on_ema is not None:
             on_ema(trainer.step, ema)
         if state_path is not None and config.state_every and trainer.step % config.state_every == 0 and trainer.step < config.steps:
-            with atomic_file(state_path) as temporary:
-                torch.save(trainer.state(fingerprint), temporary)
+            save_torch_atomic(trainer.state(fingerprint), state_path)
     return ema.cpu(), trainer.history
 
 
@@ -202,8 +201,7 @@ def save_checkpoint(path: Path, model: UNetModel, diffusion: Diffusion, source: 
     }
     if getattr(model, "architecture", GUIDED_DIFFUSION) != GUIDED_DIFFUSION:  # guided-diffusion files stay as they were
         payload["architecture"] = model.architecture
-    with atomic_file(path) as temporary:
-        torch.save(payload, temporary)
+    save_torch_atomic(payload, path)
 
 
 def load_checkpoint(path: str | Path) -> tuple[UNetModel, Diffusion, dict]:

@@ -10,7 +10,7 @@ import torch
 from pipeline.config import load_params
 from pipeline.data import Split, list_examples, read_rgb
 from pipeline.ensemble import load_ensemble
-from pipeline.evaluation import predict_split, score
+from pipeline.evaluation import check_finite_metrics, predict_split, score
 from pipeline.metrics import label_counts
 from pipeline.report import confusion_rows, overlay, palette, per_class_table, write_csv_atomic, write_prediction
 from pipeline.runtime import building_dir, pick_device, stage_main, write_json_atomic
@@ -50,6 +50,7 @@ def main() -> None:
         result = predict_split(model, stores, split.value, batch_pixels=params.evaluate.batch_pixels, device=device)
         metrics = score(result.truth, result.prediction, names, dataset.ignore_label, result.disagreement,
                         result.image_size**2)
+        check_finite_metrics(metrics, split.value, dataset.ignore_label)
         results[split] = (result, {"split": split.value, **metrics, "images": len(result.stems)})
     val = results[Split.VAL]
     write_json_atomic(val[1] if val else {"split": "val", "images": 0}, args.val_metrics)

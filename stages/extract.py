@@ -12,7 +12,7 @@ from pipeline.data import Split, list_examples
 from pipeline.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
 from pipeline.features import feature_dim
 from pipeline.runtime import stage_main
-from pipeline.store import StoreRecord, create_or_resume, file_sha256
+from pipeline.store import StoreRecord, create_or_resume, file_sha256, inputs_sha256
 from pipeline.train_ddpm import load_checkpoint
 
 
@@ -33,15 +33,17 @@ def main() -> None:
     else:
         model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(options.device)))
     diffusion.check_timesteps([args.t])
+    examples = {split.value: list_examples(args.data, split, allow_empty=split is Split.VAL) for split in Split}
     record = StoreRecord(t=args.t, blocks=tuple(params.blocks), upsample=options.upsample.value,
                          noise_seed=options.noise_seed, stochastic_noise=options.stochastic_noise,
                          checkpoint_sha256=file_sha256(args.checkpoint), image_size=model.config.image_size,
-                         feature_dim=feature_dim(model, params.blocks))
+                         feature_dim=feature_dim(model, params.blocks),
+                         inputs_sha256=inputs_sha256({s: [(e.stem, e.image_path, e.mask_path) for e in ex]
+                                                      for s, ex in examples.items()}))
     del model
-    examples = {split.value: list_examples(args.data, split, allow_empty=split is Split.VAL) for split in Split}
     where = (f"dask scheduler {options.scheduler}" if options.scheduler
              else f"{options.workers} dask workers" if options.workers else "in process")
-    with extraction_runner(options.workers, options.scheduler) as run:
+    with extraction_runner(options.workers, options.scheduler, options.tls_files()) as run:
         writer = create_or_resume(args.out, record, {s: [e.stem for e in ex] for s, ex in examples.items()},
                                   chunk_pixels=options.chunk_pixels, codec=options.codec, clevel=options.clevel)
         job = ExtractJob(

@@ -11,7 +11,7 @@ import torch
 from pipeline.config import load_params
 from pipeline.ensemble import fit_ensemble
 from pipeline.report import write_csv_atomic
-from pipeline.runtime import atomic_file, pick_device, stage_main
+from pipeline.runtime import pick_device, save_torch_atomic, stage_main
 from pipeline.store import expected_record, lazy_matrix, open_store, set_aside_unused_stores
 
 
@@ -39,11 +39,10 @@ def main() -> None:
         on_epoch=lambda s: print(f"  epoch {s.epoch}: loss {s.loss:.4f} accuracy {s.accuracy:.4f} "
                                  f"({time.perf_counter() - start:.0f}s)", flush=True),
     )
-    with atomic_file(args.out) as temporary:
-        torch.save({"format": "ddpm-segmentation-ensemble/1", "state_dict": model.cpu().state_dict(),
-                    "members": model.members, "dim": model.dim, "num_classes": model.num_classes,
-                    "seed": params.ensemble.seed, "t_steps": list(params.t_steps), "blocks": list(params.blocks),
-                    "checkpoint_sha256": stores[0].record.checkpoint_sha256}, temporary)
+    save_torch_atomic({"format": "ddpm-segmentation-ensemble/1", "state_dict": model.cpu().state_dict(),
+                       "members": model.members, "dim": model.dim, "num_classes": model.num_classes,
+                       "seed": params.ensemble.seed, "t_steps": list(params.t_steps), "blocks": list(params.blocks),
+                       "checkpoint_sha256": stores[0].record.checkpoint_sha256}, args.out)
     write_csv_atomic(pd.DataFrame([vars(s) for s in history]), args.plot)
     passes = len({s.first_member for s in history})
     print(f"fit: {max(s.epoch for s in history)} epochs ({passes} passes of members) in "

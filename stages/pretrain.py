@@ -47,7 +47,7 @@ def main() -> None:
     if ddpm.checkpoint not in (None, SCRATCH) and Path(ddpm.checkpoint).is_dir():
         model, diffusion, source = import_diffusers_folder(Path(ddpm.checkpoint), diffusion, params.dataset.image_size)
         save_checkpoint(args.out, model, diffusion, source)
-        write_csv_atomic(pd.DataFrame(columns=["step", "loss", "mse", "vb", "seconds"]), args.plot)
+        write_csv_atomic(pd.DataFrame(columns=["step", "loss", "mse", "vb"]), args.plot)
         print(f"imported diffusers UNet2DModel {ddpm.checkpoint} ({model.num_decoder_blocks} decoder blocks) -> {args.out}")
         return
     flags = params.unet_config()

@@ -49,3 +49,30 @@ def test_negative_workers_is_a_params_error(tmp_path):
     params = write_params(tmp_path / "p.yaml", {"features.workers": -1})
     result = run_stage("prepare", "--params", params, "--out", tmp_path / "prepared")
     assert result.returncode == 2 and "features.workers must be >= 0" in result.stderr
+
+
+def test_a_tls_scheduler_is_reached_with_the_certificate_params(project, tmp_path, monkeypatch):
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the cluster's worker processes import pipeline
+    security = Security.temporary()  # a throwaway CA-signed certificate, PEM text
+    files = {}
+    for key, text in (("ca", security.tls_ca_file), ("cert", security.tls_client_cert), ("key", security.tls_client_key)):
+        files[key] = tmp_path / f"{key}.pem"
+        files[key].write_text(text)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, protocol="tls://", security=security,
+                      dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tls://")
+        settings = {**SIZES, "features.scheduler": cluster.scheduler_address, "features.tls_ca_file": str(files["ca"]),
+                    "features.tls_cert": str(files["cert"]), "features.tls_key": str(files["key"])}
+        result = extract(project, write_params(tmp_path / "tls.yaml", settings), tmp_path / "tls.zarr")
+        assert result.returncode == 0, result.stderr
+        assert f"(dask scheduler {cluster.scheduler_address})" in result.stdout
+        plain = extract(project, write_params(tmp_path / "plain.yaml", {**SIZES, "features.scheduler":
+                                                                       cluster.scheduler_address.replace("tls://", "tcp://")}),
+                        tmp_path / "plain.zarr")
+        assert plain.returncode == 2 and "cannot reach a dask scheduler there" in plain.stderr  # no TLS, no entry
+    assert zarr.open_group(tmp_path / "tls.zarr", mode="r").attrs["complete"]

@@ -70,21 +70,139 @@ CASES = {
 }
 
 
+def break_two_images_one_stem(root):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "real" / "train" / "im1.jpg")
+
+
+def break_two_unlabeled_one_stem(root):
+    (root / "unlabeled").mkdir()
+    for name in ("u0.png", "u0.jpeg"):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "unlabeled" / name)
+
+
+def break_npz_mask(root):
+    with open(root / "real" / "train" / "im1.npy", "wb") as handle:
+        np.savez(handle, mask=np.zeros((16, 16), np.uint8))
+
+
+def break_pickled_mask(root):
+    import pickle
+
+    (root / "real" / "test" / "im2.npy").write_bytes(pickle.dumps({"mask": np.zeros((16, 16), np.uint8)}))
+
+
+def break_huge_header(root):
+    from tests.test_image_reader import huge_header_png
+
+    huge_header_png(root / "real" / "test" / "im0.png")
+
+
+def break_yaml_duplicate(root):
+    params = root.parent / "params.yaml"
+    text = params.read_text()
+    params.write_text(text.replace("dataset:\n", "dataset:\n  image_size: 16\n", 1))
+
+
+# Issue 13 (files people keep, params that load but fail later): each also keeps an earlier complete output.
+INPUT_CASES = {
+    "two images for one stem": (break_two_images_one_stem, {}, "real/train/im1.jpg"),
+    "two unlabeled images for one stem": (break_two_unlabeled_one_stem, {}, "unlabeled/u0.jpeg"),
+    "npz renamed .npy": (break_npz_mask, {}, "im1.npy is a zip archive (an .npz renamed .npy?), not a .npy array; "
+                                            "save the mask with numpy.save"),
+    "pickled mask": (break_pickled_mask, {}, "im2.npy is a Python pickle, not a .npy array"),
+    "huge PNG header": (break_huge_header, {}, "im0.png is too large to decode safely (its header claims more than "
+                                               "twice the limit; the limit is 89478485 pixels)"),
+    "num_classes over 255": (lambda root: None, {"dataset.num_classes": 300},
+                             "dataset.num_classes=300: masks, labels and predictions are uint8"),
+    "channels vs group-norm groups": (lambda root: None, {"ddpm.model.num_channels": 48},
+                                      "ddpm.model flags do not build a UNet (num_channels (48) must be divisible by num_groups (32))"),
+    "dropout 1.5": (lambda root: None, {"ddpm.model.dropout": 1.5}, "ddpm.model.dropout=1.5 must be in [0, 1)"),
+    "device name": (lambda root: None, {"features.device": "gpu"}, "features.device='gpu' is not a device; use auto"),
+    "device not here": (lambda root: None, {"ensemble.device": "cuda:7"}, "ensemble.device='cuda:7': this machine has"),
+    "negative seed": (lambda root: None, {"features.noise_seed": -1}, "features.noise_seed=-1: seeds must be in [0, 2**63)"),
+    "codec level": (lambda root: None, {"features.clevel": 12}, "features.clevel=12 is outside [1, 9], the levels of "
+                                                                "features.codec=zstd"),
+    "batch size 1": (lambda root: None, {"ensemble.batch_size": 1}, "ensemble.batch_size and ensemble.buffer_rows must "
+                                                                    "be >= 2 (BatchNorm needs two rows per batch)"),
+    "duplicated YAML key": (break_yaml_duplicate, {}, "params.yaml: key 'image_size' appears twice in one section, on "
+                                                      "line 6 and line 13; delete one of them"),
+    "tls scheduler without certificates": (lambda root: None, {"features.scheduler": "tls://10.0.0.5:8786"},
+                                           "is a TLS address, so features.tls_ca_file must be an existing PEM file, got None"),
+    "certificates for a plain tcp scheduler": (lambda root: None, {"features.scheduler": "tcp://10.0.0.5:8786",
+                                                                   "features.tls_cert": "client.pem"},
+                                               "features.tls_cert given but features.scheduler='tcp://10.0.0.5:8786' is "
+                                               "not a tls:// address"),
+    "beta leaves (0, 1)": (lambda root: None, {"ddpm.diffusion_steps": 10, "t_steps": [5]},
+                           "ddpm.diffusion_steps=10 with ddpm.noise_schedule=linear gives beta=1.11556 at step 5, outside (0, 1)"),
+}
+
+
+def prepare_settings(root, overrides):
+    settings = {"dataset.name": "mydata", "dataset.root": str(root), "dataset.image_size": 16,
+                "dataset.num_classes": 3, "dataset.train_images": 3, "dataset.val_images": 0, "dataset.test_images": 3,
+                "ddpm.model.channel_mult": [1, 2]}
+    return {**settings, **overrides}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_prepare_rejects_bad_dataset_and_leaves_nothing(tmp_path, case):
     breaker, overrides, message = CASES[case]
     root = paper_layout(tmp_path / "mydata")
     breaker(root)
-    settings = {"dataset.name": "mydata", "dataset.root": str(root), "dataset.image_size": 16,
-                "dataset.num_classes": 3, "dataset.train_images": 3, "dataset.val_images": 0, "dataset.test_images": 3,
-                "ddpm.model.channel_mult": [1, 2]}
-    settings.update(overrides)
-    params = write_params(tmp_path / "params.yaml", settings)
+    params = write_params(tmp_path / "params.yaml", prepare_settings(root, overrides))
     out = tmp_path / "prepared"
     result = run_stage("prepare", "--params", params, "--out", out)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and not out.with_name("prepared.tmp").exists()
+
+
+@pytest.mark.parametrize("case", list(INPUT_CASES))
+def test_prepare_rejects_files_people_keep_and_keeps_the_last_good_output(tmp_path, case):
+    breaker, overrides, message = INPUT_CASES[case]
+    root = paper_layout(tmp_path / "mydata")
+    params = write_params(tmp_path / "params.yaml", prepare_settings(root, overrides))
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / "dataset.json").write_text("{}")  # an earlier complete output
+    breaker(root)
+    result = run_stage("prepare", "--params", params, "--out", out)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert (out / "dataset.json").read_text() == "{}" and not out.with_name("prepared.tmp").exists()
+
+
+def exif_rotated_jpeg(path, pixels, orientation):
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, quality=100, subsampling=0, exif=exif)
+
+
+def test_prepare_converts_16_bit_palette_and_exif_rotated_images_and_says_so_once(tmp_path):
+    root = paper_layout(tmp_path / "mydata")
+    train = root / "real" / "train"
+    for index in range(3):  # three 16-bit PNGs: one note for the kind, not one per file
+        Image.fromarray(np.full((16, 16), 257 * (10 + index), np.uint16)).save(train / f"im{index}.png")
+    stored = np.zeros((16, 20, 3), np.uint8)
+    stored[:, :10] = 255  # left half white as stored; EXIF 8 shows it rotated 90 degrees anticlockwise: white below
+    (root / "real" / "test" / "im0.png").unlink()
+    exif_rotated_jpeg(root / "real" / "test" / "im0.jpg", stored, orientation=8)
+    mask = np.zeros((20, 16), np.uint8)
+    mask[10:] = 1  # annotated on the image as displayed
+    np.save(root / "real" / "test" / "im0.npy", mask)
+    palette = Image.fromarray(np.full((16, 16), 2, np.uint8)).convert("P")
+    palette.save(root / "real" / "test" / "im1.png")
+    params = write_params(tmp_path / "params.yaml", prepare_settings(root, {"dataset.non_square": "center_crop"}))
+    result = run_stage("prepare", "--params", params, "--out", tmp_path / "prepared")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("16-bit greyscale images (I;16) are scaled to 8 bits") == 1
+    assert result.stderr.count("EXIF orientation is applied") == 1 and result.stderr.count("palette (P)") == 1
+    prepared = tmp_path / "prepared" / "real"
+    assert np.asarray(Image.open(prepared / "train" / "im2.png"))[0, 0].tolist() == [12, 12, 12]
+    image, prepared_mask = np.asarray(Image.open(prepared / "test" / "im0.png")), np.load(prepared / "test" / "im0.npy")
+    assert image[8:].mean() > 200 and image[:6].mean() < 50  # centre-cropped to 16x16: rows 2..17 of the displayed
+    np.testing.assert_array_equal(prepared_mask, mask[2:18])  # the mask, cropped alike, lines up with the white rows
 
 
 def test_block_out_of_range(project, tmp_path):
