@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.config import LossWeighting, LrSchedule, TrainConfig
 from pipeline.data import ImageFiles, to_model_input
 from pipeline.diffusion import Diffusion, NoiseSchedule
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, NumericsError
 from pipeline.runtime import save_torch_atomic
 from pipeline.unet import ModelFlagsError, UNetConfig, UNetModel, check_state_dict, config_from_flags, create_unet
 
@@ -38,8 +38,9 @@ def ema_rate_at(step: int, target: float) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, rate: float) -> None:
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
-        ema_param.mul_(rate).add_(param.detach(), alpha=1 - rate)
+    ema_params, params = list(ema.parameters()), [param.detach() for param in model.parameters()]
+    torch._foreach_mul_(ema_params, rate)  # the same arithmetic as a loop of mul_ / add_, in a few kernels
+    torch._foreach_add_(ema_params, params, alpha=1 - rate)
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
@@ -179,6 +180,11 @@ def _train_step(trainer: Trainer, diffusion: Diffusion, x_start: torch.Tensor, w
     x_t = diffusion.q_sample(x_start, t, noise)
     terms = diffusion.training_losses(trainer.model(x_t, diffusion.model_timesteps(t)), x_start, x_t, t, noise)
     loss = (terms["loss"] + (weights.to(device)[t] - 1) * terms["mse"]).mean()  # weighted mse + vb
+    if not torch.isfinite(loss):
+        raise NumericsError(
+            f"pretrain: the loss became {loss.item()} at step {trainer.step}; likely cause: ddpm.train.lr="
+            f"{lr:g} is too high (try a lower one or warmup_steps), or the images hold extreme values. "
+            f"No checkpoint was written; the last resumable state (if any) is kept")
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr
     trainer.optimizer.zero_grad(set_to_none=True)

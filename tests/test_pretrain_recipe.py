@@ -103,7 +103,7 @@ def test_an_interrupted_run_resumes_to_the_unbroken_runs_weights(tmp_path):
 
 
 def test_a_state_of_other_params_is_not_resumed(tmp_path, capsys):
-    config = TrainConfig(steps=4, batch_size=8, lr=1e-3, state_every=2)
+    config = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=0, state_every=2)
     state = tmp_path / "ddpm.pt.state"
     with pytest.raises(Interrupted):
         train(config, on_step=lambda step, losses: (_ for _ in ()).throw(Interrupted) if step == 3 else None,
@@ -148,3 +148,10 @@ def test_killed_pretraining_resumes_to_a_byte_identical_checkpoint(tmp_path):
     assert out.read_bytes() == whole.read_bytes()
     assert out.with_suffix(".csv").read_text() == whole.with_suffix(".csv").read_text()
     assert not state.exists()  # a finished run leaves no state behind
+
+
+def test_a_non_finite_loss_stops_pretraining_naming_the_step_and_the_lr():
+    from pipeline.errors import NumericsError
+
+    with pytest.raises(NumericsError, match=r"loss became (nan|inf) at step 2; likely cause: ddpm.train.lr=1e\+30"):
+        train(TrainConfig(steps=3, batch_size=8, lr=1e30, warmup_steps=0), on_step=None)
