@@ -7,7 +7,7 @@ test). A snapshot at step k equals a k-step run only when nothing in the recipe 
 step count, so a recipe with ``lr_schedule=cosine`` is trained once per listed step instead.
 
     python benchmarks/learning_curve.py --steps 200 400 800 1600 \\
-        --recipe today --recipe "new: lr=1e-3 warmup_steps=100 loss_weighting=min_snr" \\
+        --recipe "lr2e-4: lr=2e-4 warmup_steps=0" --recipe "min-snr: loss_weighting=min_snr" \\
         --out benchmarks/results/learning_curve.json --plot docs/learning_curve.png
 
 Run alone (it uses both cores). Minutes per point are wall-clock on the machine that ran it.
@@ -121,8 +121,11 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = sorted((row for row in rows if row["recipe"] == recipe), key=lambda row: row["step"])
         label = recipe + (" (one run per point)" if mine[0]["overrides"].get("lr_schedule") == "cosine" else "")
         axis.plot([r["step"] for r in mine], [r["val_miou"] for r in mine], marker="o", label=label)
-    axis.set(xlabel="DDPM pretraining steps (batch 32)", ylabel="val mIoU (paper protocol)", xscale="log",
-             title="Built-in digits: val mIoU against pretraining")
+    axis.set(xlabel="DDPM pretraining steps (batch 32 unless said)", ylabel="val mIoU (paper protocol)",
+             xscale="log", title="Built-in digits: val mIoU against pretraining")
+    steps = sorted({row["step"] for row in rows})
+    axis.set_xticks(steps, [str(step) for step in steps])
+    axis.minorticks_off()
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
