@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,35 @@ def test_a_non_finite_loss_stops_pretraining_naming_the_step_and_the_lr():
 
     with pytest.raises(NumericsError, match=r"loss became (nan|inf) at step 2; likely cause: ddpm.train.lr=1e\+30"):
         train(TrainConfig(steps=3, batch_size=8, lr=1e30, warmup_steps=0), on_step=None)
+
+
+def test_disk_full_while_saving_the_checkpoint_keeps_the_last_one_and_the_state(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import stages.pretrain
+
+    project = make_project(tmp_path, {"dataset.unlabeled_images": 16, "ddpm.train.steps": 3, "ddpm.train.batch_size": 8,
+                                      "ddpm.train.state_every": 2})
+    out = tmp_path / "trained.pt"
+    shutil.copy(project["checkpoint"], out)
+    before = out.read_bytes()
+    real_save = torch.save
+
+    def full_disk(payload, path, *args, **kwargs):  # torch's zip writer on ENOSPC: a partial file, a bare RuntimeError
+        real_save(payload, path, *args, **kwargs)
+        if Path(path).name == "trained.pt.tmp":
+            with open(path, "r+b") as handle:
+                handle.truncate(100)
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(sys, "argv", ["pretrain", "--params", str(project["params"]), "--data", str(project["data"]),
+                                      "--out", str(out), "--plot", str(tmp_path / "loss.csv")])
+    with pytest.raises(SystemExit) as exit_info:
+        stages.pretrain.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"disk full while writing ({out}" in err and "free space and rerun the stage" in err
+    assert out.read_bytes() == before and not out.with_name("trained.pt.tmp").exists()
+    assert torch.load(out.with_name("trained.pt.state"), weights_only=True)["step"] == 2  # the rerun resumes from it
