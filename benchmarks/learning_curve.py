@@ -28,7 +28,7 @@ from pipeline.config import LrSchedule, Params, params_from_dict
 from pipeline.data import Split, load_split, load_unlabeled, to_model_input
 from pipeline.diffusion import Diffusion
 from pipeline.evaluation import fit_and_score
-from pipeline.features import feature_maps, make_noise
+from pipeline.features import make_noise, pixel_features
 from pipeline.train_ddpm import train_ddpm
 from pipeline.unet import create_unet
 
@@ -54,23 +54,24 @@ def recipe_params(base: dict, overrides: dict, steps: int) -> Params:
     return params_from_dict(data)  # validated as params.yaml would be
 
 
-def pixel_rows(model, diffusion, images: np.ndarray, params: Params, batch: int = 25) -> np.ndarray:
+def pixel_rows(model, images: np.ndarray, params: Params, batch: int = 25) -> np.ndarray:
     """``[N*H*W, D] float16`` features of the images, rows as a store holds them."""
     noise = make_noise(params.features.noise_seed, params.dataset.image_size)
-    rows = []
-    for start in range(0, len(images), batch):
-        maps = feature_maps(model, diffusion, to_model_input(images[start : start + batch]), t_steps=list(params.t_steps),
-                            blocks=list(params.blocks), noise=noise, upsample=params.features.upsample)
-        rows.append(maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).half().numpy())
-    return np.concatenate(rows)
+    ddpm = params.ddpm
+    return np.concatenate([
+        pixel_features(model, to_model_input(images[start : start + batch]), t_steps=list(params.t_steps),
+                       blocks=list(params.blocks), noise=noise, noise_schedule=ddpm.noise_schedule,
+                       diffusion_steps=ddpm.diffusion_steps, upsample=params.features.upsample,
+                       rescale_timesteps=ddpm.rescale_timesteps).half().numpy()
+        for start in range(0, len(images), batch)])
 
 
-def score_snapshot(ema, diffusion, params: Params, splits: dict) -> dict:
+def score_snapshot(ema, params: Params, splits: dict) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(params.ensemble.threads or threads)  # the fit stage's setting
     try:
         with torch.no_grad():
-            features = {name: pixel_rows(ema, diffusion, images, params) for name, (images, _) in splits.items()}
+            features = {name: pixel_rows(ema, images, params) for name, (images, _) in splits.items()}
         labels = {name: masks.reshape(-1) for name, (_, masks) in splits.items()}
         return fit_and_score((features["train"], labels["train"]), (features["val"], labels["val"]), config=params.ensemble,
                              class_names=params.dataset.names(), ignore_label=params.dataset.ignore_label,
@@ -94,7 +95,7 @@ def run_recipe(name: str, params: Params, points: list[int], images, splits: dic
             return
         clock["train"] += time.perf_counter() - clock["since"]
         start = time.perf_counter()
-        metrics = score_snapshot(copy.deepcopy(ema).eval(), diffusion, params, splits)
+        metrics = score_snapshot(copy.deepcopy(ema).eval(), params, splits)
         row = {"recipe": name, "step": step, "val_miou": metrics["miou"], "val_miou_strict": metrics["miou_strict"],
                "train_minutes": round(clock["train"] / 60, 2), "score_minutes": round((time.perf_counter() - start) / 60, 2),
                "loss_last_50": round(float(np.mean(window[-50:])), 5)}

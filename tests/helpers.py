@@ -58,3 +58,19 @@ def make_project(root: Path, overrides: dict | None = None) -> dict[str, Path]:
     torch.manual_seed(0)
     save_checkpoint(checkpoint, create_unet(loaded.unet_config()).eval(), Diffusion("linear", 1000), {"kind": "test"})
     return {"params": params, "data": data, "checkpoint": checkpoint}
+
+
+def full_disk_save(real_save, failing_name: str | None = None):
+    """A stand-in for ``torch.save`` that fails as torch's zip writer does on a full disk: it leaves a
+    partial file, then raises a bare RuntimeError. Only for files named ``failing_name`` when given."""
+
+    def save(payload, path, *args, **kwargs):
+        real_save(payload, path, *args, **kwargs)
+        if failing_name is not None and Path(path).name != failing_name:
+            return
+        with open(path, "r+b") as handle:
+            handle.truncate(100)
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    return save

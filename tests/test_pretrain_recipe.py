@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from pipeline.diffusion import Diffusion
 from pipeline.train_ddpm import batch_at, lr_at, mse_weights, train_ddpm
 from pipeline.unet import create_unet
 from tests.conftest import REPO
-from tests.helpers import make_project
+from tests.helpers import full_disk_save, make_project
 
 TINY = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2],
         "attention_resolutions": [], "num_head_channels": 32, "use_scale_shift_norm": True,
@@ -168,17 +167,7 @@ def test_disk_full_while_saving_the_checkpoint_keeps_the_last_one_and_the_state(
     out = tmp_path / "trained.pt"
     shutil.copy(project["checkpoint"], out)
     before = out.read_bytes()
-    real_save = torch.save
-
-    def full_disk(payload, path, *args, **kwargs):  # torch's zip writer on ENOSPC: a partial file, a bare RuntimeError
-        real_save(payload, path, *args, **kwargs)
-        if Path(path).name == "trained.pt.tmp":
-            with open(path, "r+b") as handle:
-                handle.truncate(100)
-            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
-                               "data/3: file write failed")
-
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk_save(torch.save, "trained.pt.tmp"))  # the resumable states still save
     monkeypatch.setattr(sys, "argv", ["pretrain", "--params", str(project["params"]), "--data", str(project["data"]),
                                       "--out", str(out), "--plot", str(tmp_path / "loss.csv")])
     with pytest.raises(SystemExit) as exit_info:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.train_ddpm import load_checkpoint, save_checkpoint
-from tests.helpers import make_project, run_stage, write_params
+from tests.helpers import full_disk_save, make_project, run_stage, write_params
 
 
 @pytest.fixture(scope="module")
@@ -229,16 +229,7 @@ def test_disk_full_while_saving_the_ensemble_keeps_the_last_one(project, tmp_pat
     out = tmp_path / "ensemble.pt"
     shutil.copy(project["data"].parent / "ensemble.pt", out)
     before = out.read_bytes()
-    real_save = torch.save
-
-    def full_disk(payload, path, *args, **kwargs):  # what torch's zip writer raises on ENOSPC, after a partial write
-        real_save(payload, path, *args, **kwargs)
-        with open(path, "r+b") as handle:
-            handle.truncate(100)
-        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
-                           "data/3: file write failed")
-
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk_save(torch.save))
     monkeypatch.setattr(sys, "argv", ["fit", "--params", str(project["one_step"]), "--stores",
                                       str(project["data"].parent / "t{t}.zarr"), "--out", str(out), "--plot",
                                       str(tmp_path / "fit.csv")])
