@@ -74,3 +74,15 @@ def full_disk_save(real_save, failing_name: str | None = None):
                            "data/3: file write failed")
 
     return save
+
+
+def exit_code_2_stderr(main, argv: list[str], monkeypatch, capsys) -> str:
+    """Run a stage's ``main`` in this process (so monkeypatches reach it) with ``argv``; assert it exits
+    with code 2 and return what it wrote to stderr."""
+    import pytest
+
+    monkeypatch.setattr(sys, "argv", [str(arg) for arg in argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err

@@ -17,7 +17,7 @@ from pipeline.diffusion import Diffusion
 from pipeline.train_ddpm import batch_at, lr_at, mse_weights, train_ddpm
 from pipeline.unet import create_unet
 from tests.conftest import REPO
-from tests.helpers import full_disk_save, make_project
+from tests.helpers import exit_code_2_stderr, full_disk_save, make_project
 
 TINY = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2],
         "attention_resolutions": [], "num_head_channels": 32, "use_scale_shift_norm": True,
@@ -168,12 +168,8 @@ def test_disk_full_while_saving_the_checkpoint_keeps_the_last_one_and_the_state(
     shutil.copy(project["checkpoint"], out)
     before = out.read_bytes()
     monkeypatch.setattr(torch, "save", full_disk_save(torch.save, "trained.pt.tmp"))  # the resumable states still save
-    monkeypatch.setattr(sys, "argv", ["pretrain", "--params", str(project["params"]), "--data", str(project["data"]),
-                                      "--out", str(out), "--plot", str(tmp_path / "loss.csv")])
-    with pytest.raises(SystemExit) as exit_info:
-        stages.pretrain.main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = exit_code_2_stderr(stages.pretrain.main, ["pretrain", "--params", project["params"], "--data", project["data"],
+                                                    "--out", out, "--plot", tmp_path / "loss.csv"], monkeypatch, capsys)
     assert f"disk full while writing ({out}" in err and "free space and rerun the stage" in err
     assert out.read_bytes() == before and not out.with_name("trained.pt.tmp").exists()
     assert torch.load(out.with_name("trained.pt.state"), weights_only=True)["step"] == 2  # the rerun resumes from it

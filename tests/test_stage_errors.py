@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import make_project, run_stage, write_params
+from tests.helpers import exit_code_2_stderr, make_project, run_stage, write_params
 
 
 @pytest.fixture(scope="module")
@@ -283,8 +283,6 @@ def test_interrupted_store_is_refused(project, tmp_path):
 
 
 def test_disk_full_while_writing_keeps_nothing_half_written(project, tmp_path, monkeypatch, capsys):
-    import sys
-
     import stages.extract
     from pipeline import store
 
@@ -299,12 +297,10 @@ def test_disk_full_while_writing_keeps_nothing_half_written(project, tmp_path, m
 
     monkeypatch.setattr(store.StoreWriter, "write", failing_write)
     out = tmp_path / "t50.zarr"
-    monkeypatch.setattr(sys, "argv", ["extract", "--params", str(project["params"]), "--t", "50", "--data",
-                                      str(project["data"]), "--checkpoint", str(project["checkpoint"]), "--out", str(out)])
-    with pytest.raises(SystemExit) as exit_info:
-        stages.extract.main()
-    assert exit_info.value.code == 2
-    assert "disk full while writing" in capsys.readouterr().err
+    err = exit_code_2_stderr(stages.extract.main, ["extract", "--params", project["params"], "--t", "50", "--data",
+                                                   project["data"], "--checkpoint", project["checkpoint"], "--out", out],
+                             monkeypatch, capsys)
+    assert "disk full while writing" in err
     assert not out.exists()  # the final store never appears half-written
     monkeypatch.setattr(store.StoreWriter, "write", original)
     stages.extract.main()  # the rerun resumes from the two images already written and finishes

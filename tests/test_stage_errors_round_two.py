@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.train_ddpm import load_checkpoint, save_checkpoint
-from tests.helpers import full_disk_save, make_project, run_stage, write_params
+from tests.helpers import exit_code_2_stderr, full_disk_save, make_project, run_stage, write_params
 
 
 @pytest.fixture(scope="module")
@@ -222,21 +222,15 @@ def test_a_location_that_is_not_our_store_is_never_replaced(project, tmp_path, w
 
 
 def test_disk_full_while_saving_the_ensemble_keeps_the_last_one(project, tmp_path, monkeypatch, capsys):
-    import sys
-
     import stages.fit
 
     out = tmp_path / "ensemble.pt"
     shutil.copy(project["data"].parent / "ensemble.pt", out)
     before = out.read_bytes()
     monkeypatch.setattr(torch, "save", full_disk_save(torch.save))
-    monkeypatch.setattr(sys, "argv", ["fit", "--params", str(project["one_step"]), "--stores",
-                                      str(project["data"].parent / "t{t}.zarr"), "--out", str(out), "--plot",
-                                      str(tmp_path / "fit.csv")])
-    with pytest.raises(SystemExit) as exit_info:
-        stages.fit.main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = exit_code_2_stderr(stages.fit.main, ["fit", "--params", project["one_step"], "--stores",
+                                               project["data"].parent / "t{t}.zarr", "--out", out, "--plot",
+                                               tmp_path / "fit.csv"], monkeypatch, capsys)
     assert f"disk full while writing ({out}" in err and "free space and rerun the stage" in err
     assert out.read_bytes() == before and not out.with_name("ensemble.pt.tmp").exists()
     assert not (tmp_path / "fit.csv").exists()
