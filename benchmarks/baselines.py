@@ -59,11 +59,11 @@ def random_init_miou(params_path: Path, data: Path, work: Path) -> dict[str, flo
     def stage(name: str, *args: str) -> None:
         subprocess.run([sys.executable, "-m", f"stages.{name}", "--params", str(override), *args], check=True)
 
-    stage("pretrain", "--data", str(data), "--out", str(work / "ddpm.pt"), "--plot", str(work / "loss.csv"))
+    stage("pretrain", "--data", str(data), "--out", str(work / "ddpm.pt"), "--curves", str(work / "pretrain_curves"))
     for t in params["t_steps"]:
         stage("extract", "--t", str(t), "--data", str(data), "--checkpoint", str(work / "ddpm.pt"),
               "--out", stores.format(t=t))
-    stage("fit", "--stores", stores, "--out", str(work / "ensemble.pt"), "--plot", str(work / "fit.csv"))
+    stage("fit", "--stores", stores, "--out", str(work / "ensemble.pt"), "--curves", str(work / "fit_curves"))
     stage("evaluate", "--stores", stores, "--ensemble", str(work / "ensemble.pt"), "--data", str(data),
           "--metrics", str(work / "eval.json"), "--per-class", str(work / "iou.csv"),
           "--confusion", str(work / "confusion.csv"), "--overlays", str(work / "overlays"),

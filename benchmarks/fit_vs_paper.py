@@ -11,7 +11,7 @@
     values as params.yaml's ensemble section), ``--set key=value`` overriding them.
 
 Both are scored on the **val** split with the paper's protocol: majority vote of the members
-(pipeline.metrics.majority_vote), then mean_iou_paper(label_counts(truth, prediction, C), ignore).
+(pipeline.metrics.majority_vote), then evaluate's metrics (pipeline.evaluation.score: the paper's mIoU).
 Every (procedure, seed) run is its own subprocess, reporting its own peak RSS (VmHWM) and its
 fit seconds (from opening the stores to a trained ensemble, the paper's loading into RAM included;
 val prediction excluded). Runs are interleaved a, b, b, a, a, b, ... so that load from other jobs on
@@ -129,18 +129,21 @@ def score_val(predict, matrix, labels, num_classes: int, ignore_label: int) -> f
     import dask
     import torch
 
-    from pipeline.metrics import label_counts, majority_vote, mean_iou_paper
+    from pipeline.evaluation import score
+    from pipeline.metrics import majority_vote
 
     if matrix.numblocks[1] != 1:
         matrix = matrix.rechunk({1: -1})
     labels = labels.rechunk((matrix.chunks[0],))
-    counts = np.zeros((256, num_classes), dtype=np.int64)
+    votes, truths = [], []
     with torch.no_grad():
         for block in range(matrix.numblocks[0]):
             rows, truth = dask.compute(matrix.blocks[block], labels.blocks[block], scheduler="synchronous")
-            votes = majority_vote(predict(torch.from_numpy(rows.astype(np.float32))), num_classes)
-            counts += label_counts(truth, votes.numpy(), num_classes)
-    return mean_iou_paper(counts, ignore_label)
+            votes.append(majority_vote(predict(torch.from_numpy(rows.astype(np.float32))), num_classes).numpy())
+            truths.append(truth)
+    # evaluate's metrics (pipeline.evaluation.score); the vote is here because the paper's members are not
+    # an EnsembleMLP that pipeline.evaluation.vote could run.
+    return score(np.concatenate(truths), np.concatenate(votes), [str(c) for c in range(num_classes)], ignore_label)["miou"]
 
 
 def peak_rss_mb() -> float:
@@ -251,10 +254,8 @@ def tiled_canvases(pool: np.ndarray, count: int, seed: int) -> list[tuple[np.nda
 
 
 def build_paper_like(work: Path, checkpoint: Path, train_images: int, val_images: int) -> str:
-    import torch
-
     from pipeline.data import split_digit_pools, to_model_input
-    from pipeline.features import feature_dim, feature_maps, make_noise
+    from pipeline.features import feature_dim, iter_pixel_features, make_noise
     from pipeline.store import StoreRecord, create_or_resume, file_sha256
     from pipeline.train_ddpm import load_checkpoint
 
@@ -276,13 +277,12 @@ def build_paper_like(work: Path, checkpoint: Path, train_images: int, val_images
         writer = create_or_resume(pattern.format(t=t), record, ids, chunk_pixels=PAPER_LIKE["chunk_pixels"],
                                   codec="zstd", clevel=3)
         for split, items in splits.items():
-            for first in range(0, len(items), 4):
-                batch = items[first : first + 4]
-                x0 = to_model_input(np.stack([image for image, _ in batch]))
-                maps = feature_maps(model, diffusion, x0, t_steps=[t], blocks=PAPER_LIKE["blocks"], noise=noise)
-                rows = maps.permute(0, 2, 3, 1).reshape(len(batch), -1, dim).to(torch.float16).numpy()
-                for offset, (_, mask) in enumerate(batch):
-                    writer.write(split, first + offset, rows[offset], mask.reshape(-1))
+            batches = ((list(range(first, min(first + 4, len(items)))),
+                        to_model_input(np.stack([image for image, _ in items[first : first + 4]])), noise)
+                       for first in range(0, len(items), 4))
+            for index, rows in iter_pixel_features(model, diffusion, batches, t_steps=[t], blocks=PAPER_LIKE["blocks"],
+                                                   upsample="bilinear"):
+                writer.write(split, index, rows.numpy(), items[index][1].reshape(-1))
         writer.finish()
     return pattern
 

@@ -18,28 +18,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline.config import load_params
 from pipeline.data import Split, load_split, to_model_input
 from pipeline.evaluation import fit_and_score
-from pipeline.features import feature_maps, make_noise
+from pipeline.features import iter_pixel_features, make_noise
 from pipeline.train_ddpm import load_checkpoint
 
 
-def block_maps(model, diffusion, images, t, noise, batch=25):
-    maps = []
-    for start in range(0, len(images), batch):
-        x0 = to_model_input(images[start : start + batch])
-        per_block = [feature_maps(model, diffusion, x0, t_steps=[t], blocks=[b], noise=noise)
-                     for b in range(model.num_decoder_blocks)]
-        maps.append(per_block)
-    # -> list over blocks of [N*H*W, C_b] float16
-    out = []
-    for b in range(model.num_decoder_blocks):
-        m = torch.cat([chunk[b] for chunk in maps])
-        out.append(m.permute(0, 2, 3, 1).reshape(-1, m.shape[1]).half().numpy())
-    return out
+def block_rows(model, diffusion, images, t, noise, batch=25) -> list[np.ndarray]:
+    """Per decoder block, the ``[N*H*W, C_b] float16`` pixel rows of ``images`` at step ``t`` (image-major),
+    made as the extract stage makes them (``pipeline.features.iter_pixel_features``)."""
+    def batches():
+        for start in range(0, len(images), batch):
+            x0 = to_model_input(images[start : start + batch])
+            yield list(range(start, start + len(x0))), x0, noise
+
+    return [np.concatenate([rows.numpy() for _, rows in iter_pixel_features(
+                model, diffusion, batches(), t_steps=[t], blocks=[block], upsample="bilinear")])
+            for block in range(model.num_decoder_blocks)]
 
 
 def main() -> None:
@@ -60,7 +57,7 @@ def main() -> None:
     noise = make_noise(0, model.config.image_size)
     features = {}
     for t in args.steps:
-        features[t] = (block_maps(model, diffusion, train_images, t, noise), block_maps(model, diffusion, val_images, t, noise))
+        features[t] = (block_rows(model, diffusion, train_images, t, noise), block_rows(model, diffusion, val_images, t, noise))
     config = params.ensemble if args.members is None else dataclasses.replace(params.ensemble, members=args.members)
     step_sets = [tuple(int(s) for s in spec.split(",")) for spec in args.step_sets] if args.step_sets else [tuple(args.steps)]
     results = []

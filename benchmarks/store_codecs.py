@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import zarr
 import zarr.codecs
 
 from pipeline.data import Split, load_split, to_model_input
-from pipeline.features import feature_maps, make_noise
+from pipeline.features import iter_pixel_features, make_noise
 from pipeline.train_ddpm import load_checkpoint
 
 CODECS = {
@@ -48,10 +47,9 @@ def main() -> None:
     model, diffusion, _ = load_checkpoint(args.checkpoint)
     blocks = args.blocks or list(range(model.num_decoder_blocks))
     images = load_split(args.data, Split.TRAIN)[1][: args.images]
-    with torch.no_grad():
-        maps = feature_maps(model, diffusion, to_model_input(images), t_steps=args.steps, blocks=blocks,
-                            noise=make_noise(0, model.config.image_size))
-    features = maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).half().numpy()
+    batch = [(list(range(len(images))), to_model_input(images), make_noise(0, model.config.image_size))]
+    features = np.concatenate([rows.numpy() for _, rows in iter_pixel_features(  # the extract stage's rows
+        model, diffusion, batch, t_steps=args.steps, blocks=blocks, upsample="bilinear")])
     megabytes = features.nbytes / 2**20
     print(f"{features.shape[0]} pixels x {features.shape[1]} features = {megabytes:.0f} MB float16")
     results = []

@@ -196,6 +196,13 @@ class ShufflePool:
         yield pool, pool_labels, torch.arange(filled)
 
 
+def member_passes(config: EnsembleConfig) -> list[tuple[int, int]]:
+    """``(first member, members)`` of each pass of the fit, in order."""
+    # members_per_pass null: the members split evenly over the passes that run at once.
+    group = config.members_per_pass or math.ceil(config.members / config.parallel_passes)
+    return [(first, min(group, config.members - first)) for first in range(0, config.members, group)]
+
+
 def fit_ensemble(
     matrix: da.Array,
     labels: da.Array,
@@ -216,9 +223,7 @@ def fit_ensemble(
     (``config.batch_patience``, ``config.warmup_epochs``) and keeps the weights and BatchNorm buffers it
     had at its stop.
     """
-    # members_per_pass null: the members split evenly over the passes that run at once.
-    group = config.members_per_pass or math.ceil(config.members / config.parallel_passes)
-    passes = [(first, min(group, config.members - first)) for first in range(0, config.members, group)]
+    passes = member_passes(config)
 
     def fit_pass(part: tuple[int, int]) -> tuple[EnsembleMLP, list[EpochStats]]:
         return _fit_members(matrix, labels, *part, num_classes=num_classes, ignore_label=ignore_label, config=config,

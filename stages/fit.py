@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from pipeline.config import load_params
-from pipeline.ensemble import fit_ensemble
-from pipeline.report import write_csv_atomic
+from pipeline.ensemble import EpochStats, fit_ensemble, member_passes
+from pipeline.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, save_torch_atomic, stage_main
 from pipeline.store import expected_record, lazy_matrix, open_store, set_aside_unused_stores
 
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--stores", required=True, help="store path or fsspec URL with {t}, e.g. features/t{t}.zarr")
     parser.add_argument("--out", type=Path, required=True, help="ensemble file to write")
-    parser.add_argument("--plot", type=Path, required=True, help="per-epoch loss CSV")
+    parser.add_argument("--curves", type=Path, required=True, help="dvclive folder for the per-epoch loss curves")
     args = parser.parse_args()
     params = load_params(args.params)
     if params.ensemble.threads:
@@ -33,21 +33,34 @@ def main() -> None:
     print(f"fit: {matrix.shape[0]} pixels x {matrix.shape[1]} features from {len(stores)} stores, "
           f"{params.ensemble.members} members")
     start = time.perf_counter()
+    live, lock = open_curves(args.curves), threading.Lock()  # passes report their epochs from their own threads
+    firsts = [first for first, _ in member_passes(params.ensemble)]
+
+    def on_epoch(stats: EpochStats) -> None:
+        with lock:
+            log_step(live, *epoch_row(stats, firsts))
+        print(f"  epoch {stats.epoch}: loss {stats.loss:.4f} accuracy {stats.accuracy:.4f} "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)
+
     model, history = fit_ensemble(
         matrix, labels, num_classes=params.dataset.num_classes, ignore_label=params.dataset.ignore_label,
-        config=params.ensemble, device=pick_device(params.ensemble.device),
-        on_epoch=lambda s: print(f"  epoch {s.epoch}: loss {s.loss:.4f} accuracy {s.accuracy:.4f} "
-                                 f"({time.perf_counter() - start:.0f}s)", flush=True),
+        config=params.ensemble, device=pick_device(params.ensemble.device), on_epoch=on_epoch,
     )
     save_torch_atomic({"format": "ddpm-segmentation-ensemble/1", "state_dict": model.cpu().state_dict(),
                        "members": model.members, "dim": model.dim, "num_classes": model.num_classes,
                        "seed": params.ensemble.seed, "t_steps": list(params.t_steps), "blocks": list(params.blocks),
                        "checkpoint_sha256": stores[0].record.checkpoint_sha256}, args.out)
-    write_csv_atomic(pd.DataFrame([vars(s) for s in history]), args.plot)
+    write_curves(args.curves, [epoch_row(stats, firsts) for stats in history])
     passes = len({s.first_member for s in history})
     print(f"fit: {max(s.epoch for s in history)} epochs ({passes} passes of members) in "
           f"{time.perf_counter() - start:.0f}s -> {args.out}")
 
+
+def epoch_row(stats: EpochStats, firsts: list[int]) -> tuple[int, dict[str, float]]:
+    """One pass's epoch as a curve point at step = epoch: ``pass_<k>/loss`` and ``pass_<k>/accuracy`` (mean
+    over the members of pass k still training; ``firsts``: each pass's first member)."""
+    name = f"pass_{firsts.index(stats.first_member)}"
+    return stats.epoch, {f"{name}/loss": stats.loss, f"{name}/accuracy": stats.accuracy}
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ from pipeline.config import load_params
 from pipeline.data import load_unlabeled
 from pipeline.diffusers_unet import import_diffusers_folder
 from pipeline.diffusion import Diffusion
-from pipeline.report import write_csv_atomic
+from pipeline.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main
 from pipeline.store import file_sha256
 from pipeline.train_ddpm import save_checkpoint, train_ddpm
@@ -39,25 +39,19 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (its unlabeled/ folder)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
-    parser.add_argument("--plot", type=Path, required=True, help="loss curve CSV")
+    parser.add_argument("--curves", type=Path, required=True, help="dvclive folder for the loss curves")
     args = parser.parse_args()
     params = load_params(args.params)
     ddpm = params.ddpm
     diffusion = Diffusion(ddpm.noise_schedule, ddpm.diffusion_steps, ddpm.rescale_timesteps)
-    if ddpm.checkpoint not in (None, SCRATCH) and Path(ddpm.checkpoint).is_dir():
-        model, diffusion, source = import_diffusers_folder(Path(ddpm.checkpoint), diffusion, params.dataset.image_size)
+    live = open_curves(args.curves)
+    if ddpm.checkpoint not in (None, SCRATCH):
+        model, diffusion, source, message = import_checkpoint(params, diffusion)
         save_checkpoint(args.out, model, diffusion, source)
-        write_csv_atomic(pd.DataFrame(columns=["step", "loss", "mse", "vb"]), args.plot)
-        print(f"imported diffusers UNet2DModel {ddpm.checkpoint} ({model.num_decoder_blocks} decoder blocks) -> {args.out}")
+        live.make_summary()  # an imported checkpoint has no loss curve: metrics.json is {}
+        print(f"{message} -> {args.out}")
         return
     flags = params.unet_config()
-    if ddpm.checkpoint not in (None, SCRATCH):
-        model = load_guided_diffusion(ddpm.checkpoint, flags.to_dict())
-        save_checkpoint(args.out, model, diffusion, {"kind": "imported", "path": ddpm.checkpoint,
-                                                     "sha256": file_sha256(ddpm.checkpoint)})
-        write_csv_atomic(pd.DataFrame(columns=["step", "loss", "mse", "vb"]), args.plot)
-        print(f"imported {ddpm.checkpoint} -> {args.out}")
-        return
     images = load_unlabeled(args.data)
     device = pick_device("auto")
     if ddpm.train.threads:
@@ -67,15 +61,34 @@ def main() -> None:
     start = time.perf_counter()
     bar = tqdm(total=ddpm.train.steps, desc="pretrain", unit="step", mininterval=5)
     state_path = args.out.with_name(args.out.name + ".state")
-    ema, history = train_ddpm(model, diffusion, images, ddpm.train, device=device,
-                              on_step=lambda step, losses: bar.update(1), state_path=state_path,
-                              fingerprint=run_fingerprint(ddpm, flags.to_dict(), images))
+    window: list[dict[str, float]] = []
+
+    def on_step(step: int, losses: dict[str, float]) -> None:  # each log_every window's mean, as it closes
+        bar.update(1)
+        window.append(losses)
+        if step % ddpm.train.log_every == 0 or step == ddpm.train.steps:
+            log_step(live, step, loss_curve(window, len(window))[0][1])
+            window.clear()
+
+    ema, history = train_ddpm(model, diffusion, images, ddpm.train, device=device, on_step=on_step,
+                              state_path=state_path, fingerprint=run_fingerprint(ddpm, flags.to_dict(), images))
     bar.close()
     save_checkpoint(args.out, ema, diffusion, {"kind": "trained", "steps": ddpm.train.steps,
                                                "unlabeled_images": len(images), "ema_rate": ddpm.train.ema_rate})
-    write_csv_atomic(loss_curve(history, ddpm.train.log_every), args.plot)
+    write_curves(args.curves, loss_curve(history, ddpm.train.log_every))
     state_path.unlink(missing_ok=True)
     print(f"trained {ddpm.train.steps} steps on {len(images)} images in {time.perf_counter() - start:.0f}s -> {args.out}")
+
+
+def import_checkpoint(params, diffusion: Diffusion):
+    """``ddpm.checkpoint`` loaded: a diffusers UNet2DModel folder or a guided-diffusion ``.pt`` file, with
+    the diffusion it brings, its source record and a line for the log."""
+    path = params.ddpm.checkpoint
+    if Path(path).is_dir():
+        model, diffusion, source = import_diffusers_folder(Path(path), diffusion, params.dataset.image_size)
+        return model, diffusion, source, f"imported diffusers UNet2DModel {path} ({model.num_decoder_blocks} decoder blocks)"
+    model = load_guided_diffusion(path, params.unet_config().to_dict())
+    return model, diffusion, {"kind": "imported", "path": path, "sha256": file_sha256(path)}, f"imported {path}"
 
 
 def run_fingerprint(ddpm, model_flags: dict, images) -> str:
@@ -93,12 +106,13 @@ def run_fingerprint(ddpm, model_flags: dict, images) -> str:
     return digest.hexdigest()
 
 
-def loss_curve(history: list[dict[str, float]], every: int) -> pd.DataFrame:
-    """Mean losses over windows of ``every`` steps, one row per window (the last one may be shorter)."""
+def loss_curve(history: list[dict[str, float]], every: int) -> list[tuple[int, dict[str, float]]]:
+    """Mean losses over windows of ``every`` steps: ``(last step, {loss, mse, vb})`` per window (the last
+    window may be shorter; vb is 0 for a model without learned sigma)."""
     frame = pd.DataFrame(history).reindex(columns=["loss", "mse", "vb"]).fillna(0.0)
     frame["step"] = np.arange(1, len(frame) + 1)
     windows = frame.groupby((frame["step"] - 1) // every).agg({"step": "max", "loss": "mean", "mse": "mean", "vb": "mean"})
-    return windows[["step", "loss", "mse", "vb"]].reset_index(drop=True)
+    return [(int(row.pop("step")), row) for row in windows.to_dict("records")]
 
 
 if __name__ == "__main__":

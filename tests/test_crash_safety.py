@@ -75,7 +75,7 @@ def test_killed_fit_leaves_no_output_and_reruns_identically(project, tmp_path):
 
     def command(out):
         return [sys.executable, "-m", "stages.fit", "--params", str(params), "--stores", str(tmp_path / "t{t}.zarr"),
-                "--out", str(out), "--plot", str(tmp_path / f"{out.stem}.csv")]
+                "--out", str(out), "--curves", str(tmp_path / f"{out.stem}.csv")]
 
     out = tmp_path / "ensemble.pt"
     process = subprocess.Popen(command(out), env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -109,7 +109,7 @@ def test_fit_threads_param_fixes_the_result_whatever_the_core_count(project, tmp
         for process_threads in ("2", "1"):
             out = tmp_path / f"ensemble-{threads}-{process_threads}.pt"
             result = subprocess.run([sys.executable, "-m", "stages.fit", "--params", str(params), "--stores",
-                                     str(tmp_path / "t{t}.zarr"), "--out", str(out), "--plot", str(tmp_path / "f.csv")],
+                                     str(tmp_path / "t{t}.zarr"), "--out", str(out), "--curves", str(tmp_path / "f.csv")],
                                     env=dict(ENV, DDPM_SEG_THREADS=process_threads), cwd=REPO, capture_output=True, text=True)
             assert result.returncode == 0, result.stderr
             state = torch.load(out, weights_only=True)["state_dict"]

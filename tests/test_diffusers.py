@@ -157,7 +157,7 @@ def test_pretrain_imports_a_folder_and_the_later_stages_do_not_care(tmp_path):
     project = make_project(tmp_path, {"ddpm.checkpoint": str(tmp_path / "models" / "unet"), "blocks": [1, 3, 4]})
     checkpoint = tmp_path / "imported.pt"
     result = run_stage("pretrain", "--params", project["params"], "--data", project["data"], "--out", checkpoint,
-                       "--plot", tmp_path / "loss.csv")
+                       "--curves", tmp_path / "loss.csv")
     assert result.returncode == 0, result.stderr
     assert "imported diffusers UNet2DModel" in result.stdout and "(6 decoder blocks)" in result.stdout
     params = load_params(project["params"])
@@ -178,7 +178,7 @@ def test_a_model_of_another_size_is_refused_by_pretrain(tmp_path):
     saved_unet(tmp_path / "unet", sample_size=64)
     project = make_project(tmp_path, {"ddpm.checkpoint": str(tmp_path / "unet")})
     result = run_stage("pretrain", "--params", project["params"], "--data", project["data"], "--out",
-                       tmp_path / "x.pt", "--plot", tmp_path / "loss.csv")
+                       tmp_path / "x.pt", "--curves", tmp_path / "loss.csv")
     assert result.returncode == 2
     assert "is a 64 px model but dataset.image_size=32; set dataset.image_size: 64" in result.stderr
     assert not (tmp_path / "x.pt").exists()

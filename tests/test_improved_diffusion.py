@@ -70,7 +70,16 @@ def test_improved_diffusion_cifar10_flags_build_its_network():
     assert all(m.num_heads == 4 and not m.new_order for m in attention)
     assert model.num_decoder_blocks == 4 * (3 + 1)
     assert model.out[-1].out_channels == 6
-    assert not any(".op." in key and "in_layers" in key for key in model.state_dict())  # no resblock_updown
+    # No resblock_updown: each of the 3 resolution drops is a plain strided conv (`input_blocks.<i>.0.op`),
+    # where resblock_updown would put a ResBlock (`input_blocks.<i>.0.in_layers...`, no `.op.`) instead.
+    keys = model.state_dict().keys()
+    downsamples = {key.split(".op.")[0] for key in keys if ".op." in key}
+    assert downsamples == {"input_blocks.4.0", "input_blocks.8.0", "input_blocks.12.0"}
+    assert not any(key.startswith(f"{prefix}.in_layers") for prefix in downsamples for key in keys)
+    with torch.device("meta"):
+        updown = create_unet(dict(CIFAR10_FLAGS, resblock_updown=True)).state_dict().keys()
+    assert not any(".op." in key for key in updown)
+    assert all(f"{prefix}.in_layers.2.weight" in updown for prefix in downsamples)
 
 
 def test_improved_diffusion_state_dict_round_trips_through_the_loader(tmp_path):

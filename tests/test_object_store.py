@@ -52,7 +52,7 @@ def extract(project, params, t, out):
 
 def fit_and_evaluate(project, params, stores, out):
     out.mkdir()
-    fitted = run_stage("fit", "--params", params, "--stores", stores, "--out", out / "ensemble.pt", "--plot", out / "fit.csv")
+    fitted = run_stage("fit", "--params", params, "--stores", stores, "--out", out / "ensemble.pt", "--curves", out / "fit.csv")
     assert fitted.returncode == 0, fitted.stderr
     evaluated = run_stage("evaluate", "--params", params, "--stores", stores, "--ensemble", out / "ensemble.pt",
                           "--data", project["data"], "--metrics", out / "eval.json", "--per-class", out / "per_class.csv",

@@ -49,6 +49,8 @@ def workspace(tmp_path_factory):
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout
     for name in filter(None, files.split("\0")):
+        if not (REPO / name).exists():  # deleted in the working tree: not part of what would be committed
+            continue
         target = root / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target)
@@ -63,13 +65,28 @@ def workspace(tmp_path_factory):
     return root, env
 
 
+def ignored_pixels(root: Path) -> int:
+    """Test pixels whose truth is the ignore label (the confusion plot holds every other one)."""
+    return sum(int((np.load(path) == 255).sum()) for path in (root / "data" / "prepared" / "real" / "test").glob("*.npy"))
+
+
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
-def test_repro_writes_metrics_plots_and_stores(workspace):
+@pytest.fixture(scope="module")
+def reproduced(workspace):
+    """The workspace after one `dvc repro`, committed as the baseline, so that every test that needs a finished
+    run also passes alone: (root, env, the repro's output, fit's `features` hash then)."""
     root, env = workspace
     output = run([str(Path(sys.executable).parent / "dvc"), "repro"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "baseline"], root, env)
+    return root, env, output, fit_features_hash(root)
+
+
+def test_repro_writes_metrics_plots_and_stores(reproduced):
+    root, env, output, _ = reproduced
     assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate",
                                   "segment"]
     assert pd.read_csv(root / "segmentations" / "summary.csv").empty  # data/segment holds only its README
@@ -90,20 +107,35 @@ def test_repro_writes_metrics_plots_and_stores(workspace):
         counts = counts + label_counts(np.load(mask_path), predicted, 11)
     assert round(mean_iou_paper(counts, 255), 6) == metrics["miou"]
     assert round(mean_iou(strict_confusion(counts, 255), 255), 6) == metrics["miou_strict"]
-    for path in ("plots/per_class_iou.csv", "plots/confusion.csv", "plots/fit_loss.csv", "plots/pretrain_loss.csv"):
+    for path in ("plots/per_class_iou.csv", "plots/confusion.csv"):
         assert (root / path).stat().st_size > 0, path
+    # dvclive's curves: every pretraining step (log_every 1 of 3 steps), both epochs of each pass of members
+    # (3 members as 2 passes: members 0-1 and 2), and metrics.json holding the last point.
+    pretrain = pd.read_csv(root / "dvclive" / "pretrain" / "plots" / "metrics" / "loss.tsv", sep="\t")
+    assert list(pretrain["step"]) == [1, 2, 3] and (pretrain["loss"] > 0).all()
+    latest = json.loads((root / "dvclive" / "pretrain" / "metrics.json").read_text())
+    assert latest["step"] == 3 and latest["loss"] == pretrain["loss"].iloc[-1]
+    for index in (0, 1):
+        fit = pd.read_csv(root / "dvclive" / "fit" / "plots" / "metrics" / f"pass_{index}" / "loss.tsv", sep="\t")
+        assert list(fit["step"]) == [1, 2] and (fit["loss"] > 0).all(), index
+    # dvc.yaml's top-level plots all render with data (`dvc plots show --json`: plot id -> renderers).
+    shown = subprocess.run([str(Path(sys.executable).parent / "dvc"), "plots", "show", "--json"], cwd=root, env=env,
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    plots = json.loads(shown.stdout)
+    assert "errors" not in plots, plots["errors"]  # e.g. a file the plots name that no stage wrote
+    drawn = {plot_id: renderers for plot_id, renderers in plots["data"].items() if not plot_id.startswith("plots/overlays")}
+    assert {plot_id: len(renderers[0]["content"]["data"]["values"]) for plot_id, renderers in drawn.items()} == {
+        "DDPM pretraining loss (mean of each ddpm.train.log_every steps)": 3 * 2,  # loss and mse
+        "Ensemble fit loss per epoch (mean over each pass's members still training)": 2 * 2,
+        "Per-class IoU on the test split (paper protocol)": 11,
+        "Confusion on the test split (a seeded sample of labeled pixels)": 4 * 32 * 32 - ignored_pixels(root)}
     assert len(list((root / "plots" / "overlays").glob("*.png"))) == 2
     assert (root / "features" / "t150.zarr" / "zarr.json").is_file()
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "baseline"], root, env)
-    FIRST_FEATURES_HASH.append(fit_features_hash(root))
 
 
-FIRST_FEATURES_HASH: list[str] = []
-
-
-def test_segment_gives_evaluates_test_masks_and_segments_new_canvases(workspace, tmp_path):
-    root, env = workspace
+def test_segment_gives_evaluates_test_masks_and_segments_new_canvases(reproduced, tmp_path):
+    root, env, *_ = reproduced
     test_images = root / "data" / "prepared" / "real" / "test"
     run([sys.executable, "-m", "stages.segment", "--images", str(test_images), "--out", str(tmp_path / "test")], root, env)
     stems = sorted(p.stem for p in test_images.glob("*.png"))
@@ -135,8 +167,8 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_api_example_runs_in_a_finished_run(workspace):
-    root, env = workspace
+def test_the_readme_api_example_runs_in_a_finished_run(reproduced):
+    root, env, *_ = reproduced
     code = readme_example()
     assert len(code.strip().splitlines()) <= 5
     output = run([sys.executable, "-c", code], root, env)
@@ -157,8 +189,8 @@ def dvc_status(root: Path, env) -> dict:
     return json.loads(result.stdout)
 
 
-def test_leftover_temporaries_change_no_stage_status(workspace):
-    root, env = workspace
+def test_leftover_temporaries_change_no_stage_status(reproduced):
+    root, env, *_ = reproduced
     features = root / "features"
     shutil.copytree(features / "t50.zarr", features / "t50.zarr.partial")  # an interrupted rewrite
     shutil.copytree(features / "t150.zarr", features / "t150.zarr.old")  # a replace cut short
@@ -171,8 +203,8 @@ def test_leftover_temporaries_change_no_stage_status(workspace):
             shutil.rmtree(features / leftover)
 
 
-def test_changed_diffusion_code_makes_every_extract_stage_stale(workspace):
-    root, env = workspace
+def test_changed_diffusion_code_makes_every_extract_stage_stale(reproduced):
+    root, env, *_ = reproduced
     path = root / "pipeline" / "diffusion.py"
     original = path.read_text()
     assert "def q_sample" in original
@@ -185,10 +217,12 @@ def test_changed_diffusion_code_makes_every_extract_stage_stale(workspace):
     assert dvc_status(root, env) == {}
 
 
-# Each stage's outputs, in pipeline order (plots are left out: the pretrain loss curve records seconds).
-STAGE_OUTPUTS = {"prepare": ["data/prepared"], "pretrain": ["checkpoints/ddpm.pt"],
+# Each stage's outputs, in pipeline order; the training curves too, which must hold no wall-clock values.
+STAGE_OUTPUTS = {"prepare": ["data/prepared"], "pretrain": ["checkpoints/ddpm.pt", "dvclive/pretrain"],
                  **{f"extract@{t}": [f"features/t{t}.zarr"] for t in (50, 150, 250)},
-                 "fit": ["ensemble/ensemble.pt"], "evaluate": ["metrics/eval.json", "metrics/val.json", "predictions"],
+                 "fit": ["ensemble/ensemble.pt", "dvclive/fit"],
+                 "evaluate": ["metrics/eval.json", "metrics/val.json", "predictions", "plots/per_class_iou.csv",
+                              "plots/confusion.csv"],
                  "segment": ["segmentations"]}
 
 
@@ -207,8 +241,8 @@ def output_digests(root: Path) -> dict[str, str]:
     return digests
 
 
-def test_same_params_give_the_same_metrics_twice(workspace):
-    root, env = workspace
+def test_same_params_give_the_same_metrics_twice(reproduced):
+    root, env, *_ = reproduced
     first, first_digests = (root / "metrics" / "eval.json").read_text(), output_digests(root)
     output = run([str(Path(sys.executable).parent / "dvc"), "repro", "--force"], root, env)
     assert stages_run(output) == list(STAGE_OUTPUTS)
@@ -219,13 +253,17 @@ def test_same_params_give_the_same_metrics_twice(workspace):
     assert (root / "metrics" / "eval.json").read_text() == first
 
 
-def test_changing_t_steps_reruns_only_what_it_affects(workspace):
-    root, env = workspace
+def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
+    root, env, _, first_features_hash = reproduced
     dvc = str(Path(sys.executable).parent / "dvc")
     fewer = run([dvc, "exp", "run", "-S", "t_steps=[50,150]"], root, env)
     assert stages_run(fewer) == ["fit", "evaluate", "segment"]
-    diff = run([dvc, "metrics", "diff", "--json"], root, env)
-    assert "miou" in diff
+    # `dvc metrics diff` compares the committed baseline's mIoU with this experiment's workspace mIoU.
+    diff = subprocess.run([dvc, "metrics", "diff", "--all", "--json"], cwd=root, env=env, capture_output=True, text=True)
+    miou = json.loads(diff.stdout)["metrics/eval.json"]["miou"]
+    baseline = json.loads(subprocess.run(["git", "show", "HEAD:metrics/eval.json"], cwd=root, env=env,
+                                         capture_output=True, text=True, check=True).stdout)["miou"]
+    assert miou["old"] == baseline and miou["new"] == json.loads((root / "metrics" / "eval.json").read_text())["miou"]
     more = run([dvc, "exp", "run", "-S", "t_steps=[50,150,250,350]"], root, env)
     assert stages_run(more) == ["extract@350", "fit", "evaluate", "segment"]
     # Back to the first steps by editing params.yaml and `dvc repro` (no experiment checkout removes the
@@ -236,7 +274,7 @@ def test_changing_t_steps_reruns_only_what_it_affects(workspace):
     back = run([dvc, "repro"], root, env)
     assert "extract@350" not in stages_run(back) and "fit" in stages_run(back)
     assert not (root / "features" / "t350.zarr").exists() and (root / "features" / "unused" / "t350.zarr").is_dir()
-    assert fit_features_hash(root) == FIRST_FEATURES_HASH[0]
+    assert fit_features_hash(root) == first_features_hash
     assert dvc_status(root, env) == {}
 
 
@@ -247,7 +285,7 @@ def test_stage_rejects_bad_params_with_a_clear_message(workspace):
     path = root / "bad_params.yaml"
     path.write_text(yaml.safe_dump(bad))
     result = subprocess.run([sys.executable, "-m", "stages.fit", "--params", str(path), "--stores", "features/t{t}.zarr",
-                             "--out", "x.pt", "--plot", "x.csv"], cwd=root, env=env, capture_output=True, text=True)
+                             "--out", "x.pt", "--curves", "x"], cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown params key(s) ensemble.learning_rate" in result.stderr and "Traceback" not in result.stderr
     assert not (root / "x.pt").exists()

@@ -126,7 +126,7 @@ def test_killed_pretraining_resumes_to_a_byte_identical_checkpoint(tmp_path):
 
     def command(out):
         return [sys.executable, "-m", "stages.pretrain", "--params", str(project["params"]), "--data",
-                str(project["data"]), "--out", str(out), "--plot", str(out.with_suffix(".csv"))]
+                str(project["data"]), "--out", str(out), "--curves", str(out.with_suffix(".csv"))]
 
     whole = tmp_path / "unbroken" / "resumed.pt"  # torch.save records the file's name in its archive
     whole.parent.mkdir()
@@ -169,7 +169,7 @@ def test_disk_full_while_saving_the_checkpoint_keeps_the_last_one_and_the_state(
     before = out.read_bytes()
     monkeypatch.setattr(torch, "save", full_disk_save(torch.save, "trained.pt.tmp"))  # the resumable states still save
     err = exit_code_2_stderr(stages.pretrain.main, ["pretrain", "--params", project["params"], "--data", project["data"],
-                                                    "--out", out, "--plot", tmp_path / "loss.csv"], monkeypatch, capsys)
+                                                    "--out", out, "--curves", tmp_path / "loss.csv"], monkeypatch, capsys)
     assert f"disk full while writing ({out}" in err and "free space and rerun the stage" in err
     assert out.read_bytes() == before and not out.with_name("trained.pt.tmp").exists()
     assert torch.load(out.with_name("trained.pt.state"), weights_only=True)["step"] == 2  # the rerun resumes from it

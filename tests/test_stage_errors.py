@@ -237,7 +237,7 @@ def test_bad_checkpoints(project, tmp_path, reference, content, message):
              "dropout": 0.1}
     params = write_params(tmp_path / "p.yaml", {"ddpm.checkpoint": str(path), "ddpm.model": flags})
     out = tmp_path / "ddpm.pt"
-    result = run_stage("pretrain", "--params", params, "--data", project["data"], "--out", out, "--plot", tmp_path / "l.csv")
+    result = run_stage("pretrain", "--params", params, "--data", project["data"], "--out", out, "--curves", tmp_path / "l.csv")
     assert result.returncode == 2, result.stderr
     assert message.format(path=path) in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
@@ -252,7 +252,7 @@ def test_evil_pickle_is_never_executed(project, tmp_path):
     torch.save({"weight": Evil()}, path)
     params = write_params(tmp_path / "p.yaml", {"ddpm.checkpoint": str(path)})
     result = run_stage("pretrain", "--params", params, "--data", project["data"], "--out", tmp_path / "o.pt",
-                       "--plot", tmp_path / "l.csv")
+                       "--curves", tmp_path / "l.csv")
     assert result.returncode == 2 and "EXECUTED" not in result.stdout + result.stderr
     assert "weights-only" in result.stderr
 
@@ -266,7 +266,7 @@ def test_store_made_with_other_params_is_refused(project, tmp_path):
     assert extract(project, tmp_path / "t50.zarr").returncode == 0
     other = write_params(tmp_path / "other.yaml", {"t_steps": [50], "features.noise_seed": 3})
     result = run_stage("fit", "--params", other, "--stores", tmp_path / "t{t}.zarr", "--out", tmp_path / "e.pt",
-                       "--plot", tmp_path / "f.csv")
+                       "--curves", tmp_path / "f.csv")
     assert result.returncode == 2
     assert "was made with noise_seed=0 but the params ask for 3" in result.stderr
     assert not (tmp_path / "e.pt").exists()
@@ -277,7 +277,7 @@ def test_interrupted_store_is_refused(project, tmp_path):
     (tmp_path / "t50.zarr").rename(tmp_path / "t50.zarr.partial")
     params = write_params(tmp_path / "p.yaml", {"t_steps": [50]})
     result = run_stage("fit", "--params", params, "--stores", tmp_path / "t{t}.zarr", "--out", tmp_path / "e.pt",
-                       "--plot", tmp_path / "f.csv")
+                       "--curves", tmp_path / "f.csv")
     assert result.returncode == 2
     assert "an interrupted extraction left a .partial store: rerun the extract stage" in result.stderr
 

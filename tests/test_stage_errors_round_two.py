@@ -32,7 +32,7 @@ def extract(project, out, checkpoint=None):
 
 def fit(project, stores, out, params=None):
     return run_stage("fit", "--params", params or project["one_step"], "--stores", stores, "--out", out,
-                     "--plot", out.with_suffix(".csv"))
+                     "--curves", out.with_suffix(".csv"))
 
 
 def changed_checkpoint(project, path, change):
@@ -229,8 +229,9 @@ def test_disk_full_while_saving_the_ensemble_keeps_the_last_one(project, tmp_pat
     before = out.read_bytes()
     monkeypatch.setattr(torch, "save", full_disk_save(torch.save))
     err = exit_code_2_stderr(stages.fit.main, ["fit", "--params", project["one_step"], "--stores",
-                                               project["data"].parent / "t{t}.zarr", "--out", out, "--plot",
-                                               tmp_path / "fit.csv"], monkeypatch, capsys)
+                                               project["data"].parent / "t{t}.zarr", "--out", out, "--curves",
+                                               tmp_path / "fit_curves"], monkeypatch, capsys)
     assert f"disk full while writing ({out}" in err and "free space and rerun the stage" in err
     assert out.read_bytes() == before and not out.with_name("ensemble.pt.tmp").exists()
-    assert not (tmp_path / "fit.csv").exists()
+    # The curves are a progress log, written as the members train: the epochs before the failed save.
+    assert json.loads((tmp_path / "fit_curves" / "metrics.json").read_text())["step"] >= 1

@@ -139,8 +139,19 @@ def test_other_resolutions_extract_with_computed_feature_dim(size):
                          "attention_resolutions": [], "channel_mult": ""}).eval()
     blocks = [1, model.num_decoder_blocks - 1]
     noise = torch.randn(1, 3, size, size)
-    features = pixel_features(model, torch.zeros(1, 3, size, size), t_steps=[50], blocks=blocks, noise=noise)
+    x0 = torch.rand(1, 3, size, size) * 2 - 1
+    features = pixel_features(model, x0, t_steps=[50], blocks=blocks, noise=noise)
     assert features.shape == (size * size, feature_dim(model, blocks))
+    # Row r is pixel (r // size, r % size), its columns each block's channels upsampled to the image: an
+    # independent bilinear upsampling of the blocks, read at a few pixels.
+    x_t = Diffusion("linear", 1000).q_sample(x0, torch.tensor([50]), noise)
+    with torch.no_grad():
+        _, activations = model(x_t, torch.tensor([50]), return_blocks=blocks)
+    maps = torch.cat([torch.nn.functional.interpolate(a, size=(size, size), mode="bilinear", align_corners=False)
+                      for a in activations], dim=1)[0]
+    assert activations[0].shape[-1] < size  # block 1 is coarser than the image: upsampling is tested
+    for row, column in ((0, 0), (0, size - 1), (size - 1, 3), (size // 2, size // 3)):
+        torch.testing.assert_close(features[row * size + column], maps[:, row, column], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("size", [256, 512])
