@@ -234,7 +234,8 @@ def test_bfloat16_autocast_trains_in_bf16_keeps_float32_weights_and_repeats_bit_
     from pipeline.evaluation import vote
 
     x, y = toy()
-    config = EnsembleConfig(**{**SMALL, "parallel_passes": 2}, members=4, epochs=3, buffer_rows=1024)
+    config = EnsembleConfig(**{**SMALL, "parallel_passes": 2}, members=4, epochs=3, buffer_rows=1024,
+                            autocast=Autocast.NONE)
     half = dataclasses.replace(config, autocast=Autocast.BFLOAT16)
     cpu = torch.device("cpu")
     threads = torch.get_num_threads()
