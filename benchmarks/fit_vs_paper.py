@@ -9,6 +9,8 @@
     As the paper's setup_seed, the run seeds torch once; its members then draw from that generator.
 (b) streamed: pipeline.ensemble.fit_ensemble with the shipped defaults (EnsembleConfig(), the same
     values as params.yaml's ensemble section), ``--set key=value`` overriding them.
+    ``--also 'name:key=value,...'`` adds another streamed fit with those overrides to the same
+    interleaved run (e.g. ``--also 'bf16:autocast=bfloat16'``), one more row per geometry.
 
 Both are scored on the **val** split with the paper's protocol: majority vote of the members
 (pipeline.metrics.majority_vote), then evaluate's metrics (pipeline.evaluation.score: the paper's mIoU).
@@ -304,7 +306,8 @@ def table(results: dict) -> str:
              "time (a) / time (b) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, geometry in results["geometries"].items():
         paper = geometry["paper"]
-        for key, label in (("paper", "(a) paper"), ("streamed", "(b) streamed")):
+        extra = [(key, f"(b) {key}") for key in results.get("also", {})]
+        for key, label in (("paper", "(a) paper"), ("streamed", "(b) streamed"), *extra):
             s = geometry[key]
             ratio = paper["fit_seconds_mean"] / s["fit_seconds_mean"]
             lines.append(f"| {name} (D={geometry['dim']}, {geometry['train_pixels']} px) | {label}, {s['threads']} thr | "
@@ -337,6 +340,8 @@ def main() -> None:
     parser.add_argument("--reference-threads", type=int, default=1,
                         help="CPU threads of (a); the shipped (b) uses ensemble.threads (1)")
     parser.add_argument("--set", nargs="*", default=[], help="EnsembleConfig overrides for (b), key=value")
+    parser.add_argument("--also", action="append", default=[],
+                        help="name:key=value,...: another streamed fit in the same interleaved run, (b) with these overrides")
     parser.add_argument("--select", action="store_true", help="run --variant streamed fits on digits val")
     parser.add_argument("--variant", action="append", default=[], help="name:key=value,key=value")
     parser.add_argument("--curve", action="store_true", help="with --select: val mIoU after every epoch")
@@ -382,18 +387,24 @@ def main() -> None:
                                 "members": args.paper_like_members}
     results = {"command": " ".join(sys.argv), "cpu_count": os.cpu_count(), "overrides_b": parse_set(args.set),
                "geometries": {}}
+    also = {}
+    for item in args.also:
+        label, _, assignments = item.partition(":")
+        also[label] = {**parse_set(args.set), **parse_set([a for a in assignments.split(",") if a])}
+    results["also"] = also
     for name, geometry in geometries.items():
-        runs = {"paper": [], "streamed": []}
+        sets = {"paper": parse_set(args.set), "streamed": parse_set(args.set), **also}
+        runs = {key: [] for key in sets}
         for position, seed in enumerate(args.seeds):
-            order = ("paper", "streamed") if position % 2 == 0 else ("streamed", "paper")
+            order = list(sets) if position % 2 == 0 else list(sets)[::-1]
             for procedure in order:
-                spec = {**geometry, "geometry": name, "procedure": procedure, "seed": seed,
-                        "threads": args.reference_threads, "set": parse_set(args.set)}
+                spec = {**geometry, "geometry": name, "procedure": "paper" if procedure == "paper" else "streamed",
+                        "label": procedure, "seed": seed, "threads": args.reference_threads, "set": sets[procedure]}
                 runs[procedure].append(dict(in_subprocess(spec), seed=seed))
         first = runs["paper"][0]
         results["geometries"][name] = {
             "stores": geometry["stores"], "members": geometry["members"], "dim": first["dim"],
-            "train_pixels": first["pixels"], "paper": summarise(runs["paper"]), "streamed": summarise(runs["streamed"]),
+            "train_pixels": first["pixels"], **{key: summarise(part) for key, part in runs.items()},
             "runs": runs, "time_ratio_paper_over_streamed":
                 statistics.mean(r["fit_seconds"] for r in runs["paper"]) / statistics.mean(r["fit_seconds"] for r in runs["streamed"]),
         }

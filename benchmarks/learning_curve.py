@@ -1,6 +1,7 @@
 """Val mIoU of the whole pipeline against DDPM pretraining steps, for one or more pretraining recipes.
 
-Each recipe is params.yaml's ``ddpm.train`` with a few keys overridden. It trains once up to the largest
+Each recipe is params.yaml's ``ddpm.train`` with a few keys overridden (or, dotted, other keys of
+``ddpm``: ``model.num_channels=16`` compares model shapes). It trains once up to the largest
 step count and snapshots the EMA at each listed step; every snapshot then goes through the same feature
 extraction (params' t_steps, blocks, noise) and the same ensemble fit, scored on the val split (never
 test). A snapshot at step k equals a k-step run only when nothing in the recipe depends on the total
@@ -49,8 +50,16 @@ def parse_recipe(spec: str) -> tuple[str, dict]:
 
 
 def recipe_params(base: dict, overrides: dict, steps: int) -> Params:
+    """params.yaml with ``overrides`` applied: a plain key is one of ``ddpm.train``, a dotted one a path
+    under ``ddpm`` (``model.num_channels=16``)."""
     data = copy.deepcopy(base)
-    data["ddpm"]["train"].update(overrides, steps=steps)
+    data["ddpm"]["train"]["steps"] = steps
+    for key, value in overrides.items():
+        *path, last = ("train." + key if "." not in key else key).split(".")
+        section = data["ddpm"]
+        for part in path:
+            section = section.setdefault(part, {})
+        section[last] = value
     return params_from_dict(data)  # validated as params.yaml would be
 
 
@@ -117,7 +126,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    figure, axis = plt.subplots(figsize=(9.5, 4.2))
     for recipe in dict.fromkeys(row["recipe"] for row in rows):
         mine = sorted((row for row in rows if row["recipe"] == recipe), key=lambda row: row["step"])
         label = recipe + (" (one run per point)" if mine[0]["overrides"].get("lr_schedule") == "cosine" else "")
@@ -128,7 +137,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axis.set_xticks(steps, [str(step) for step in steps])
     axis.minorticks_off()
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the lines cross the corners
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

@@ -30,9 +30,8 @@ from pipeline.diffusion import Diffusion
 from pipeline.ensemble import EnsembleMLP, load_ensemble
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluation import vote
-from pipeline.extraction import AUTOCAST_DTYPES
 from pipeline.features import feature_dim, images_per_batch, iter_pixel_features, make_noise
-from pipeline.runtime import pick_device
+from pipeline.runtime import AUTOCAST_DTYPES, pick_device
 from pipeline.store import file_sha256, rows_per_chunk
 from pipeline.train_ddpm import load_checkpoint
 from pipeline.unet import UNetModel, for_inference
@@ -166,7 +165,7 @@ class Segmenter:
             upsample=params.features.upsample, autocast_dtype=AUTOCAST_DTYPES[params.features.autocast])]
         matrix = da.from_array(torch.cat(rows).numpy(), chunks=(self.chunk_rows, -1))
         prediction, disagreement = vote(self.ensemble, matrix, batch_pixels=params.evaluate.batch_pixels,
-                                        device=self.device)
+                                        device=self.device, precision=params.ensemble.autocast)
         shape = (len(batch), size, size)
         prediction, disagreement = prediction.reshape(shape), disagreement.reshape(shape)
         return [back_to_input_size(item, prediction[i], disagreement[i], params.dataset.ignore_label)

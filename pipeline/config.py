@@ -240,6 +240,10 @@ class EnsembleConfig:
     # faster fitting on 2 cores, but MKL's multi-threaded batched GEMM then gave other last bits in 1 of
     # 66 traced fits and in 1 evaluate run (README "Determinism"). No effect on a GPU.
     threads: int | None = 1
+    # The MLPs' matrix products in fit and evaluate: bfloat16 = torch.autocast (weights, Adam and the loss stay
+    # float32), as good on val as float32 and 1.3-1.6x faster on this CPU (AVX512-BF16; benchmarks/fit_vs_paper.py);
+    # emulated, so slower, on CPUs without native bf16 (a warning says so): none = float32 there.
+    autocast: Autocast = Autocast.BFLOAT16
 
 
 @dataclass(frozen=True)

@@ -296,7 +296,7 @@ def _mask_values(mask: np.ndarray, path: Path) -> np.ndarray:
         raise DatasetError(f"mask {path} has shape {mask.shape} dtype {mask.dtype}; expected an H x W integer array")
     if np.issubdtype(mask.dtype, np.floating) and not (np.all(np.isfinite(mask)) and np.all(np.mod(mask, 1) == 0)):
         raise DatasetError(f"mask {path} holds non-integer values (or NaN/inf); masks hold class indices")
-    if np.issubdtype(mask.dtype, np.floating) and mask.size and np.abs(mask).max() > 2**31:
+    if np.issubdtype(mask.dtype, np.floating) and mask.size and float(np.abs(mask).max()) > 2**31:
         raise DatasetError(f"mask {path} holds values beyond +-2**31; masks hold class indices")
     return mask.astype(np.int64)
 

@@ -9,12 +9,15 @@ with the paper's N(0, 0.02) weights.
 Rows reach the trainer through a shuffle pool of ``ensemble.buffer_rows`` labeled rows (``ShufflePool``):
 when the whole labeled split fits, the store is read once and every epoch is a global shuffle, as in the
 paper's in-RAM DataLoader; otherwise chunks stream through the pool and each batch mixes rows of many
-chunks. Memory is set by ``buffer_rows`` x D, never by the number of images.
+chunks. Passes trained at once share one pool (``SharedPool``), so the store is read once per epoch
+whatever their number. Memory is set by ``buffer_rows`` x D, never by the number of images.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import EnsembleConfig, Stopping
+from pipeline.config import Autocast, EnsembleConfig, Stopping
 from pipeline.errors import DatasetError, NumericsError, StoreError
+from pipeline.runtime import AUTOCAST_DTYPES, autocast
 
 
 def hidden_widths(num_classes: int) -> tuple[int, int]:
@@ -117,12 +121,13 @@ class EpochStats:
     stopped: int = 0  # members of this pass stopped by the paper's rule by the end of this epoch
 
 
-def _labeled_rows(matrix: da.Array, labels: da.Array, blocks: list[int], ignore_label: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The labeled rows of the given row-chunks: ``[K, D] float16`` features, ``[K] int64`` labels."""
+def _labeled_rows(matrix: da.Array, labels: da.Array, blocks: list[int], ignore_label: int,
+                  dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labeled rows of the given row-chunks: ``[K, D]`` features in ``dtype``, ``[K] int64`` labels."""
     parts = da.compute(*[(matrix.blocks[b], labels.blocks[b]) for b in blocks], scheduler="synchronous")
     features, targets = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     keep = targets != ignore_label
-    return torch.from_numpy(features[keep]), torch.from_numpy(targets[keep].astype(np.int64))
+    return torch.from_numpy(features[keep]).to(dtype), torch.from_numpy(targets[keep].astype(np.int64))
 
 
 class ShufflePool:
@@ -139,11 +144,12 @@ class ShufflePool:
     Memory: the pool plus two groups, about 1.5 x capacity x D float16 values, whatever P is.
     """
 
-    def __init__(self, matrix: da.Array, labels: da.Array, capacity: int, ignore_label: int):
+    def __init__(self, matrix: da.Array, labels: da.Array, capacity: int, ignore_label: int,
+                 dtype: torch.dtype = torch.float16):
         if matrix.numblocks[1] != 1:
             matrix = matrix.rechunk({1: -1})
         self.matrix, self.labels = matrix, labels.rechunk((matrix.chunks[0],))
-        self.ignore_label = ignore_label
+        self.ignore_label, self.dtype = ignore_label, dtype
         # One byte per pixel, read once to plan the groups and to size the pool.
         counts = [int((block != ignore_label).sum()) for block in da.compute(*self.labels.to_delayed().ravel(), scheduler="synchronous")]
         self.counts = np.asarray(counts, dtype=np.int64)
@@ -171,16 +177,17 @@ class ShufflePool:
         if self._cached is not None:
             yield *self._cached, torch.arange(self.size)
             return
-        pool = torch.empty((self.size, self.matrix.shape[1]), dtype=torch.float16)
+        pool = torch.empty((self.size, self.matrix.shape[1]), dtype=self.dtype)
         pool_labels = torch.empty(self.size, dtype=torch.int64)
         filled = 0
         groups = self._groups(rng)
         with ThreadPoolExecutor(max_workers=1) as reader:
-            future = reader.submit(_labeled_rows, self.matrix, self.labels, groups[0], self.ignore_label) if groups else None
+            future = reader.submit(_labeled_rows, self.matrix, self.labels, groups[0], self.ignore_label, self.dtype) if groups else None
             for index in range(len(groups)):
                 features, targets = future.result()
                 if index + 1 < len(groups):
-                    future = reader.submit(_labeled_rows, self.matrix, self.labels, groups[index + 1], self.ignore_label)
+                    future = reader.submit(_labeled_rows, self.matrix, self.labels, groups[index + 1], self.ignore_label,
+                                           self.dtype)
                 offset = min(self.size - filled, len(targets))
                 pool[filled : filled + offset], pool_labels[filled : filled + offset] = features[:offset], targets[:offset]
                 filled += offset
@@ -201,6 +208,82 @@ def member_passes(config: EnsembleConfig) -> list[tuple[int, int]]:
     # members_per_pass null: the members split evenly over the passes that run at once.
     group = config.members_per_pass or math.ceil(config.members / config.parallel_passes)
     return [(first, min(group, config.members - first)) for first in range(0, config.members, group)]
+
+
+class SharedPool:
+    """One ``ShufflePool`` read once for the passes that train at the same time.
+
+    The pool's items, epoch after epoch (chunk order and evictions drawn from one generator seeded
+    ``seed``), form one sequence that every pass reads through its own ``reader()``; the pool moves to its
+    next item only when every pass still reading has finished training on the current one (the item's
+    rows are then overwritten). So N passes at once decompress the store once, not N times, and each pass
+    sees exactly the items it would see alone: the weights do not depend on which passes share.
+    """
+
+    _END = None  # marks the end of an epoch in the sequence
+
+    def __init__(self, pool: ShufflePool, seed: int, epochs: int, readers: int):
+        self.pool = pool
+        self._sequence = self._items(pool, np.random.default_rng(seed), epochs)
+        self._changed = threading.Condition()
+        self._active = readers
+        self._index, self._item, self._pending = -1, self._END, 0
+        with self._changed:
+            self._next()
+
+    @classmethod
+    def _items(cls, pool: ShufflePool, rng: np.random.Generator, epochs: int):
+        for _ in range(epochs):
+            yield from pool.epoch(rng)
+            yield cls._END
+
+    def _next(self) -> None:  # with _changed held
+        self._item = next(self._sequence, self._END)
+        self._index += 1
+        self._pending = self._active
+        self._changed.notify_all()
+
+    def _get(self, index: int):
+        with self._changed:
+            self._changed.wait_for(lambda: self._index >= index)
+            return self._item
+
+    def _release(self) -> None:
+        with self._changed:
+            self._pending -= 1
+            if self._pending == 0 and self._active:
+                self._next()
+
+    def _leave(self, index: int) -> None:
+        """A reader stops for good; ``index``: the item it would read next (or holds, unreleased)."""
+        with self._changed:
+            self._active -= 1
+            if self._index >= index:
+                self._pending -= 1
+                if self._pending == 0 and self._active:
+                    self._next()
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]:
+        """``with shared.reader() as epoch:`` then ``for pool, labels, rows in epoch():`` once per epoch
+        (as ``ShufflePool.epoch``). Leaving the block, however, lets the other readers go on."""
+        cursor = [0]
+
+        def epoch():
+            while True:
+                item = self._get(cursor[0])
+                if item is self._END:
+                    self._release()
+                    cursor[0] += 1
+                    return
+                yield item  # a reader that stops here keeps the item until it leaves
+                self._release()
+                cursor[0] += 1
+
+        try:
+            yield epoch
+        finally:
+            self._leave(cursor[0])
 
 
 def fit_ensemble(
@@ -224,21 +307,35 @@ def fit_ensemble(
     had at its stop.
     """
     passes = member_passes(config)
+    # The pool holds rows as the first product takes them: float16 as stored, or bfloat16 under bf16 autocast
+    # (the same rounding autocast would apply, done once per row read instead of once per member and batch).
+    dtype = AUTOCAST_DTYPES[config.autocast] or torch.float16
+    pool = ShufflePool(matrix, labels, config.buffer_rows, ignore_label, dtype)
+    if pool.total < 2:
+        raise DatasetError(
+            "the training split has fewer than two labeled pixels (all others are the ignore label); check the masks "
+            "and dataset.ignore_label"
+        )
+    # Passes train parallel_passes at a time on Python threads, the passes of a wave reading one shared pool.
+    # torch releases the GIL inside its kernels, and with ensemble.threads = 1 each pass's arithmetic runs on
+    # its own thread alone; every pass sees the pool items it would see alone (SharedPool), so the weights
+    # are those of the passes run one after another, whatever the core count, while the cores share the work.
+    workers = min(config.parallel_passes, len(passes)) if device.type == "cpu" else 1
+    results = []
+    for start in range(0, len(passes), workers):
+        wave = passes[start : start + workers]
+        shared = SharedPool(pool, config.seed, config.epochs, len(wave))
 
-    def fit_pass(part: tuple[int, int]) -> tuple[EnsembleMLP, list[EpochStats]]:
-        return _fit_members(matrix, labels, *part, num_classes=num_classes, ignore_label=ignore_label, config=config,
-                            device=device, on_epoch=on_epoch)
+        def fit_pass(part: tuple[int, int], shared: SharedPool = shared) -> tuple[EnsembleMLP, list[EpochStats]]:
+            with shared.reader() as epoch:
+                return _fit_members(matrix.shape[1], epoch, *part, num_classes=num_classes, config=config,
+                                    device=device, on_epoch=on_epoch)
 
-    # Passes are independent (own members, seeds, row orders and pool), so up to parallel_passes of them
-    # train at once on Python threads. torch releases the GIL inside its kernels, and with
-    # ensemble.threads = 1 each pass's arithmetic runs on its own thread alone: the weights are those of
-    # the passes run one after another, whatever the core count, while the cores share the work.
-    workers = min(config.parallel_passes, len(passes))
-    if workers > 1 and device.type == "cpu":
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(fit_pass, passes))
-    else:
-        results = [fit_pass(part) for part in passes]
+        if len(wave) > 1:
+            with ThreadPoolExecutor(max_workers=len(wave)) as threads:
+                results += list(threads.map(fit_pass, wave))
+        else:
+            results.append(fit_pass(wave[0]))
     history = [stats for _, part_history in results for stats in part_history]
     return EnsembleMLP.stack([model for model, _ in results]).eval(), history
 
@@ -254,31 +351,25 @@ def check_finite_loss(losses: torch.Tensor, first: int, epoch: int, batch: int, 
 
 
 def _fit_members(
-    matrix: da.Array,
-    labels: da.Array,
+    dim: int,
+    epoch_items: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
     first: int,
     members: int,
     *,
     num_classes: int,
-    ignore_label: int,
     config: EnsembleConfig,
     device: torch.device,
     on_epoch: Callable[[EpochStats], None] | None,
 ) -> tuple[EnsembleMLP, list[EpochStats]]:
+    """Members ``first .. first + members - 1`` trained on ``epoch_items()`` (one pool epoch per call)."""
     seed = config.seed + first
-    model = EnsembleMLP(members, matrix.shape[1], num_classes, seed).to(device)
+    model = EnsembleMLP(members, dim, num_classes, seed).to(device)
     # Fused Adam: the same update per element, in one kernel instead of ~10 passes over the weights;
     # with 10 members at D = 576 the unfused update took ~40% of a batch-64 step here.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=device.type in ("cpu", "cuda"))
-    rng = np.random.default_rng(seed)
     # Each member draws its row orders from its own generator, so a member trains alike in any grouping.
     generators = [torch.Generator().manual_seed(seed + member) for member in range(members)]
-    pool = ShufflePool(matrix, labels, config.buffer_rows, ignore_label)
-    if pool.total < 2:
-        raise DatasetError(
-            "the training split has fewer than two labeled pixels (all others are the ignore label); check the masks "
-            "and dataset.ignore_label"
-        )
+    autocast_on = AUTOCAST_DTYPES[config.autocast] is not None
     paper = config.stopping is Stopping.PAPER
     training = torch.ones(members, dtype=torch.bool)
     best_batch, stale_batches = torch.full((members,), math.inf), torch.zeros(members, dtype=torch.int64)
@@ -288,7 +379,7 @@ def _fit_members(
     for epoch in range(1, config.epochs + 1):
         model.train()
         loss_sum = correct = visits = rows_seen = 0.0
-        for features, targets, rows in pool.epoch(rng):
+        for features, targets, rows in epoch_items():
             order = torch.stack([rows[torch.randperm(len(rows), generator=g)] for g in generators])
             for start in range(0, len(rows), config.batch_size):
                 index = order[:, start : start + config.batch_size]
@@ -296,7 +387,9 @@ def _fit_members(
                 if batch < 2:  # BatchNorm needs two samples
                     break
                 target = targets[index].to(device)
-                logits = model(features[index].to(device).float())
+                rows_in = features.index_select(0, index.reshape(-1)).view(members, batch, -1).to(device)
+                with autocast(device, config.autocast):
+                    logits = model(rows_in if autocast_on else rows_in.float()).float()
                 member_loss = F.cross_entropy(logits.reshape(-1, num_classes), target.reshape(-1),
                                               reduction="none").view(members, batch).mean(1)
                 optimizer.zero_grad(set_to_none=True)
@@ -342,12 +435,13 @@ def _fit_members(
 
 @torch.no_grad()
 def predict_chunks(
-    model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: torch.device, workers: int = 1
+    model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: torch.device, workers: int = 1,
+    precision: Autocast = Autocast.NONE,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """For each row-chunk of ``matrix`` yield ``(first_row, member classes [M, R], member probs [M, R, C])``.
 
     On CPU, ``workers`` row-chunks are read and predicted at once on Python threads (torch releases the
-    GIL in its kernels), yielded in row order. A chunk's arithmetic is the same whichever thread runs it,
+    GIL in its kernels), yielded in row order; ``precision`` is ``ensemble.autocast``. A chunk's arithmetic is the same whichever thread runs it,
     so with one torch thread per op the results do not depend on ``workers`` or the core count.
     """
     model.eval()
@@ -361,7 +455,9 @@ def predict_chunks(
         rows = torch.from_numpy(rows.astype(np.float32))
         results = []
         for start in range(0, len(rows), batch_pixels):
-            probabilities = torch.softmax(model(rows[start : start + batch_pixels].to(device)), dim=-1).cpu()
+            with autocast(device, precision):
+                logits = model(rows[start : start + batch_pixels].to(device)).float()
+            probabilities = torch.softmax(logits, dim=-1).cpu()
             results.append((int(offsets[block]) + start, probabilities.argmax(-1), probabilities))
         return results
 

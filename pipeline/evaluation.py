@@ -17,6 +17,7 @@ import dask.array as da
 import numpy as np
 import torch
 
+from pipeline.config import Autocast
 from pipeline.ensemble import EnsembleMLP, fit_ensemble, predict_chunks
 from pipeline.errors import NumericsError
 from pipeline.metrics import (iou_per_class, iou_per_class_paper, jensen_shannon, label_counts, majority_vote,
@@ -50,14 +51,15 @@ def prediction_workers() -> int:
 
 
 def vote(model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: torch.device,
-         workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+         workers: int | None = None, precision: Autocast = Autocast.NONE) -> tuple[np.ndarray, np.ndarray]:
     """``[P, D]`` lazy features -> ``([P] uint8`` majority vote, ``[P] float32`` Jensen-Shannon disagreement),
-    row-chunk by row-chunk, ``workers`` chunks at once (null: ``prediction_workers()``)."""
+    row-chunk by row-chunk, ``workers`` chunks at once (null: ``prediction_workers()``), the MLPs' products
+    in ``precision`` (``ensemble.autocast``)."""
     prediction = np.zeros(matrix.shape[0], dtype=np.uint8)
     disagreement = np.zeros(matrix.shape[0], dtype=np.float32)
     workers = prediction_workers() if workers is None else workers
     for first, classes, probabilities in predict_chunks(model, matrix, batch_pixels=batch_pixels, device=device,
-                                                        workers=workers):
+                                                        workers=workers, precision=precision):
         rows = slice(first, first + classes.shape[1])
         prediction[rows] = majority_vote(classes, model.num_classes).numpy()
         disagreement[rows] = jensen_shannon(probabilities).numpy()
@@ -65,9 +67,9 @@ def vote(model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: tor
 
 
 def predict_split(model: EnsembleMLP, stores: Sequence[FeatureStore], split: str, *, batch_pixels: int,
-                  device: torch.device) -> SplitPrediction:
+                  device: torch.device, precision: Autocast = Autocast.NONE) -> SplitPrediction:
     matrix, labels = lazy_matrix(stores, split)
-    prediction, disagreement = vote(model, matrix, batch_pixels=batch_pixels, device=device)
+    prediction, disagreement = vote(model, matrix, batch_pixels=batch_pixels, device=device, precision=precision)
     size = int(round(stores[0].pixels_per_image(split) ** 0.5))
     return SplitPrediction(stores[0].image_ids(split), size, labels.compute(), prediction, disagreement)
 
@@ -120,7 +122,7 @@ def fit_and_score(train: tuple[np.ndarray, np.ndarray], scored: tuple[np.ndarray
     model, history = fit_ensemble(da.from_array(train[0], chunks=(chunk_rows, -1)), da.from_array(train[1], chunks=chunk_rows),
                                   num_classes=len(class_names), ignore_label=ignore_label, config=config, device=device)
     prediction, _ = vote(model, da.from_array(scored[0], chunks=(chunk_rows, -1)), batch_pixels=batch_pixels,
-                         device=device)
+                         device=device, precision=config.autocast)
     metrics = score(np.asarray(scored[1], dtype=np.uint8), prediction, class_names, ignore_label)
     metrics["epochs"] = max((stats.epoch for stats in history), default=0)
     return metrics

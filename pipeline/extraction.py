@@ -17,17 +17,14 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.config import Autocast
 from pipeline.data import read_rgb, to_model_input
 from pipeline.diffusion import Diffusion
 from pipeline.errors import ConfigError
 from pipeline.features import feature_dim, images_per_batch, iter_pixel_features, make_noise
-from pipeline.runtime import pick_device
+from pipeline.runtime import AUTOCAST_DTYPES, pick_device
 from pipeline.store import StoreWriter, background_writes
 from pipeline.train_ddpm import load_checkpoint
 from pipeline.unet import UNetModel, for_inference
-
-AUTOCAST_DTYPES = {Autocast.NONE: None, Autocast.BFLOAT16: torch.bfloat16, Autocast.FLOAT16: torch.float16}
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,7 @@ def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Ca
             yield batch, x0.to(device, non_blocking=True), noise.to(device)
 
     features = iter_pixel_features(model, diffusion, batches(), t_steps=[job.t], blocks=job.blocks,
-                                   upsample=job.upsample, autocast_dtype=AUTOCAST_DTYPES[Autocast(job.autocast)],
+                                   upsample=job.upsample, autocast_dtype=AUTOCAST_DTYPES[job.autocast],
                                    name_of=lambda index: f"{split} image {images[index]}")
     written = 0
     with background_writes(writer) as submit:

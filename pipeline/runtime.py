@@ -15,6 +15,37 @@ import torch
 
 from pipeline.errors import ConfigError, PipelineError
 
+# features.autocast / ensemble.autocast (values of config.Autocast, a str enum) -> the dtype autocast runs in.
+AUTOCAST_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast(device: torch.device, mode: str, key: str = "ensemble.autocast") -> torch.autocast:
+    """The context that ``key`` = ``mode`` (none, bfloat16, float16) asks for on ``device``."""
+    dtype = AUTOCAST_DTYPES[mode]
+    if dtype is torch.bfloat16:
+        check_bfloat16(device, key)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def check_bfloat16(device: torch.device, key: str) -> None:
+    """bf16 products where the hardware lacks them: an error on a GPU (autocast would refuse anyway), a
+    warning on a CPU without native bf16 instructions (correct, but slower than float32 there)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{key}: bfloat16 is not supported by {torch.cuda.get_device_name(device)}; "
+                          f"set {key}: none (or float16)")
+    if device.type == "cpu" and not _cpu_has_native_bf16():
+        print(f"warning: {key}: bfloat16 runs emulated on this CPU (no avx512_bf16/amx_bf16/bf16 flag in "
+              f"/proc/cpuinfo), slower than float32; set {key}: none for speed", file=sys.stderr)
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True  # not Linux: unknown, so no warning
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":

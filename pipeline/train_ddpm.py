@@ -156,7 +156,7 @@ def train_ddpm(
     state = load_state(state_path, fingerprint) if state_path is not None else None
     if state is not None:
         trainer.restore(state)
-    weights = mse_weights(diffusion, config)
+    weights = mse_weights(diffusion, config).to(device)  # per-timestep ε-MSE weights, moved once
     while trainer.step < config.steps:
         trainer.step += 1
         losses = _train_step(trainer, diffusion, batch_at(images, config.batch_size, config.seed, trainer.step).to(device),
@@ -179,7 +179,7 @@ def _train_step(trainer: Trainer, diffusion: Diffusion, x_start: torch.Tensor, w
     t = t.to(device)
     x_t = diffusion.q_sample(x_start, t, noise)
     terms = diffusion.training_losses(trainer.model(x_t, diffusion.model_timesteps(t)), x_start, x_t, t, noise)
-    loss = (terms["loss"] + (weights.to(device)[t] - 1) * terms["mse"]).mean()  # weighted mse + vb
+    loss = (terms["loss"] + (weights[t] - 1) * terms["mse"]).mean()  # weighted mse + vb
     if not torch.isfinite(loss):
         raise NumericsError(
             f"pretrain: the loss became {loss.item()} at step {trainer.step}; likely cause: ddpm.train.lr="

@@ -47,7 +47,8 @@ def main() -> None:
         if not stores[0].image_ids(split.value):
             results[split] = None
             continue
-        result = predict_split(model, stores, split.value, batch_pixels=params.evaluate.batch_pixels, device=device)
+        result = predict_split(model, stores, split.value, batch_pixels=params.evaluate.batch_pixels, device=device,
+                                precision=params.ensemble.autocast)
         metrics = score(result.truth, result.prediction, names, dataset.ignore_label, result.disagreement,
                         result.image_size**2)
         check_finite_metrics(metrics, split.value, dataset.ignore_label)

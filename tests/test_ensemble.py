@@ -225,3 +225,69 @@ def test_prediction_is_the_same_whatever_the_number_of_chunks_predicted_at_once(
         assert np.array_equal(results[workers][0], results[1][0])
         assert np.array_equal(results[workers][1], results[1][1])  # bit for bit, not approximately
     assert len(np.unique(results[1][0])) > 1
+
+
+def test_bfloat16_autocast_trains_in_bf16_keeps_float32_weights_and_repeats_bit_for_bit():
+    import dataclasses
+
+    from pipeline.config import Autocast
+    from pipeline.evaluation import vote
+
+    x, y = toy()
+    config = EnsembleConfig(**{**SMALL, "parallel_passes": 2}, members=4, epochs=3, buffer_rows=1024,
+                            autocast=Autocast.NONE)
+    half = dataclasses.replace(config, autocast=Autocast.BFLOAT16)
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        full, _ = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=config, device=cpu)
+        model, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=half, device=cpu)
+        again, _ = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=half, device=cpu)
+        votes = {mode: vote(model, x, batch_pixels=300, device=cpu, workers=2, precision=mode)[0] for mode in Autocast
+                 if mode is not Autocast.FLOAT16}
+    finally:
+        torch.set_num_threads(threads)
+    assert history[-1].accuracy > 0.9
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast casts the products, not the weights
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    # the products really ran in bf16: the weights are not those of the float32 fit
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), full.parameters()))
+    # bf16 prediction differs from float32 in a few borderline pixels at most
+    agree = (votes[Autocast.BFLOAT16] == votes[Autocast.NONE]).mean()
+    assert 0.98 < agree
+
+
+def test_streamed_fit_gives_the_same_weights_whether_its_passes_share_one_pool_or_run_alone():
+    """The pool streams (capacity below the labeled rows). Passes trained at once read one shared pool;
+    each must see the items it sees alone, so the weights equal those of the passes one after another."""
+    import dataclasses
+
+    x, y = toy(pixels=2048)
+    base = EnsembleConfig(**SMALL, members=4, epochs=2, buffer_rows=300)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fits = {(group, passes): fit_ensemble(x, y, num_classes=4, ignore_label=255, device=torch.device("cpu"),
+                                              config=dataclasses.replace(base, members_per_pass=group,
+                                                                         parallel_passes=passes))
+                for group, passes in ((1, 1), (1, 2), (1, 3), (2, 1), (2, 2))}
+    finally:
+        torch.set_num_threads(threads)
+    for group, passes in ((1, 2), (1, 3), (2, 2)):
+        model, history = fits[(group, passes)]
+        reference = fits[(group, 1)][0].state_dict()
+        assert all(torch.equal(model.state_dict()[key], reference[key]) for key in reference), (group, passes)
+        assert sorted({stats.first_member for stats in history}) == list(range(0, 4, group))
+        assert {stats.pixels for stats in history} == {int((y.compute() != 255).sum())}  # every labeled row, every epoch
+    # different members, different weights: the shared pool does not hand every pass the same model
+    assert not torch.equal(fits[(1, 2)][0].weights[0][0], fits[(1, 2)][0].weights[0][1])
+
+
+def test_a_pass_that_stops_early_does_not_hold_up_the_passes_sharing_its_pool():
+    x, y = toy(pixels=2048)
+    config = EnsembleConfig(**{**SMALL, "parallel_passes": 2}, members=2, members_per_pass=1, epochs=3,
+                            buffer_rows=300, stopping=Stopping.PAPER, warmup_epochs=0, batch_patience=0)
+    model, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=config, device=torch.device("cpu"))
+    assert model.members == 2
+    assert all(stats.stopped == 1 for stats in history if stats.epoch == 1)  # each stopped in its first epoch
