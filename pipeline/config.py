@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline.diffusion import NoiseSchedule
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, check_timesteps
 from pipeline.presets import MODEL_PRESETS
 from pipeline.unet import ModelFlagsError, UNetConfig, config_from_flags
 
@@ -372,12 +372,7 @@ def _validate(params: Params) -> None:
         raise ConfigError("t_steps is empty; give at least one diffusion step, e.g. [50, 150, 250]")
     if len(set(params.t_steps)) != len(params.t_steps):
         raise ConfigError(f"t_steps {list(params.t_steps)} repeats a step; each step must appear once")
-    for t in params.t_steps:
-        if not 0 <= t < params.ddpm.diffusion_steps:
-            raise ConfigError(
-                f"t_steps contains {t}, outside [0, {params.ddpm.diffusion_steps}) (ddpm.diffusion_steps); "
-                f"use steps such as [50, 150, 250]"
-            )
+    check_timesteps(params.t_steps, params.ddpm.diffusion_steps)
     if not params.blocks:
         raise ConfigError("blocks is empty; list decoder blocks (output_blocks indices), e.g. [2, 3, 4, 5, 6], "
                           "or null for the blocks of ddpm.preset")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.diffusion import Diffusion, NoiseSchedule
-from pipeline.errors import ConfigError, ModelFlagsError
+from pipeline.errors import ConfigError, ModelFlagsError, check_decoder_blocks
 from pipeline.store import file_sha256
 
 ARCHITECTURE = "diffusers.UNet2DModel"
@@ -119,10 +119,7 @@ class DiffusersUNet(nn.Module):
         """``x`` ``[N, 3, H, W]`` in [-1, 1] at ``timesteps`` ``[N]`` -> ε prediction (None when only blocks
         are asked for: the pass stops after the last one needed) and, with ``return_blocks``, their outputs."""
         wanted = list(return_blocks) if return_blocks is not None else None
-        for index in wanted or []:
-            if not 0 <= index < self.num_decoder_blocks:
-                raise ModelFlagsError(f"decoder block {index} does not exist: this model has blocks "
-                                      f"0..{self.num_decoder_blocks - 1}")
+        check_decoder_blocks(wanted or [], self.num_decoder_blocks)
         h, emb, skips = self._encode(x, timesteps)
         captured: dict[int, torch.Tensor] = {}
         for index, (b, j) in enumerate(self.units()):

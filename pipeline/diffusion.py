@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, check_timesteps
 
 
 class NoiseSchedule(str, enum.Enum):
@@ -84,12 +84,7 @@ class Diffusion:
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(1.0 - self.betas) / (1.0 - self.alphas_cumprod)
 
     def check_timesteps(self, t_steps: list[int]) -> None:
-        for t in t_steps:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.num_timesteps:
-                raise ConfigError(
-                    f"timestep {t!r} is outside [0, {self.num_timesteps}) of this {self.num_timesteps}-step schedule; "
-                    f"use integers such as [50, 150, 250]"
-                )
+        check_timesteps(t_steps, self.num_timesteps)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep values the network is called with for schedule steps ``t`` ``[N]``."""

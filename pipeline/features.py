@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pipeline.config import UpsampleMode
 from pipeline.diffusion import Diffusion, NoiseSchedule
-from pipeline.errors import ConfigError, NumericsError
+from pipeline.errors import NumericsError, check_decoder_blocks
 from pipeline.unet import UNetModel
 
 
@@ -26,12 +26,7 @@ def make_noise(seed: int, image_size: int, channels: int = 3) -> torch.Tensor:
 
 def feature_dim(model: UNetModel, blocks: Sequence[int], num_steps: int = 1) -> int:
     shapes = model.decoder_block_shapes()
-    for block in blocks:
-        if not 0 <= block < len(shapes):
-            raise ConfigError(
-                f"blocks contains {block}, but this model has decoder blocks 0..{len(shapes) - 1}; "
-                f"choose blocks within that range"
-            )
+    check_decoder_blocks(blocks, len(shapes))
     return num_steps * sum(shapes[block][0] for block in blocks)
 
 

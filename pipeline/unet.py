@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import ModelFlagsError
+from pipeline.errors import ModelFlagsError, check_decoder_blocks
 
 # channel_mult used when the flag is "" (the default for the size): guided-diffusion's script_util for
 # 64-512, improved-diffusion's for 32 (guided-diffusion has no 32 default; improved-diffusion agrees at 64, 256).
@@ -50,6 +50,7 @@ DIFFUSION_FLAGS = {
     "rescale_learned_sigmas": _NOT_FOR_FEATURES,
     "sigma_small": _NOT_FOR_FEATURES,
 }
+
 
 
 @dataclass(frozen=True)
@@ -447,11 +448,7 @@ class UNetModel(nn.Module):
         """
         wanted = list(return_blocks) if return_blocks is not None else None
         if wanted is not None:
-            for index in wanted:
-                if not 0 <= index < self.num_decoder_blocks:
-                    raise ModelFlagsError(
-                        f"decoder block {index} does not exist: this model has blocks 0..{self.num_decoder_blocks - 1}"
-                    )
+            check_decoder_blocks(wanted, self.num_decoder_blocks)
         # As guided-diffusion: the embedding is computed in float32 (time_embed is never converted), then
         # h is cast to the blocks' dtype; each ResBlock casts its embedding projection to h's dtype.
         emb = self.time_embed(timestep_embedding(timesteps, self.config.num_channels))
