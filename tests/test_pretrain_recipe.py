@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +120,11 @@ def test_a_state_of_other_params_is_not_resumed(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def files_under(directory: Path) -> dict[str, bytes]:
+    return {path.relative_to(directory).as_posix(): path.read_bytes() for path in sorted(directory.rglob("*"))
+            if path.is_file()}
+
+
 def test_killed_pretraining_resumes_to_a_byte_identical_checkpoint(tmp_path):
     project = make_project(tmp_path, {"dataset.unlabeled_images": 32, "ddpm.train.steps": 40,
                                       "ddpm.train.state_every": 10, "ddpm.train.batch_size": 8})
@@ -126,7 +132,7 @@ def test_killed_pretraining_resumes_to_a_byte_identical_checkpoint(tmp_path):
 
     def command(out):
         return [sys.executable, "-m", "stages.pretrain", "--params", str(project["params"]), "--data",
-                str(project["data"]), "--out", str(out), "--curves", str(out.with_suffix(".csv"))]
+                str(project["data"]), "--out", str(out), "--curves", str(out.with_suffix(".curves"))]
 
     whole = tmp_path / "unbroken" / "resumed.pt"  # torch.save records the file's name in its archive
     whole.parent.mkdir()
@@ -146,7 +152,8 @@ def test_killed_pretraining_resumes_to_a_byte_identical_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"resuming from step {killed_at}" in result.stdout
     assert out.read_bytes() == whole.read_bytes()
-    assert out.with_suffix(".csv").read_text() == whole.with_suffix(".csv").read_text()
+    curves = files_under(whole.with_suffix(".curves"))
+    assert "plots/metrics/loss.tsv" in curves and files_under(out.with_suffix(".curves")) == curves  # whole history
     assert not state.exists()  # a finished run leaves no state behind
 
 
