@@ -141,7 +141,7 @@ class ShufflePool:
     from the whole pool, which are yielded and then overwritten; the last item is what the pool holds.
     So each batch draws on all the chunks in the pool, not on one group. When every labeled row fits in
     the pool, the rows are read once and every epoch yields the whole pool: a global shuffle.
-    Memory: the pool plus two groups, about 1.5 x capacity x D float16 values, whatever P is.
+    Memory: the pool plus two groups, about 1.5 x capacity x D values of ``dtype`` (2 bytes), whatever P is.
     """
 
     def __init__(self, matrix: da.Array, labels: da.Array, capacity: int, ignore_label: int,
@@ -223,7 +223,6 @@ class SharedPool:
     _END = None  # marks the end of an epoch in the sequence
 
     def __init__(self, pool: ShufflePool, seed: int, epochs: int, readers: int):
-        self.pool = pool
         self._sequence = self._items(pool, np.random.default_rng(seed), epochs)
         self._changed = threading.Condition()
         self._active = readers
