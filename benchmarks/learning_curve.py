@@ -77,7 +77,7 @@ def pixel_rows(model, images: np.ndarray, params: Params, batch: int = 25) -> np
 
 def score_snapshot(ema, params: Params, splits: dict) -> dict:
     threads = torch.get_num_threads()
-    torch.set_num_threads(params.ensemble.threads or threads)  # the fit stage's setting
+    torch.set_num_threads(1)  # as the fit stage: one thread per pass
     try:
         with torch.no_grad():
             features = {name: pixel_rows(ema, images, params) for name, (images, _) in splits.items()}

@@ -11,7 +11,6 @@ built-in 32x32 digits); the pipeline itself streams from zarr.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import time
@@ -58,7 +57,7 @@ def main() -> None:
     features = {}
     for t in args.steps:
         features[t] = (block_rows(model, diffusion, train_images, t, noise), block_rows(model, diffusion, val_images, t, noise))
-    config = params.ensemble if args.members is None else dataclasses.replace(params.ensemble, members=args.members)
+    config = params.ensemble if args.members is None else params.ensemble.model_copy(update={"members": args.members})
     step_sets = [tuple(int(s) for s in spec.split(",")) for spec in args.step_sets] if args.step_sets else [tuple(args.steps)]
     results = []
     for steps, spec in itertools.product(step_sets, args.sets):
@@ -77,7 +76,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "split": "val",
-                                        "ensemble": dataclasses.asdict(config), "results": results},
+                                        "ensemble": config.model_dump(mode="json"), "results": results},
                                        indent=2, default=str) + "\n")
 
 

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import NonSquarePolicy, Params, load_params
+from pipeline.config import Params, load_params
 from pipeline.data import _crop_square, read_rgb, to_model_input
 from pipeline.diffusion import Diffusion
 from pipeline.ensemble import EnsembleMLP, load_ensemble
+from pipeline.enums import NonSquarePolicy
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluation import vote
 from pipeline.features import feature_dim, images_per_batch, iter_pixel_features, make_noise
@@ -108,7 +109,7 @@ class Segmenter:
 
     def __init__(self, params: Params, model: UNetModel, diffusion: Diffusion, ensemble: EnsembleMLP):
         self.params, self.model, self.diffusion = params, model, diffusion
-        self.device = pick_device(params.ensemble.device)
+        self.device = pick_device(params.runtime.device)
         self.ensemble = ensemble.to(self.device)
         size = params.dataset.image_size
         self.noise = make_noise(params.features.noise_seed, size)
@@ -117,11 +118,11 @@ class Segmenter:
         self.chunk_rows = rows_per_chunk(params.features.chunk_pixels, size * size)  # a store's row chunk
 
     @classmethod
-    def load(cls, params: str | Path, checkpoint: str | Path, ensemble: str | Path) -> "Segmenter":
-        """From the three files of a run (the paths dvc.yaml gives the segment stage)."""
-        loaded = load_params(params)
+    def load(cls, params: str | Path | Params, checkpoint: str | Path, ensemble: str | Path) -> "Segmenter":
+        """From the three files of a run (the paths dvc.yaml gives the segment stage); ``params`` a file or loaded params."""
+        loaded = params if isinstance(params, Params) else load_params(params)
         model, diffusion, _ = load_checkpoint(checkpoint)  # not extract's cache: a notebook may see a new file
-        model = for_inference(model, pick_device(loaded.features.device))
+        model = for_inference(model, pick_device(loaded.runtime.device))
         members = load_ensemble(Path(ensemble), loaded.t_steps, loaded.blocks, file_sha256(checkpoint))
         return cls(loaded, model, diffusion, members)
 

@@ -1,99 +1,85 @@
-"""Typed, frozen configuration loaded once from params.yaml.
+"""Typed, frozen configuration loaded once from params.yaml (pydantic v2).
 
-One dataclass per params section. Unknown keys, wrong types and out-of-range values raise
-``ConfigError`` naming the key (``ensemble.lr``) and the file, so a typo in ``dvc exp run -S`` fails
-loudly instead of being ignored.
+One model per params section: frozen, unknown keys refused, strict types (a YAML string is not a number,
+``true`` is not 1) and each field's range declared beside it. Every problem is a ``ConfigError`` naming
+the file, the key (``ensemble.lr``), the value and what to do, so a typo in ``dvc exp run -S`` fails
+loudly instead of being ignored. The defaults here are the ones params.yaml lists (a test keeps them
+equal); ``null`` in params.yaml means "the preset's value".
+
+No torch and no network code is imported here: checks that need torch (the UNet builds, the device
+exists) run in ``pipeline.runtime.load_stage_params``.
 """
 from __future__ import annotations
 
-import dataclasses
-import enum
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from pipeline.diffusion import NoiseSchedule
-from pipeline.errors import ConfigError, check_timesteps
-from pipeline.presets import MODEL_PRESETS
-from pipeline.unet import ModelFlagsError, UNetConfig, config_from_flags
+from pipeline.enums import (Autocast, Codec, LossWeighting, LrSchedule, ModelPreset, NoiseSchedule, NonSquarePolicy,
+                            Stopping, UpsampleMode)
+from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
+from pipeline.model_flags import DIFFUSION_FLAGS, UNetConfig, config_from_flags
+from pipeline.presets import MODEL_PRESETS, PRESETS
+from pipeline.schedule import betas_for_schedule
 
-
-
-class UpsampleMode(str, enum.Enum):
-    BILINEAR = "bilinear"
-    NEAREST = "nearest"
-
-
-class NonSquarePolicy(str, enum.Enum):
-    ERROR = "error"
-    CENTER_CROP = "center_crop"
-
-
-class ModelPreset(str, enum.Enum):
-    """``ddpm.preset``: model flags and default blocks of pipeline/presets.py ``MODEL_PRESETS``."""
-
-    DIGITS = "digits"  # the built-in 32-channel UNet for the digits (image_size = dataset.image_size)
-    ADM256 = "adm256"  # the paper's 256x256 guided-diffusion checkpoints (lsun_*.pt, ffhq.pt)
-
-
-class LossWeighting(str, enum.Enum):
-    """``ddpm.train.loss_weighting``: how the ε-MSE of each example is weighted by its timestep."""
-
-    UNIFORM = "uniform"  # Ho et al.'s simple loss: every timestep alike
-    MIN_SNR = "min_snr"  # Hang et al. 2023 (Min-SNR-γ): weight min(SNR(t), γ) / SNR(t)
-
-
-class LrSchedule(str, enum.Enum):
-    """``ddpm.train.lr_schedule``, after ``warmup_steps`` of linear warm-up."""
-
-    CONSTANT = "constant"
-    COSINE = "cosine"  # half-cosine from lr to 0 at the last step (Loshchilov & Hutter, without restarts)
-
-
-class Autocast(str, enum.Enum):
-    NONE = "none"
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
-
+__all__ = ["Autocast", "Codec", "ConfigError", "DatasetConfig", "DDPMConfig", "EnsembleConfig", "EvaluateConfig",
+           "FeaturesConfig", "LossWeighting", "LrSchedule", "ModelFlags", "ModelPreset", "NoiseSchedule",
+           "NonSquarePolicy", "Params", "RuntimeConfig", "Stopping", "TrainConfig", "UpsampleMode", "load_params",
+           "params_from_dict"]
 
 BUILTIN_DATASET = "digits"
-
-
 # What a custom (non-preset) dataset gets for these keys when they are null.
 CUSTOM_DEFAULTS = {"ignore_label": 255, "min_class_pixels": 0, "val_images": 0}
 PRESET_KEYS = ("image_size", "num_classes", "class_names", "ignore_label", "train_images", "val_images",
                "test_images", "min_class_pixels")
+# Levels the codecs take (numcodecs' Blosc and zlib: 0..9, where 0 stores uncompressed: use codec: none for that).
+CODEC_LEVELS = {Codec.ZSTD: (1, 9), Codec.LZ4: (1, 9), Codec.BLOSCLZ: (1, 9), Codec.ZLIB: (1, 9), Codec.NONE: (None, None)}
+# Masks are uint8 and one value is the ignore label (255 usually).
+MAX_CLASSES = 255
+
+# Field types. YAML gives lists and strings; strict mode would refuse a list for a tuple and a string for an
+# enum, so those two are lax at the outer level while their items stay strict ("2" is not the integer 2).
+T = typing.TypeVar("T")
+Choice = Annotated[T, Field(strict=False)]
+IntList = Annotated[tuple[StrictInt, ...], Field(strict=False)]
+Positive = Annotated[StrictInt, Field(gt=0)]
+NonNegative = Annotated[StrictInt, Field(ge=0)]
+Seed = Annotated[StrictInt, Field(ge=0, lt=2**63, description="seeds must be in [0, 2**63): numpy and torch "
+                                                              "refuse negative seeds")]
+Rate = Annotated[float, Field(gt=0)]
 
 
-@dataclass(frozen=True)
-class DatasetConfig:
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, validate_default=False)
+
+
+class DatasetConfig(Section):
     """``name: digits`` is the built-in set that ``prepare`` composes; any other name is a folder in the
-    paper's layout at ``root`` (``real/train``, ``real/test``, optional ``unlabeled``). Keys left null are
-    filled from the preset of ``name`` (pipeline/presets.py); a custom name must set them."""
+    paper's layout at ``root`` (``real/train``, ``real/test``, optional ``real/val`` and ``unlabeled``). Keys
+    left null are filled from the preset of ``name`` (pipeline/presets.py); a custom name must set them."""
 
     name: str = BUILTIN_DATASET
     root: str = "data/builtin"
-    image_size: int | None = None
-    num_classes: int | None = None
-    class_names: tuple[str, ...] | None = None
+    image_size: Optional[Positive] = None
+    num_classes: Optional[Annotated[StrictInt, Field(ge=2, description="background plus at least one class")]] = None
+    class_names: Optional[Annotated[tuple[StrictStr, ...], Field(strict=False)]] = None
     # Pixels with this label are never trained on or scored (255 usually; bedroom_28 uses 0).
-    ignore_label: int | None = None
-    train_images: int | None = None
+    ignore_label: Optional[Annotated[StrictInt, Field(ge=0, le=255, description="masks are uint8")]] = None
+    train_images: Optional[Positive] = None
     # Validation images: scored for every choice (blocks, steps, epochs, defaults), never trained on.
     # From real/val when the dataset has it, else held out of real/train after the training images.
-    val_images: int | None = None
-    test_images: int | None = None
-    # Built-in set only: unlabeled canvases for DDPM pretraining, digit height in pixels, split seed.
-    unlabeled_images: int = 4000
-    digit_size: int = 24
-    seed: int = 0
+    val_images: Optional[Annotated[StrictInt, Field(ge=0, description="0 = no validation split")]] = None
+    test_images: Optional[Positive] = None
     # The paper's rule: a class covering fewer pixels than this in a training mask becomes ignore (0 = off).
-    min_class_pixels: int | None = None
-    non_square: NonSquarePolicy = NonSquarePolicy.ERROR
+    min_class_pixels: Optional[NonNegative] = None
+    non_square: Choice[NonSquarePolicy] = NonSquarePolicy.ERROR
+    # Built-in set only: unlabeled canvases for DDPM pretraining, digit height in pixels, split seed.
+    unlabeled_images: Positive = 4000
+    digit_size: StrictInt = 24
+    seed: Seed = 0
 
     def names(self) -> list[str]:
         if self.class_names is not None:
@@ -102,8 +88,6 @@ class DatasetConfig:
 
     def resolved(self) -> "DatasetConfig":
         """A copy with every null preset key filled from the preset named ``name``."""
-        from pipeline.presets import PRESETS
-
         preset = PRESETS.get(self.name, {})
         values = {}
         for key in PRESET_KEYS:
@@ -118,76 +102,98 @@ class DatasetConfig:
                     f"({', '.join(PRESETS)}); set dataset.{key} for your dataset"
                 )
             values[key] = value
-        return dataclasses.replace(self, **values)
+        return self.model_copy(update=values)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 800
-    batch_size: int = 32
+class TrainConfig(Section):
+    """``ddpm.train``: pretraining on the unlabeled images (``ddpm.checkpoint: models/scratch``)."""
+
+    steps: Annotated[StrictInt, Field(ge=0, description="0 keeps the random init")] = 800
+    batch_size: Positive = 32
     # lr 1e-3 after 100 warm-up steps, constant, uniform loss: the best of the recipes measured on val
     # (benchmarks/learning_curve.py, docs/benchmarks.md); Min-SNR-γ and cosine decay scored lower here.
-    lr: float = 1e-3
-    lr_schedule: LrSchedule = LrSchedule.CONSTANT
-    warmup_steps: int = 100
-    loss_weighting: LossWeighting = LossWeighting.UNIFORM
-    min_snr_gamma: float = 5.0
+    lr: Rate = 1e-3
+    lr_schedule: Choice[LrSchedule] = LrSchedule.CONSTANT
+    warmup_steps: Annotated[StrictInt, Field(ge=0, description="0 = off")] = 100
+    loss_weighting: Choice[LossWeighting] = LossWeighting.UNIFORM
+    min_snr_gamma: Rate = 5.0
     # EMA of the weights used for features; the rate ramps up as (1+k)/(10+k) until it reaches ema_rate,
     # so a short run is not dominated by the random init (0.999 without warm-up hurt at ~600 steps).
-    ema_rate: float = 0.999
-    seed: int = 0
-    log_every: int = 10
-    threads: int | None = None
+    ema_rate: Annotated[float, Field(ge=0, lt=1, description="a rate in [0, 1)")] = 0.999
+    seed: Seed = 0
+    log_every: Positive = 10
     # A resumable state (model, EMA, optimizer, RNG, step) is written every state_every steps beside the
     # checkpoint; a rerun after a kill continues from it (0 = never).
-    state_every: int = 100
+    state_every: Annotated[StrictInt, Field(ge=0, description="0 = off")] = 100
 
 
-@dataclass(frozen=True)
-class DDPMConfig:
+class ModelFlags(Section):
+    """``ddpm.model``: guided-diffusion's model flags; null = the value of ``ddpm.preset``. Lists are YAML
+    lists (``channel_mult: [1, 1, 2, 2, 4, 4]``, not guided-diffusion's ``"1,1,2,2,4,4"``), unset is null
+    (not its -1)."""
+
+    image_size: Optional[Positive] = None  # null = dataset.image_size
+    num_channels: Optional[Positive] = None
+    num_res_blocks: Optional[Positive] = None
+    channel_mult: Optional[Annotated[tuple[Annotated[float, Field(gt=0)], ...], Field(strict=False)]] = None
+    attention_resolutions: Optional[Annotated[tuple[Positive, ...], Field(strict=False)]] = None
+    num_heads: Optional[Positive] = None
+    num_head_channels: Optional[Positive] = None
+    num_heads_upsample: Optional[Positive] = None
+    use_scale_shift_norm: Optional[bool] = None
+    resblock_updown: Optional[bool] = None
+    use_new_attention_order: Optional[bool] = None
+    learn_sigma: Optional[bool] = None
+    dropout: Optional[Annotated[float, Field(ge=0, lt=1, description="a probability of dropping; 0 = off")]] = None
+    use_fp16: Optional[bool] = None
+
+    def given(self) -> dict[str, Any]:
+        """The flags set here (not null), in guided-diffusion's names."""
+        return {key: value for key, value in self.model_dump().items() if value is not None}
+
+
+class DDPMConfig(Section):
     # Model flags (and the blocks that `blocks: null` reads) come from this preset; keys given in `model`
     # (guided-diffusion's flag names) override the preset's one by one.
-    preset: ModelPreset = ModelPreset.DIGITS
-    model: dict = field(default_factory=dict)
-    diffusion_steps: int = 1000
-    noise_schedule: NoiseSchedule = NoiseSchedule.LINEAR
+    preset: Choice[ModelPreset] = ModelPreset.DIGITS
+    checkpoint: Optional[StrictStr] = "models/scratch"
+    diffusion_steps: Positive = 1000
+    noise_schedule: Choice[NoiseSchedule] = NoiseSchedule.LINEAR
     # True for improved-diffusion checkpoints (the network sees t * 1000 / diffusion_steps).
     rescale_timesteps: bool = False
-    checkpoint: str | None = "models/scratch"
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelFlags = ModelFlags()
+    train: TrainConfig = TrainConfig()
 
     def model_flags(self) -> dict[str, Any]:
         """The preset's model flags, overridden key by key by the non-null keys of ``model`` (params.yaml
         lists guided-diffusion's flags as null, so `-S ddpm.model.num_channels=64` needs no `++`)."""
-        return {**MODEL_PRESETS[self.preset.value]["model"], **{k: v for k, v in self.model.items() if v is not None}}
+        return {**MODEL_PRESETS[self.preset.value]["model"], **self.model.given()}
 
     def preset_blocks(self) -> tuple[int, ...]:
         return tuple(MODEL_PRESETS[self.preset.value]["blocks"])
 
 
-@dataclass(frozen=True)
-class FeaturesConfig:
-    upsample: UpsampleMode = UpsampleMode.BILINEAR
-    noise_seed: int = 0
+class FeaturesConfig(Section):
+    upsample: Choice[UpsampleMode] = UpsampleMode.BILINEAR
+    noise_seed: Seed = 0
     # The paper's main setting shares one noise tensor; True draws new noise per image (seeded by index).
     stochastic_noise: bool = False
-    batch_size: int = 16
+    batch_size: Positive = 16
     # Upper bound on rows per zarr chunk; the store uses gcd(chunk_pixels, H*W) so each image owns whole chunks.
-    chunk_pixels: int = 4096
-    codec: str = "zstd"
-    clevel: int = 3
-    autocast: Autocast = Autocast.NONE
-    device: str = "auto"
+    chunk_pixels: Positive = 4096
+    codec: Choice[Codec] = Codec.ZSTD
+    clevel: Positive = 3
+    autocast: Choice[Autocast] = Autocast.NONE
     # Where extraction runs (placement only, the store is the same): 0 = in this process; N = a local
     # dask.distributed cluster of N worker processes; scheduler = the address of a running cluster
     # (workers need this package installed and the data and store paths visible). One worker per GPU.
-    workers: int = 0
-    scheduler: str | None = None
+    workers: Annotated[StrictInt, Field(ge=0, description="0 = extract in this process")] = 0
+    scheduler: Optional[StrictStr] = None
     # A tls:// scheduler needs these PEM files (dask's Security: CA, this client's certificate and key). A tcp://
     # address is plain TCP: dask sends pickles, unauthenticated, so anyone who reaches it runs code (docs/scaling.md).
-    tls_ca_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    tls_ca_file: Optional[StrictStr] = None
+    tls_cert: Optional[StrictStr] = None
+    tls_key: Optional[StrictStr] = None
 
     def tls_files(self) -> dict[str, str] | None:
         """dask ``Security`` arguments for a tls:// scheduler, else None."""
@@ -196,75 +202,74 @@ class FeaturesConfig:
         return {"tls_ca_file": self.tls_ca_file, "tls_client_cert": self.tls_cert, "tls_client_key": self.tls_key}
 
 
-class Stopping(str, enum.Enum):
-    # A member group stops when its epoch loss has not improved by min_delta for `patience` epochs.
-    PLATEAU = "plateau"
-    # ddpm-segmentation's train_interpreter.py: from epoch index `warmup_epochs` on, every member stops
-    # on its own once `batch_patience` batches in a row have not beaten its best batch loss.
-    PAPER = "paper"
-
-
-@dataclass(frozen=True)
-class EnsembleConfig:
-    members: int = 10
+class EnsembleConfig(Section):
+    members: Positive = 10
     # The paper trains at batch 64, lr 1e-3, ~5 epochs (its stopping rule). Chosen on the digits' val split
     # (benchmarks/fit_vs_paper.py --select): batch 512 at lr 4e-3 for 4 epochs scores at least the paper's
     # val mIoU in ~1/3.5 of its time; a step costs about as much at 512 rows as at 64 on a CPU.
-    lr: float = 4e-3
-    batch_size: int = 512
-    epochs: int = 4
-    stopping: Stopping = Stopping.PLATEAU
-    patience: int = 2
-    min_delta: float = 0.01
+    lr: Rate = 4e-3
+    batch_size: Annotated[StrictInt, Field(ge=2, description="BatchNorm needs two rows per batch")] = 512
+    epochs: Positive = 4
+    stopping: Choice[Stopping] = Stopping.PLATEAU
+    patience: Positive = 2
+    min_delta: Annotated[float, Field(ge=0)] = 0.01
     # The paper's rule counts a batch as stale when it does not beat the best batch loss and stops after
     # more than 50 stale batches in a row, checked from 0-based epoch 4 on (train_interpreter.py).
-    batch_patience: int = 50
-    warmup_epochs: int = 4
+    batch_patience: Annotated[StrictInt, Field(ge=0, description="0 = stop at the first stale batch")] = 50
+    warmup_epochs: NonNegative = 4
     # Shuffle buffer in labeled rows (ignore rows are dropped when it is filled); it holds buffer_rows x D
-    # float16 values. When every labeled row fits, the fit reads the store once and shuffles globally
-    # every epoch, as the paper's in-RAM DataLoader does; otherwise rows are mixed across many chunks.
-    buffer_rows: int = 65536
+    # values. When every labeled row fits, the fit reads the store once and shuffles globally every
+    # epoch, as the paper's in-RAM DataLoader does; otherwise rows are mixed across many chunks.
+    buffer_rows: Annotated[StrictInt, Field(ge=2, description="BatchNorm needs two rows per batch")] = 65536
     # Members trained together in one pass over the data (null = members / parallel_passes). Fewer trade passes for memory:
     # 10 members of the paper's D=8448 MLP with Adam hold ~0.6 GB by themselves.
-    members_per_pass: int | None = None
-    # Passes trained at the same time, each on its own CPU thread. With threads: 1 each pass's arithmetic
-    # stays on its thread, so with members_per_pass set the weights do not depend on this or on the core
-    # count. Each running pass holds its own shuffle pool, so memory grows with it. The default is a fixed
-    # 2, not the core count, so the grouping (and the weights) are the same on every machine: 10 members
-    # as 2 passes of 5 fit in 0.54x the time of one pass of 10 on this 2-core machine.
-    parallel_passes: int = 2
-    seed: int = 0
-    device: str = "auto"
-    # CPU threads for the ensemble's arithmetic in fit and evaluate (the store reader has its own thread).
-    # 1 gives the same weights and metrics in every run and on any core count; null uses all cores, ~1.5x
-    # faster fitting on 2 cores, but MKL's multi-threaded batched GEMM then gave other last bits in 1 of
-    # 66 traced fits and in 1 evaluate run (README "Determinism"). No effect on a GPU.
-    threads: int | None = 1
+    members_per_pass: Optional[Positive] = None
+    # Passes trained at the same time, each on its own CPU thread running one thread of arithmetic, so with
+    # members_per_pass set the weights depend neither on this nor on the core count (docs/determinism.md).
+    # The default is a fixed 2, not the core count, so the grouping (and the weights) are the same on every
+    # machine: 10 members as 2 passes of 5 fit in 0.54x the time of one pass of 10 on this 2-core machine.
+    parallel_passes: Positive = 2
+    seed: Seed = 0
     # The MLPs' matrix products in fit and evaluate: bfloat16 = torch.autocast (weights, Adam and the loss stay
     # float32), as good on val as float32 and 1.3-1.6x faster on this CPU (AVX512-BF16; benchmarks/fit_vs_paper.py);
     # emulated, so slower, on CPUs without native bf16 (a warning says so): none = float32 there.
-    autocast: Autocast = Autocast.BFLOAT16
+    autocast: Choice[Autocast] = Autocast.BFLOAT16
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    overlays: int = 6
+class EvaluateConfig(Section):
+    overlays: NonNegative = 6
     # Cap on per-pixel rows written for DVC's confusion-matrix plot (a seeded sample beyond it).
-    confusion_max_pixels: int = 20000
-    batch_pixels: int = 16384
+    confusion_max_pixels: Positive = 20000
+    batch_pixels: Positive = 16384
 
 
-@dataclass(frozen=True)
-class Params:
-    t_steps: tuple[int, ...] = (50, 150, 250)
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
+
+
+class RuntimeConfig(Section):
+    """Where and on how many threads every stage computes; results do not depend on it except as noted."""
+
+    # auto = the first CUDA GPU if there is one, else the CPU (every stage: pretrain, extract, fit, evaluate,
+    # segment). On a dask cluster (features.scheduler) the workers resolve it on their own machines.
+    device: Annotated[StrictStr, Field(pattern=DEVICE_PATTERN,
+                                       description="a device; use auto, cpu, cuda, cuda:<index> or mps")] = "auto"
+    # torch's CPU threads for pretraining and extraction (null = all cores). The ensemble (fit, evaluate)
+    # always computes on one thread per pass (ensemble.parallel_passes), so its weights and metrics are the
+    # same on any core count. The environment variable DDPM_SEG_THREADS overrides this.
+    threads: Optional[Positive] = None
+
+
+class Params(Section):
+    t_steps: IntList = (50, 150, 250)
     # null = the blocks of ddpm.preset (digits: [0, 1, 2, 3]; adm256: the paper's [5, 6, 7, 8, 12]);
     # params_from_dict fills it, so stages always see a tuple.
-    blocks: tuple[int, ...] | None = None
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
-    features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    blocks: Optional[IntList] = None
+    dataset: DatasetConfig = DatasetConfig()
+    ddpm: DDPMConfig = DDPMConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     def unet_config(self) -> UNetConfig:
         """The model flags of ``ddpm.preset`` overridden by ``ddpm.model``; ``image_size`` defaults to
@@ -272,7 +277,7 @@ class Params:
         flags = self.ddpm.model_flags()
         flags.setdefault("image_size", self.dataset.image_size)
         if flags["image_size"] != self.dataset.image_size:
-            if self.ddpm.model.get("image_size") is not None:
+            if self.ddpm.model.image_size is not None:
                 raise ConfigError(
                     f"ddpm.model.image_size={flags['image_size']} differs from dataset.image_size="
                     f"{self.dataset.image_size}; remove ddpm.model.image_size or make them equal"
@@ -288,85 +293,95 @@ class Params:
             raise ConfigError(f"ddpm.model: {error}") from error
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+# ---------------------------------------------------------------------------------------------
+# pydantic's errors in the words of this project: the key, the value, what to do
+# ---------------------------------------------------------------------------------------------
+TYPE_WORDS = {"int_type": "an integer", "int_from_float": "an integer", "int_parsing": "an integer",
+              "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+              "bool_parsing": "true or false", "string_type": "a string"}
+BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
+          "less_than_equal": ("<=", "le")}
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check and convert one YAML value to the annotated type, naming ``key`` on failure."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping of keys to values, got {value!r}")
-        return _build(tp, value, key)
-    if origin is tuple:
-        (item_type, _ellipsis) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a YAML list such as [1, 2], got {value!r}")
-        return tuple(_convert(item, item_type, f"{key}[{index}]") for index, item in enumerate(value))
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        allowed = [member.value for member in tp]
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
-        return tp(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    raise AssertionError(f"unsupported annotation {_type_name(tp)} for {key}")
+def _key(location: tuple) -> str:
+    key = ""
+    for part in location:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown params key(s) {', '.join(where + str(k) for k in unknown)}; "
-            f"known keys{' of ' + prefix if prefix else ''}: {', '.join(names)}"
-        )
-    values = {}
-    for name in names:
-        if name in data:
-            values[name] = _convert(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
-    return cls(**values)
+def _field_info(location: tuple):
+    """The FieldInfo of the params key at ``location`` (None past a list index or an unknown key)."""
+    model, info = Params, None
+    for part in location:
+        if isinstance(part, int) or model is None or part not in model.model_fields:
+            return info
+        info = model.model_fields[part]
+        annotation = info.annotation
+        options = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
+        model = next((option for option in options if isinstance(option, type) and issubclass(option, Section)), None)
+    return info
+
+
+def _description(annotation: Any, description: str | None) -> str | None:
+    """A field's description, also from inside ``Optional[Annotated[int, Field(description=...)]]``."""
+    if description or annotation is None:
+        return description
+    for part in (*getattr(annotation, "__metadata__", ()), *typing.get_args(annotation)):
+        found = getattr(part, "description", None) or (None if isinstance(part, str) else _description(part, None))
+        if found:
+            return found
+    return None
+
+
+def _describe(error: dict) -> str:
+    location, kind, value, context = error["loc"], error["type"], error.get("input"), error.get("ctx") or {}
+    key = _key(location)
+    info = _field_info(location)
+    description = _description(info.annotation if info is not None else None, info.description if info else None)
+    why = f" ({description})" if description else ""
+    if kind == "extra_forbidden":
+        parent = location[:-1]
+        name = location[-1]
+        if parent == ("ddpm", "model") and name in DIFFUSION_FLAGS:
+            return f"{key} is a diffusion flag, not a model flag: {DIFFUSION_FLAGS[name]}"
+        section = _field_info(parent).annotation if parent else Params
+        known = ", ".join(getattr(section, "model_fields", {}))
+        return f"unknown params key(s) {key}; known keys{' of ' + _key(parent) if parent else ''}: {known}"
+    if kind in TYPE_WORDS:
+        return f"{key} must be {TYPE_WORDS[kind]}, got {value!r}"
+    if kind in ("tuple_type", "list_type"):
+        return f"{key} must be a YAML list such as [1, 2], got {value!r}"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"{key} must be a mapping of keys to values, got {value!r}"
+    if kind == "enum":
+        return f"{key}={value!r} is not one of [{context['expected'].replace(' or ', ', ')}]"
+    if kind in BOUNDS:
+        symbol, name = BOUNDS[kind]
+        bound = context[name]
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        return f"{key} must be {symbol} {bound}, got {value!r}{why}"
+    if kind == "string_pattern_mismatch":
+        return f"{key}={value!r} is not {description}" if description else f"{key}={value!r}: {error['msg']}"
+    return f"{key}={value!r}: {error['msg'].removeprefix('Value error, ')}"
+
+
+def _build(data: dict) -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as error:
+        problems = error.errors(include_url=False)
+        unknown = [problem for problem in problems if problem["type"] == "extra_forbidden"]
+        if len(unknown) > 1 and all(p["loc"][:-1] == unknown[0]["loc"][:-1] for p in unknown):
+            parent = unknown[0]["loc"][:-1]
+            names = ", ".join(_key(p["loc"]) for p in unknown)
+            first = _describe(unknown[0])
+            raise ConfigError(f"unknown params key(s) {names}; {first.split('; ', 1)[1]}") from None
+        raise ConfigError("; ".join(_describe(problem) for problem in problems[:3])) from None
 
 
 def _validate(params: Params) -> None:
-    def positive(key: str, value: float) -> None:
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
-
+    """What one field cannot say alone: rules across keys and against the presets' values."""
     dataset = params.dataset
     if not params.t_steps:
         raise ConfigError("t_steps is empty; give at least one diffusion step, e.g. [50, 150, 250]")
@@ -378,96 +393,29 @@ def _validate(params: Params) -> None:
                           "or null for the blocks of ddpm.preset")
     if len(set(params.blocks)) != len(params.blocks):
         raise ConfigError(f"blocks {list(params.blocks)} repeats a block")
-    for key in ("image_size", "num_classes", "train_images", "test_images"):
-        positive(f"dataset.{key}", getattr(dataset, key))
-    if dataset.val_images < 0:
-        raise ConfigError(f"dataset.val_images must be >= 0 (0 = no validation split), got {dataset.val_images}")
-    if dataset.num_classes < 2:
-        raise ConfigError(f"dataset.num_classes must be >= 2, got {dataset.num_classes}")
     if dataset.num_classes > MAX_CLASSES:
         raise ConfigError(f"dataset.num_classes={dataset.num_classes}: masks, labels and predictions are uint8 and keep "
                           f"one value for the ignore label, so at most {MAX_CLASSES} classes fit; merge classes")
-    if not 0 <= dataset.ignore_label <= 255:
-        raise ConfigError(f"dataset.ignore_label={dataset.ignore_label} must be in [0, 255] (masks are uint8)")
     if dataset.class_names is not None and len(dataset.class_names) != dataset.num_classes:
         raise ConfigError(
             f"dataset.class_names has {len(dataset.class_names)} names but dataset.num_classes is "
             f"{dataset.num_classes}; give one name per class or null"
         )
     if dataset.name == BUILTIN_DATASET:
-        positive("dataset.unlabeled_images", dataset.unlabeled_images)
         if not 8 <= dataset.digit_size <= dataset.image_size:
             raise ConfigError(
                 f"dataset.digit_size={dataset.digit_size} must be in [8, dataset.image_size={dataset.image_size}]"
             )
         if dataset.num_classes != 11:
             raise ConfigError("the built-in digits have 11 classes (background + 10 digits); set dataset.num_classes: 11")
-    train = params.ddpm.train
-    for key in ("batch_size", "lr", "log_every"):
-        positive(f"ddpm.train.{key}", getattr(train, key))
-    if train.steps < 0:
-        raise ConfigError(f"ddpm.train.steps must be >= 0 (0 keeps the random init), got {train.steps}")
-    if not 0 <= train.ema_rate < 1:
-        raise ConfigError(f"ddpm.train.ema_rate must be in [0, 1), got {train.ema_rate}")
-    positive("ddpm.train.min_snr_gamma", train.min_snr_gamma)
-    for key in ("warmup_steps", "state_every"):
-        if getattr(train, key) < 0:
-            raise ConfigError(f"ddpm.train.{key} must be >= 0 (0 = off), got {getattr(train, key)}")
-    for key in ("batch_size", "chunk_pixels", "clevel"):
-        positive(f"features.{key}", getattr(params.features, key))
-    if params.features.workers < 0:
-        raise ConfigError(f"features.workers must be >= 0 (0 = extract in this process), got {params.features.workers}")
-    if params.features.codec not in ("zstd", "lz4", "blosclz", "zlib", "none"):
-        raise ConfigError(f"features.codec={params.features.codec!r} is not one of zstd, lz4, blosclz, zlib, none")
-    for key in ("members", "lr", "batch_size", "epochs", "buffer_rows", "batch_patience"):
-        positive(f"ensemble.{key}", getattr(params.ensemble, key))
-    if params.ensemble.batch_size < 2 or params.ensemble.buffer_rows < 2:
-        raise ConfigError(f"ensemble.batch_size and ensemble.buffer_rows must be >= 2 (BatchNorm needs two rows per batch), "
-                          f"got {params.ensemble.batch_size} and {params.ensemble.buffer_rows}")
-    if params.ensemble.warmup_epochs < 0:
-        raise ConfigError(f"ensemble.warmup_epochs must be >= 0, got {params.ensemble.warmup_epochs}")
-    if params.ensemble.members_per_pass is not None and params.ensemble.members_per_pass < 1:
-        raise ConfigError(f"ensemble.members_per_pass must be >= 1 or null, got {params.ensemble.members_per_pass}")
-    if params.ensemble.parallel_passes < 1:
-        raise ConfigError(f"ensemble.parallel_passes must be >= 1, got {params.ensemble.parallel_passes}")
-    if params.ensemble.threads is not None and params.ensemble.threads < 1:
-        raise ConfigError(f"ensemble.threads must be >= 1 or null (all cores), got {params.ensemble.threads}")
-    if params.ensemble.patience < 1:
-        raise ConfigError(f"ensemble.patience must be >= 1, got {params.ensemble.patience}")
-    for key in ("confusion_max_pixels", "batch_pixels"):
-        positive(f"evaluate.{key}", getattr(params.evaluate, key))
-    _validate_numbers_and_devices(params)
-    _build_unet_on_meta(params.unet_config())  # the flags build a network, so prepare rejects what pretrain would crash on
-
-
-# Levels the codecs take (numcodecs' Blosc and zlib: 0..9, where 0 stores uncompressed: use codec: none for that).
-CODEC_LEVELS = {"zstd": (1, 9), "lz4": (1, 9), "blosclz": (1, 9), "zlib": (1, 9), "none": (None, None)}
-# Masks are uint8 and one value is the ignore label (255 usually).
-MAX_CLASSES = 255
-SEED_LIMIT = 2**63
-
-
-def _validate_numbers_and_devices(params: Params) -> None:
-    """Seeds, codec level, dropout, schedule and devices: what later stages would crash or go NaN on."""
-    from pipeline.diffusion import betas_for_schedule
-    from pipeline.runtime import check_device
-
-    for key, seed in (("dataset.seed", params.dataset.seed), ("features.noise_seed", params.features.noise_seed),
-                      ("ensemble.seed", params.ensemble.seed)):
-        if not 0 <= seed < SEED_LIMIT:
-            raise ConfigError(f"{key}={seed}: seeds must be in [0, 2**63) (numpy and torch refuse negative seeds)")
-    low, high = CODEC_LEVELS[params.features.codec]
-    if low is not None and not low <= params.features.clevel <= high:
-        raise ConfigError(f"features.clevel={params.features.clevel} is outside [{low}, {high}], the levels of "
-                          f"features.codec={params.features.codec}; use e.g. 3 (or codec: none for no compression)")
-    dropout = params.ddpm.model_flags().get("dropout", 0.0)
-    if isinstance(dropout, (int, float)) and not 0 <= dropout < 1:
-        raise ConfigError(f"ddpm.model.dropout={dropout} must be in [0, 1) (a probability of dropping; 0 = off)")
+    features = params.features
+    low, high = CODEC_LEVELS[features.codec]
+    if low is not None and not low <= features.clevel <= high:
+        raise ConfigError(f"features.clevel={features.clevel} is outside [{low}, {high}], the levels of "
+                          f"features.codec={features.codec.value}; use e.g. 3 (or codec: none for no compression)")
     betas_for_schedule(params.ddpm.noise_schedule, params.ddpm.diffusion_steps)
-    remote = params.features.scheduler is not None  # the cluster's workers, not this machine, run extraction
-    check_device(params.features.device, "features.device", local=not remote)
-    check_device(params.ensemble.device, "ensemble.device", local=True)
-    _validate_tls(params.features)
+    _validate_tls(features)
+    params.unet_config()  # the flags parse (torch-free); whether they build a UNet: runtime.load_stage_params
 
 
 def _validate_tls(features: FeaturesConfig) -> None:
@@ -485,26 +433,12 @@ def _validate_tls(features: FeaturesConfig) -> None:
                               f"PEM file, got {value!r} (docs/scaling.md: running extraction on a cluster safely)")
 
 
-def _build_unet_on_meta(config: UNetConfig) -> None:
-    """Build the UNet on the meta device (no memory, no arithmetic): group norms, heads and widths are checked."""
-    import torch
-
-    from pipeline.unet import create_unet
-
-    try:
-        with torch.device("meta"):
-            create_unet(config)
-    except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as error:
-        raise ConfigError(f"ddpm.model flags do not build a UNet ({error}); channel counts (num_channels x each "
-                          f"channel_mult) must be divisible by the 32 group-norm groups and by num_head_channels") from None
-
-
 def params_from_dict(data: dict, source: str = "params") -> Params:
     try:
-        params = _build(Params, data, "")
-        params = dataclasses.replace(params, dataset=params.dataset.resolved())
+        params = _build(data)
+        params = params.model_copy(update={"dataset": params.dataset.resolved()})
         if params.blocks is None:  # blocks: null = the model preset's blocks
-            params = dataclasses.replace(params, blocks=params.ddpm.preset_blocks())
+            params = params.model_copy(update={"blocks": params.ddpm.preset_blocks()})
         _validate(params)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.config import DatasetConfig, NonSquarePolicy
+from pipeline.config import DatasetConfig
+from pipeline.enums import NonSquarePolicy
 from pipeline.errors import DatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

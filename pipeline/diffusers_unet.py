@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.diffusion import Diffusion, NoiseSchedule
+from pipeline.diffusion import Diffusion
+from pipeline.enums import NoiseSchedule
 from pipeline.errors import ConfigError, ModelFlagsError, check_decoder_blocks
 from pipeline.store import file_sha256
 

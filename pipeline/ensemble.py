@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import Autocast, EnsembleConfig, Stopping
-from pipeline.errors import DatasetError, NumericsError, StoreError
-from pipeline.runtime import AUTOCAST_DTYPES, autocast
+from pipeline.config import EnsembleConfig
+from pipeline.enums import Autocast, Stopping
+from pipeline.errors import DatasetError, EnsembleError, NumericsError
+from pipeline.runtime import AUTOCAST_DTYPES, autocast, save_torch_atomic
 
 
 def hidden_widths(num_classes: int) -> tuple[int, int]:
@@ -45,7 +46,7 @@ class EnsembleMLP(nn.Module):
 
     def __init__(self, members: int, dim: int, num_classes: int, seed: int):
         super().__init__()
-        self.members, self.dim, self.num_classes = members, dim, num_classes
+        self.members, self.dim, self.num_classes, self.seed = members, dim, num_classes, seed
         widths = (dim, *hidden_widths(num_classes), num_classes)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -316,8 +317,8 @@ def fit_ensemble(
             "and dataset.ignore_label"
         )
     # Passes train parallel_passes at a time on Python threads, the passes of a wave reading one shared pool.
-    # torch releases the GIL inside its kernels, and with ensemble.threads = 1 each pass's arithmetic runs on
-    # its own thread alone; every pass sees the pool items it would see alone (SharedPool), so the weights
+    # torch releases the GIL inside its kernels, and with one torch thread (the fit stage sets it) each pass's
+    # arithmetic runs on its own thread alone; every pass sees the pool items it would see alone (SharedPool), so the weights
     # are those of the passes run one after another, whatever the core count, while the cores share the work.
     workers = min(config.parallel_passes, len(passes)) if device.type == "cpu" else 1
     results = []
@@ -447,11 +448,12 @@ def predict_chunks(
     if matrix.numblocks[1] != 1:
         matrix = matrix.rechunk({1: -1})
     offsets = np.cumsum((0,) + matrix.chunks[0])
+    dtype = AUTOCAST_DTYPES[precision] or torch.float32  # the rows as the products take them (as fit's pool holds them)
 
     @torch.no_grad()  # grad mode is per thread: the decorator above does not reach the workers
     def predict_block(block: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         (rows,) = dask.compute(matrix.blocks[block], scheduler="synchronous")
-        rows = torch.from_numpy(rows.astype(np.float32))
+        rows = torch.from_numpy(rows).to(dtype)
         results = []
         for start in range(0, len(rows), batch_pixels):
             with autocast(device, precision):
@@ -480,15 +482,38 @@ def _in_order(function: Callable, items, workers: int) -> Iterator:
             yield pending.popleft().result()
 
 
+# What save_ensemble writes; load_ensemble refuses any other (a future layout gets a new number).
+ENSEMBLE_FORMAT = "ddpm-segmentation-ensemble/1"
+
+
+def save_ensemble(path: Path, model: EnsembleMLP, *, t_steps: Sequence[int], blocks: Sequence[int],
+                  checkpoint_sha256: str) -> None:
+    """The fitted ensemble with what it was fit on (steps, blocks, the DDPM checkpoint's sha256), written
+    atomically; ``load_ensemble`` reads it back and refuses it for other features."""
+    save_torch_atomic({"format": ENSEMBLE_FORMAT, "state_dict": model.cpu().state_dict(), "members": model.members,
+                       "dim": model.dim, "num_classes": model.num_classes, "seed": model.seed,
+                       "t_steps": list(t_steps), "blocks": list(blocks), "checkpoint_sha256": checkpoint_sha256}, path)
+
+
 def load_ensemble(path: Path, t_steps: Sequence[int], blocks: Sequence[int], checkpoint_sha256: str) -> EnsembleMLP:
-    """The ensemble that stages/fit.py wrote, in eval mode on the CPU; refused (``StoreError``) unless it
-    was fit on the features of ``t_steps``, ``blocks`` and the checkpoint with this sha256."""
+    """The ensemble that ``save_ensemble`` wrote, in eval mode on the CPU; an ``EnsembleError`` unless it is
+    of this format and was fit on the features of ``t_steps``, ``blocks`` and the checkpoint with this sha256."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"ensemble {path} does not exist; run the fit stage (`dvc repro fit`)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("t_steps") != list(t_steps) or payload.get("blocks") != list(blocks) \
-            or payload.get("checkpoint_sha256") != checkpoint_sha256:
-        raise StoreError(f"ensemble {path} was fit on other features than the params ask for; rerun `dvc repro`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, truncated, or a pickle of other objects
+        raise EnsembleError(f"ensemble {path} cannot be read as an ensemble file ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''}); rerun the fit stage (`dvc repro fit`)") from None
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found != ENSEMBLE_FORMAT:
+        raise EnsembleError(f"ensemble {path} has format {found!r}, not {ENSEMBLE_FORMAT!r}; rerun the fit stage "
+                            f"(`dvc repro fit`) with this version of the code")
+    fit_on = {"t_steps": list(t_steps), "blocks": list(blocks), "checkpoint_sha256": checkpoint_sha256}
+    differ = [f"{key} {payload.get(key)!r} (asked: {value!r})" for key, value in fit_on.items() if payload.get(key) != value]
+    if differ:
+        raise EnsembleError(f"ensemble {path} was fit on other features than the params ask for: {'; '.join(differ)}; "
+                            f"rerun `dvc repro`")
     model = EnsembleMLP(payload["members"], payload["dim"], payload["num_classes"], payload["seed"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()

@@ -24,6 +24,10 @@ class NumericsError(PipelineError):
     """NaN, infinity or overflow made by a stage: it stops there, naming the step, the stage and a likely cause."""
 
 
+class EnsembleError(PipelineError):
+    """An ensemble file that is not one, is of another format, or was fit on other features than asked for."""
+
+
 class StoreError(PipelineError):
     """A feature store that is missing, incomplete, or made with other params than the ones asked for."""
 

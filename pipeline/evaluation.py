@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 import torch
 
-from pipeline.config import Autocast
+from pipeline.enums import Autocast
 from pipeline.ensemble import EnsembleMLP, fit_ensemble, predict_chunks
 from pipeline.errors import NumericsError
 from pipeline.metrics import (iou_per_class, iou_per_class_paper, jensen_shannon, label_counts, majority_vote,
@@ -44,8 +44,8 @@ class SplitPrediction:
 
 
 def prediction_workers() -> int:
-    """Row-chunks predicted at once: every core when torch runs one thread per op (``ensemble.threads: 1``,
-    the default), so the cores share the work while each chunk's arithmetic stays on one thread and the
+    """Row-chunks predicted at once: every core when torch runs one thread per op (as the evaluate and
+    segment stages set it), so the cores share the work while each chunk's arithmetic stays on one thread and the
     results stay the same on any core count; else 1 (torch already uses the cores inside each op)."""
     return len(os.sched_getaffinity(0)) if torch.get_num_threads() == 1 else 1
 

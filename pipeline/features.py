@@ -12,9 +12,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import UpsampleMode
-from pipeline.diffusion import Diffusion, NoiseSchedule
-from pipeline.errors import NumericsError, check_decoder_blocks
+from pipeline.diffusion import Diffusion
+from pipeline.enums import NoiseSchedule, UpsampleMode
+from pipeline.errors import NumericsError, check_decoder_blocks, check_timesteps
 from pipeline.unet import UNetModel
 
 
@@ -67,7 +67,7 @@ def feature_maps(
 
     ``noise`` is ``[1, 3, H, W]`` (shared by all images) or ``[N, 3, H, W]``.
     """
-    diffusion.check_timesteps(list(t_steps))
+    check_timesteps(list(t_steps), diffusion.num_timesteps)
     feature_dim(model, blocks)  # validates block indices with a readable error
     maps = []
     for t in t_steps:

@@ -13,7 +13,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from pipeline.config import Params, load_params
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.unet import check_model_builds
 
 # features.autocast / ensemble.autocast (values of config.Autocast, a str enum) -> the dtype autocast runs in.
 AUTOCAST_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,19 +49,22 @@ def _cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def pick_device(name: str) -> torch.device:
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+# Overrides runtime.threads (not tracked by DVC: a count that changes no result of fit or evaluate, and
+# of pretrain and extract only in the last bits).
+THREADS_ENV = "DDPM_SEG_THREADS"
+
+
+def pick_device(name: str, key: str = "runtime.device") -> torch.device:
+    """The device ``key`` = ``name`` asks for on this machine (auto: the first CUDA GPU, else the CPU)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    check_device(name, key)
     return torch.device(name)
 
 
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-
-def check_device(name: str, key: str, *, local: bool = True) -> None:
-    """Refuse a device name torch cannot parse, or (``local``) a device this machine does not have."""
+def check_device(name: str, key: str = "runtime.device") -> None:
+    """Refuse a device name torch cannot parse, or one this machine does not have."""
     if name == "auto":
         return
     try:
@@ -68,14 +73,27 @@ def check_device(name: str, key: str, *, local: bool = True) -> None:
         device = None
     if device is None or device.type not in DEVICE_TYPES:
         raise ConfigError(f"{key}={name!r} is not a device; use auto, cpu, cuda, cuda:<index> or mps")
-    if not local or device.type == "cpu":
-        return
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{key}={name!r}: this machine has no MPS device; use auto or cpu")
     count = torch.cuda.device_count() if device.type == "cuda" and torch.cuda.is_available() else 0
     if device.type == "cuda" and (count == 0 or (device.index or 0) >= count):
         raise ConfigError(f"{key}={name!r}: this machine has {count} CUDA device(s); use auto, cpu"
                           f"{f' or cuda:0..{count - 1}' if count else ''}")
+
+
+def stage_params(path: str | Path, *, one_thread: bool = False) -> Params:
+    """params.yaml as a stage reads it: ``load_params``, then what needs torch (runtime.device exists on
+    this machine, unless a dask cluster's workers resolve it; the model flags build a UNet), and torch's
+    thread count: ``runtime.threads`` or ``DDPM_SEG_THREADS``, or one thread for the ensemble's stages
+    (``one_thread``: each pass computes on one thread, so results do not depend on the core count)."""
+    params = load_params(path)
+    if params.features.scheduler is None:
+        check_device(params.runtime.device)
+    check_model_builds(params.unet_config())
+    threads = 1 if one_thread else int(os.environ.get(THREADS_ENV) or 0) or params.runtime.threads
+    if threads:
+        torch.set_num_threads(threads)
+    return params
 
 
 @contextlib.contextmanager
@@ -148,8 +166,6 @@ def stage_main(function: Callable[[], None]) -> Callable[[], None]:
 
     @functools.wraps(function)
     def wrapper() -> None:
-        if os.environ.get("DDPM_SEG_THREADS"):
-            torch.set_num_threads(int(os.environ["DDPM_SEG_THREADS"]))
         try:
             function()
         except (PipelineError, FileNotFoundError) as error:

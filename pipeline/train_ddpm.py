@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import LossWeighting, LrSchedule, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.data import ImageFiles, to_model_input
-from pipeline.diffusion import Diffusion, NoiseSchedule
-from pipeline.errors import DatasetError, NumericsError
+from pipeline.diffusion import Diffusion
+from pipeline.enums import LossWeighting, LrSchedule, NoiseSchedule
+from pipeline.errors import DatasetError, ModelFlagsError, NumericsError
+from pipeline.model_flags import UNetConfig, config_from_flags
 from pipeline.runtime import save_torch_atomic
-from pipeline.unet import ModelFlagsError, UNetConfig, UNetModel, check_state_dict, config_from_flags, create_unet
+from pipeline.unet import UNetModel, check_state_dict, create_unet
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"
 STATE_FORMAT = "ddpm-segmentation-pretrain-state/1"

@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from pipeline.config import load_params
 from pipeline.data import Split, list_examples, read_rgb
 from pipeline.ensemble import load_ensemble
 from pipeline.evaluation import check_finite_metrics, predict_split, score
 from pipeline.metrics import label_counts
 from pipeline.report import confusion_rows, overlay, palette, per_class_table, write_csv_atomic, write_prediction
-from pipeline.runtime import building_dir, pick_device, stage_main, write_json_atomic
+from pipeline.runtime import building_dir, pick_device, stage_main, stage_params, write_json_atomic
 from pipeline.store import expected_record, open_store, set_aside_unused_stores
 
 
@@ -31,16 +28,14 @@ def main() -> None:
     parser.add_argument("--overlays", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True, help="folder for the test masks and uncertainty maps")
     args = parser.parse_args()
-    params = load_params(args.params)
-    if params.ensemble.threads:  # the ensemble's arithmetic, as in fit (README "Determinism")
-        torch.set_num_threads(params.ensemble.threads)
+    params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit (docs/determinism.md)
     dataset = params.dataset
     names = dataset.names()
     for moved in set_aside_unused_stores(args.stores, params.t_steps):
         print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
     stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
     model = load_ensemble(args.ensemble, params.t_steps, params.blocks, stores[0].record.checkpoint_sha256)
-    device = pick_device(params.ensemble.device)
+    device = pick_device(params.runtime.device)
     model.to(device)
     results = {}
     for split in (Split.VAL, Split.TEST):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import load_params
 from pipeline.data import Split, list_examples
+from pipeline.errors import check_timesteps
 from pipeline.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
 from pipeline.features import feature_dim
-from pipeline.runtime import stage_main
+from pipeline.runtime import stage_main, stage_params
 from pipeline.store import StoreRecord, create_or_resume, file_sha256, inputs_sha256
 from pipeline.train_ddpm import load_checkpoint
 
@@ -25,14 +25,14 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--out", required=True, help="zarr store to write: a path, or an fsspec URL (s3://bucket/t50.zarr)")
     args = parser.parse_args()
-    params = load_params(args.params)
+    params = stage_params(args.params)
     options = params.features
     # Validate the checkpoint, t and blocks up front. In process, this load is the one extraction reuses.
     if options.workers or options.scheduler:
         model, diffusion, _ = load_checkpoint(args.checkpoint)
     else:
-        model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(options.device)))
-    diffusion.check_timesteps([args.t])
+        model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)))
+    check_timesteps([args.t], diffusion.num_timesteps)
     examples = {split.value: list_examples(args.data, split, allow_empty=split is Split.VAL) for split in Split}
     record = StoreRecord(t=args.t, blocks=tuple(params.blocks), upsample=options.upsample.value,
                          noise_seed=options.noise_seed, stochastic_noise=options.stochastic_noise,
@@ -45,11 +45,11 @@ def main() -> None:
              else f"{options.workers} dask workers" if options.workers else "in process")
     with extraction_runner(options.workers, options.scheduler, options.tls_files()) as run:
         writer = create_or_resume(args.out, record, {s: [e.stem for e in ex] for s, ex in examples.items()},
-                                  chunk_pixels=options.chunk_pixels, codec=options.codec, clevel=options.clevel)
+                                  chunk_pixels=options.chunk_pixels, codec=options.codec.value, clevel=options.clevel)
         job = ExtractJob(
             checkpoint=str(args.checkpoint), store=str(args.out), t=args.t, blocks=tuple(params.blocks),
             upsample=options.upsample.value, noise_seed=options.noise_seed, stochastic_noise=options.stochastic_noise,
-            batch_size=options.batch_size, autocast=options.autocast.value, device=options.device,
+            batch_size=options.batch_size, autocast=options.autocast.value, device=params.runtime.device,
             image_paths={s: tuple(str(e.image_path) for e in ex) for s, ex in examples.items()},
             mask_paths={s: tuple(str(e.mask_path) for e in ex) for s, ex in examples.items()},
         )

@@ -6,12 +6,9 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
-from pipeline.config import load_params
-from pipeline.ensemble import EpochStats, fit_ensemble, member_passes
+from pipeline.ensemble import EpochStats, fit_ensemble, member_passes, save_ensemble
 from pipeline.live import log_step, open_curves, write_curves
-from pipeline.runtime import pick_device, save_torch_atomic, stage_main
+from pipeline.runtime import pick_device, stage_main, stage_params
 from pipeline.store import expected_record, lazy_matrix, open_store, set_aside_unused_stores
 
 
@@ -23,9 +20,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="ensemble file to write")
     parser.add_argument("--curves", type=Path, required=True, help="dvclive folder for the per-epoch loss curves")
     args = parser.parse_args()
-    params = load_params(args.params)
-    if params.ensemble.threads:
-        torch.set_num_threads(params.ensemble.threads)
+    params = stage_params(args.params, one_thread=True)
     for moved in set_aside_unused_stores(args.stores, params.t_steps):
         print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
     stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
@@ -44,12 +39,10 @@ def main() -> None:
 
     model, history = fit_ensemble(
         matrix, labels, num_classes=params.dataset.num_classes, ignore_label=params.dataset.ignore_label,
-        config=params.ensemble, device=pick_device(params.ensemble.device), on_epoch=on_epoch,
+        config=params.ensemble, device=pick_device(params.runtime.device), on_epoch=on_epoch,
     )
-    save_torch_atomic({"format": "ddpm-segmentation-ensemble/1", "state_dict": model.cpu().state_dict(),
-                       "members": model.members, "dim": model.dim, "num_classes": model.num_classes,
-                       "seed": params.ensemble.seed, "t_steps": list(params.t_steps), "blocks": list(params.blocks),
-                       "checkpoint_sha256": stores[0].record.checkpoint_sha256}, args.out)
+    save_ensemble(args.out, model, t_steps=params.t_steps, blocks=params.blocks,
+                  checkpoint_sha256=stores[0].record.checkpoint_sha256)
     write_curves(args.curves, [epoch_row(stats, firsts) for stats in history])
     passes = len({s.first_member for s in history})
     print(f"fit: {max(s.epoch for s in history)} epochs ({passes} passes of members) in "

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import BUILTIN_DATASET, load_params
+from pipeline.config import BUILTIN_DATASET
 from pipeline.data import build_digits, prepare_folder
-from pipeline.runtime import building_dir, stage_main, write_json_atomic
+from pipeline.runtime import building_dir, stage_main, stage_params, write_json_atomic
 
 
 @stage_main
@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, required=True, help="folder to write (paper layout)")
     args = parser.parse_args()
-    dataset = load_params(args.params).dataset
+    dataset = stage_params(args.params).dataset  # every params problem, before anything is written
     with building_dir(args.out) as temporary:
         if dataset.name == BUILTIN_DATASET:
             counts = build_digits(dataset, temporary)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import time
@@ -15,14 +14,15 @@ from tqdm import tqdm
 
 import pipeline.data
 import pipeline.diffusion
+import pipeline.model_flags
+import pipeline.schedule
 import pipeline.train_ddpm
 import pipeline.unet
-from pipeline.config import load_params
 from pipeline.data import load_unlabeled
 from pipeline.diffusers_unet import import_diffusers_folder
 from pipeline.diffusion import Diffusion
 from pipeline.live import log_step, open_curves, write_curves
-from pipeline.runtime import pick_device, stage_main
+from pipeline.runtime import pick_device, stage_main, stage_params
 from pipeline.store import file_sha256
 from pipeline.train_ddpm import save_checkpoint, train_ddpm
 from pipeline.unet import create_unet, load_guided_diffusion
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
     parser.add_argument("--curves", type=Path, required=True, help="dvclive folder for the loss curves")
     args = parser.parse_args()
-    params = load_params(args.params)
+    params = stage_params(args.params)
     ddpm = params.ddpm
     diffusion = Diffusion(ddpm.noise_schedule, ddpm.diffusion_steps, ddpm.rescale_timesteps)
     live = open_curves(args.curves)
@@ -53,9 +53,7 @@ def main() -> None:
         return
     flags = params.unet_config()
     images = load_unlabeled(args.data)
-    device = pick_device("auto")
-    if ddpm.train.threads:
-        torch.set_num_threads(ddpm.train.threads)
+    device = pick_device(params.runtime.device)
     torch.manual_seed(ddpm.train.seed)  # module init (the UNet's random weights)
     model = create_unet(flags)
     start = time.perf_counter()
@@ -94,11 +92,12 @@ def import_checkpoint(params, diffusion: Diffusion):
 def run_fingerprint(ddpm, model_flags: dict, images) -> str:
     """What a resumable state must share with this run to be continued: the recipe, model, schedule, the
     training code and the unlabeled images' bytes (logging knobs excluded)."""
-    train = {k: v for k, v in dataclasses.asdict(ddpm.train).items() if k not in ("log_every", "state_every")}
+    train = ddpm.train.model_dump(mode="json", exclude={"log_every", "state_every"})
     digest = hashlib.sha256(json.dumps({"train": train, "model": model_flags, "steps": ddpm.diffusion_steps,
                                         "schedule": ddpm.noise_schedule, "rescale": ddpm.rescale_timesteps},
                                        sort_keys=True, default=str).encode())
-    for module in (pipeline.train_ddpm, pipeline.unet, pipeline.diffusion, pipeline.data):
+    for module in (pipeline.train_ddpm, pipeline.unet, pipeline.model_flags, pipeline.diffusion, pipeline.schedule,
+                   pipeline.data):
         digest.update(Path(module.__file__).read_bytes())
     for path in images.paths:
         digest.update(path.name.encode())

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from pipeline.api import PreparedImage, Segmenter, prepare_image
 from pipeline.data import list_images
 from pipeline.errors import DatasetError, PipelineError
 from pipeline.report import palette, write_csv_atomic
-from pipeline.runtime import stage_main
+from pipeline.runtime import stage_main, stage_params
 from pipeline.segment_outputs import summary_row, write_outputs
 
 
@@ -42,9 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.images.is_dir():
         raise DatasetError(f"--images {args.images} is not a folder; give a folder of .png/.jpg images")
-    segmenter = Segmenter.load(args.params, args.checkpoint, args.ensemble)
-    if segmenter.params.ensemble.threads:  # the ensemble's arithmetic, as in fit and evaluate
-        torch.set_num_threads(segmenter.params.ensemble.threads)
+    params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit and evaluate
+    segmenter = Segmenter.load(params, args.checkpoint, args.ensemble)
     paths = list_images(args.images)
     stems = [path.stem for path in paths]
     if len(set(stems)) != len(stems):

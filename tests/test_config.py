@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import enum
+import subprocess
+import sys
+
 import pytest
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from pipeline.config import ConfigError, ModelPreset, Params, UpsampleMode, load_params, params_from_dict
 from pipeline.presets import MODEL_PRESETS, PAPER_T_STEPS
@@ -24,7 +29,12 @@ def test_repository_params_load_and_build_the_model():
         ({"typo_section": {}}, r"unknown params key\(s\) typo_section"),
         ({"ensemble": {"members": "10"}}, r"ensemble.members must be an integer, got '10'"),
         ({"ensemble": {"members": 0}}, r"ensemble.members must be > 0"),
-        ({"ensemble": {"threads": 0}}, r"ensemble.threads must be >= 1 or null \(all cores\), got 0"),
+        ({"runtime": {"threads": 0}}, r"runtime.threads must be > 0, got 0"),
+        ({"runtime": {"device": "gpu"}}, r"runtime.device='gpu' is not a device; use auto, cpu, cuda"),
+        ({"ensemble": {"lr": "0.1"}}, r"ensemble.lr must be a number, got '0.1'"),
+        ({"ddpm": {"rescale_timesteps": 1}}, r"ddpm.rescale_timesteps must be true or false, got 1"),
+        ({"ensemble": "fast"}, r"ensemble must be a mapping of keys to values, got 'fast'"),
+        ({"ensemble": {"batch_size": 1}}, r"ensemble.batch_size must be >= 2, got 1 \(BatchNorm needs two rows"),
         ({"t_steps": "50,150"}, r"t_steps must be a YAML list"),
         ({"t_steps": [50, 1.5]}, r"t_steps\[1\] must be an integer"),
         ({"t_steps": [50, 1000]}, r"t_steps contains 1000, outside \[0, 1000\)"),
@@ -32,12 +42,15 @@ def test_repository_params_load_and_build_the_model():
         ({"blocks": [2, 2]}, r"blocks \[2, 2\] repeats a block"),
         ({"features": {"upsample": "bicubic"}}, r"features.upsample='bicubic' is not one of \['bilinear', 'nearest'\]"),
         ({"ddpm": {"noise_schedule": "quadratic"}}, r"ddpm.noise_schedule='quadratic'"),
-        ({"ddpm": {"model": {"num_chanels": 32}}}, r"ddpm.model: unknown model flag\(s\) \['num_chanels'\]"),
+        ({"ddpm": {"model": {"num_chanels": 32}}},
+         r"unknown params key\(s\) ddpm.model.num_chanels; known keys of ddpm.model: image_size, num_channels"),
+        ({"ddpm": {"model": {"diffusion_steps": 10}}},
+         r"ddpm.model.diffusion_steps is a diffusion flag, not a model flag: set ddpm.diffusion_steps"),
         ({"ddpm": {"model": {"image_size": 64}}}, r"ddpm.model.image_size=64 differs from dataset.image_size=32"),
         ({"dataset": {"class_names": ["a", "b"]}}, r"dataset.class_names has 2 names but dataset.num_classes is 11"),
-        ({"dataset": {"ignore_label": 256}}, r"dataset.ignore_label=256 must be in \[0, 255\]"),
+        ({"dataset": {"ignore_label": 256}}, r"dataset.ignore_label must be <= 255, got 256 \(masks are uint8\)"),
         ({"dataset": {"name": "mine"}}, r"dataset.image_size is null and dataset.name='mine' is not a preset"),
-        ({"ddpm": {"train": {"ema_rate": 1.0}}}, r"ddpm.train.ema_rate must be in \[0, 1\)"),
+        ({"ddpm": {"train": {"ema_rate": 1.0}}}, r"ddpm.train.ema_rate must be < 1, got 1.0 \(a rate in \[0, 1\)\)"),
     ],
 )
 def test_bad_params_name_the_key(data, message):
@@ -56,8 +69,25 @@ def test_load_params_names_the_file(tmp_path):
 
 def test_config_is_frozen():
     params = params_from_dict({})
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="frozen"):
         params.ensemble.members = 3  # type: ignore[misc]
+
+
+def test_model_flag_lists_are_yaml_lists_and_unset_is_null():
+    config = params_from_dict({"ddpm": {"model": {"channel_mult": [1, 2, 2], "attention_resolutions": [8]}}}).unet_config()
+    assert config.channel_mult == (1, 2, 2) and config.attention_resolutions == (8,)
+    with pytest.raises(ConfigError, match=r"ddpm.model.channel_mult must be a YAML list such as \[1, 2\], got '1,2,2'"):
+        params_from_dict({"ddpm": {"model": {"channel_mult": "1,2,2"}}})
+    with pytest.raises(ConfigError, match=r"ddpm.model.num_head_channels must be > 0, got -1"):
+        params_from_dict({"ddpm": {"model": {"num_head_channels": -1}}})
+
+
+def test_loading_params_imports_no_torch():
+    """Config is a leaf: params load and are checked without the network, the diffusion maths or torch."""
+    code = ("import sys; from pipeline.config import load_params; load_params('params.yaml'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in ('pipeline.unet', 'pipeline.diffusion')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_presets_fill_null_keys_and_explicit_values_win():
@@ -130,19 +160,15 @@ def test_every_model_preset_has_a_name_flags_and_blocks():
         assert set(preset) == {"model", "blocks"} and preset["blocks"], name
 
 
-def test_params_yaml_and_the_dataclass_defaults_agree():
-    """One source of defaults: every non-null value in params.yaml is the dataclass default (null means
-    "the preset's value", which the dataclasses spell None / an empty model dict)."""
-    import dataclasses
-    import enum
-
-    def walk(section: dict, defaults, prefix: str = ""):
+def test_params_yaml_and_the_model_defaults_agree():
+    """One source of defaults: params.yaml lists every key of every section, each with the models' default
+    (null means "the preset's value", which the models spell None)."""
+    def walk(section: dict, defaults: BaseModel, prefix: str = ""):
+        assert set(section) == set(type(defaults).model_fields), f"{prefix or 'top level'}: params.yaml and the models list other keys"
         for key, value in section.items():
             default = getattr(defaults, key)
-            if dataclasses.is_dataclass(default):
+            if isinstance(default, BaseModel):
                 yield from walk(value, default, f"{prefix}{key}.")
-            elif key == "model":  # guided-diffusion's flags, all null = the preset's
-                assert default == {} and all(flag is None for flag in value.values()), f"{prefix}{key}"
             else:
                 default = default.value if isinstance(default, enum.Enum) else default
                 default = list(default) if isinstance(default, tuple) else default

@@ -93,26 +93,42 @@ def test_killed_fit_leaves_no_output_and_reruns_identically(project, tmp_path):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_fit_threads_param_fixes_the_result_whatever_the_core_count(project, tmp_path):
-    """``ensemble.threads: 1`` (the default) gives the same weights whatever thread count the process starts
-    with; ``null`` follows the process (the control: it differs, so the first check could fail)."""
+def test_fit_gives_the_same_weights_whatever_thread_count_the_process_is_given(project, tmp_path):
+    """The fit stage computes on one thread per pass, so DDPM_SEG_THREADS (and runtime.threads) do not
+    change its weights. The control: the same fit in this process with two threads against one differs,
+    so the first check could fail."""
+    from pipeline.config import load_params
+    from pipeline.ensemble import fit_ensemble
+    from pipeline.store import lazy_matrix, open_store
+
     store = tmp_path / "t50.zarr"
     assert subprocess.run(extract_command(project, store), env=ENV, cwd=REPO, capture_output=True).returncode == 0
     settings = yaml.safe_load(project["params"].read_text())
     settings["t_steps"] = [50]
     settings["ensemble"].update(epochs=2, patience=2)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(settings))
     weights = {}
-    for threads in (1, None):
-        settings["ensemble"]["threads"] = threads
-        params = tmp_path / f"params-{threads}.yaml"
-        params.write_text(yaml.safe_dump(settings))
-        for process_threads in ("2", "1"):
-            out = tmp_path / f"ensemble-{threads}-{process_threads}.pt"
-            result = subprocess.run([sys.executable, "-m", "stages.fit", "--params", str(params), "--stores",
-                                     str(tmp_path / "t{t}.zarr"), "--out", str(out), "--curves", str(tmp_path / "f.csv")],
-                                    env=dict(ENV, DDPM_SEG_THREADS=process_threads), cwd=REPO, capture_output=True, text=True)
-            assert result.returncode == 0, result.stderr
-            state = torch.load(out, weights_only=True)["state_dict"]
-            weights[threads, process_threads] = b"".join(state[k].numpy().tobytes() for k in sorted(state))
-    assert weights[1, "2"] == weights[1, "1"]
-    assert weights[None, "2"] != weights[None, "1"]
+    for process_threads in ("2", "1"):
+        out = tmp_path / f"ensemble-{process_threads}.pt"
+        result = subprocess.run([sys.executable, "-m", "stages.fit", "--params", str(params), "--stores",
+                                 str(tmp_path / "t{t}.zarr"), "--out", str(out), "--curves", str(tmp_path / "f")],
+                                env=dict(ENV, DDPM_SEG_THREADS=process_threads), cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        state = torch.load(out, weights_only=True)["state_dict"]
+        weights[process_threads] = b"".join(state[k].numpy().tobytes() for k in sorted(state))
+    assert weights["2"] == weights["1"]
+    loaded = load_params(params)
+    matrix, labels = lazy_matrix([open_store(store, {})], "train")
+    control, before = {}, torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            model, _ = fit_ensemble(matrix, labels, num_classes=loaded.dataset.num_classes,
+                                    ignore_label=loaded.dataset.ignore_label,
+                                    config=loaded.ensemble.model_copy(update={"parallel_passes": 1}),
+                                    device=torch.device("cpu"))
+            control[threads] = b"".join(v.numpy().tobytes() for _, v in sorted(model.state_dict().items()))
+    finally:
+        torch.set_num_threads(before)
+    assert control[2] != control[1]

@@ -152,6 +152,7 @@ def test_without_diffusers_the_error_says_how_to_install(tmp_path, monkeypatch):
         load_diffusers_unet(tmp_path / "unet")
 
 
+@pytest.mark.slow  # pretrain, extract, fit, evaluate and segment as subprocesses: ~35 s
 def test_pretrain_imports_a_folder_and_the_later_stages_do_not_care(tmp_path):
     saved_unet(tmp_path / "models" / "unet")
     project = make_project(tmp_path, {"ddpm.checkpoint": str(tmp_path / "models" / "unet"), "blocks": [1, 3, 4]})

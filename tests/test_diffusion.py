@@ -9,7 +9,7 @@ from pipeline.data import ImageFiles, load_unlabeled
 from pipeline.diffusion import Diffusion, betas_for_schedule
 from pipeline.train_ddpm import ema_rate_at, load_checkpoint, save_checkpoint, train_ddpm
 from pipeline.config import TrainConfig
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, check_timesteps
 from pipeline.unet import create_unet
 
 TINY = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2],
@@ -31,7 +31,7 @@ def test_linear_schedule_keeps_endpoints_when_rescaled():
 
 def test_timestep_check_names_the_range():
     with pytest.raises(ValueError, match=r"outside \[0, 1000\)"):
-        Diffusion("linear", 1000).check_timesteps([1000])
+        check_timesteps([1000], Diffusion("linear", 1000).num_timesteps)
 
 
 def test_learned_sigma_loss_adds_a_finite_variational_bound():

@@ -171,7 +171,7 @@ def test_stopping_and_buffer_params_are_validated():
     assert params_from_dict({"ensemble": {"stopping": "paper"}}).ensemble.stopping is Stopping.PAPER
     for bad, message in (({"stopping": "early"}, "ensemble.stopping='early' is not one of"),
                          ({"buffer_rows": 1}, "ensemble.buffer_rows must be >= 2"),
-                         ({"batch_patience": 0}, "ensemble.batch_patience must be > 0"),
+                         ({"batch_patience": -1}, "ensemble.batch_patience must be >= 0, got -1"),
                          ({"warmup_epochs": -1}, "ensemble.warmup_epochs must be >= 0"),
                          ({"buffer_chunks": 8}, "unknown params key(s) ensemble.buffer_chunks")):
         try:
@@ -183,8 +183,6 @@ def test_stopping_and_buffer_params_are_validated():
 
 
 def test_parallel_passes_give_the_weights_of_passes_run_one_after_another():
-    import dataclasses
-
     rng = np.random.default_rng(3)
     features = rng.standard_normal((512, 12)).astype(np.float16)
     labels = rng.integers(0, 3, 512).astype(np.uint8)
@@ -194,13 +192,13 @@ def test_parallel_passes_give_the_weights_of_passes_run_one_after_another():
     weights = {}
     for passes in (1, 2):
         model, history = fit_ensemble(matrix, targets, num_classes=3, ignore_label=255,
-                                      config=dataclasses.replace(base, parallel_passes=passes), device=torch.device("cpu"))
+                                      config=base.model_copy(update={"parallel_passes": passes}), device=torch.device("cpu"))
         weights[passes] = model.state_dict()
         assert [stats.first_member for stats in history] == [0, 0, 2, 2]  # history in member order
     assert all(torch.equal(weights[1][key], weights[2][key]) for key in weights[1])
     # members_per_pass null splits the members evenly over the passes that run at once
     split, history = fit_ensemble(matrix, targets, num_classes=3, ignore_label=255, device=torch.device("cpu"),
-                                  config=dataclasses.replace(base, members_per_pass=None, parallel_passes=2))
+                                  config=base.model_copy(update={"members_per_pass": None, "parallel_passes": 2}))
     assert split.members == 4 and {stats.first_member for stats in history} == {0, 2}
     assert all(torch.equal(split.state_dict()[key], weights[2][key]) for key in weights[2])
 
@@ -228,15 +226,13 @@ def test_prediction_is_the_same_whatever_the_number_of_chunks_predicted_at_once(
 
 
 def test_bfloat16_autocast_trains_in_bf16_keeps_float32_weights_and_repeats_bit_for_bit():
-    import dataclasses
-
     from pipeline.config import Autocast
     from pipeline.evaluation import vote
 
     x, y = toy()
     config = EnsembleConfig(**{**SMALL, "parallel_passes": 2}, members=4, epochs=3, buffer_rows=1024,
                             autocast=Autocast.NONE)
-    half = dataclasses.replace(config, autocast=Autocast.BFLOAT16)
+    half = config.model_copy(update={"autocast": Autocast.BFLOAT16})
     cpu = torch.device("cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -261,7 +257,6 @@ def test_bfloat16_autocast_trains_in_bf16_keeps_float32_weights_and_repeats_bit_
 def test_streamed_fit_gives_the_same_weights_whether_its_passes_share_one_pool_or_run_alone():
     """The pool streams (capacity below the labeled rows). Passes trained at once read one shared pool;
     each must see the items it sees alone, so the weights equal those of the passes one after another."""
-    import dataclasses
 
     x, y = toy(pixels=2048)
     base = EnsembleConfig(**SMALL, members=4, epochs=2, buffer_rows=300)
@@ -269,8 +264,7 @@ def test_streamed_fit_gives_the_same_weights_whether_its_passes_share_one_pool_o
     torch.set_num_threads(1)
     try:
         fits = {(group, passes): fit_ensemble(x, y, num_classes=4, ignore_label=255, device=torch.device("cpu"),
-                                              config=dataclasses.replace(base, members_per_pass=group,
-                                                                         parallel_passes=passes))
+                                              config=base.model_copy(update={"members_per_pass": group, "parallel_passes": passes}))
                 for group, passes in ((1, 1), (1, 2), (1, 3), (2, 1), (2, 2))}
     finally:
         torch.set_num_threads(threads)
@@ -291,3 +285,28 @@ def test_a_pass_that_stops_early_does_not_hold_up_the_passes_sharing_its_pool():
     model, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=config, device=torch.device("cpu"))
     assert model.members == 2
     assert all(stats.stopped == 1 for stats in history if stats.epoch == 1)  # each stopped in its first epoch
+
+
+def test_an_ensemble_file_round_trips_and_other_files_are_refused_by_name(tmp_path):
+    import pytest
+
+    from pipeline.ensemble import load_ensemble, save_ensemble
+    from pipeline.errors import EnsembleError
+
+    model = EnsembleMLP(2, 8, 3, seed=4)
+    path = tmp_path / "ensemble.pt"
+    save_ensemble(path, model, t_steps=(50, 150), blocks=(1, 2), checkpoint_sha256="ab")
+    loaded = load_ensemble(path, [50, 150], [1, 2], "ab")
+    assert (loaded.members, loaded.dim, loaded.num_classes, loaded.seed) == (2, 8, 3, 4) and not loaded.training
+    for saved, again in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(saved, again)
+    with pytest.raises(EnsembleError, match=r"blocks \[1, 2\] \(asked: \[1, 3\]\); rerun `dvc repro`"):
+        load_ensemble(path, [50, 150], [1, 3], "ab")
+    old = tmp_path / "old.pt"
+    torch.save({**torch.load(path, weights_only=True), "format": "ddpm-segmentation-ensemble/0"}, old)
+    with pytest.raises(EnsembleError, match=r"old.pt has format 'ddpm-segmentation-ensemble/0', not 'ddpm-segmentation-ensemble/1'"):
+        load_ensemble(old, [50, 150], [1, 2], "ab")
+    text = tmp_path / "notes.pt"
+    text.write_text("not a torch file")
+    with pytest.raises(EnsembleError, match=r"notes.pt cannot be read as an ensemble file"):
+        load_ensemble(text, [50, 150], [1, 2], "ab")

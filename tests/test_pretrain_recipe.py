@@ -1,7 +1,6 @@
 """The pretraining recipe's options (lr schedule, Min-SNR-γ weighting, batch order) and resumable runs."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -39,7 +38,7 @@ def test_warm_up_ramps_linearly_then_cosine_decays_towards_zero():
     assert 0 < lr_at(110, config) < 1e-6
     decay = [lr_at(step, config) for step in range(11, 111)]
     assert all(later < earlier for earlier, later in zip(decay, decay[1:]))
-    constant = dataclasses.replace(config, lr_schedule=LrSchedule.CONSTANT)
+    constant = config.model_copy(update={"lr_schedule": LrSchedule.CONSTANT})
     assert lr_at(11, constant) == lr_at(110, constant) == 1e-3
 
 
@@ -60,8 +59,8 @@ def test_min_snr_weights_cap_the_signal_to_noise_ratio_at_gamma():
 def test_min_snr_changes_training_and_a_gamma_above_every_snr_is_the_uniform_loss():
     base = TrainConfig(steps=3, batch_size=8, lr=1e-3)
     uniform, _ = train(base)
-    capped, _ = train(dataclasses.replace(base, loss_weighting=LossWeighting.MIN_SNR, min_snr_gamma=1e9))
-    weighted, _ = train(dataclasses.replace(base, loss_weighting=LossWeighting.MIN_SNR, min_snr_gamma=5.0))
+    capped, _ = train(base.model_copy(update={"loss_weighting": LossWeighting.MIN_SNR, "min_snr_gamma": 1e9}))
+    weighted, _ = train(base.model_copy(update={"loss_weighting": LossWeighting.MIN_SNR, "min_snr_gamma": 5.0}))
     key = "out.2.weight"
     assert torch.equal(uniform.state_dict()[key], capped.state_dict()[key])
     assert not torch.equal(uniform.state_dict()[key], weighted.state_dict()[key])

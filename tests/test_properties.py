@@ -19,11 +19,12 @@ SECTIONS = {
     "features": ["upsample", "noise_seed", "batch_size", "chunk_pixels", "codec", "clevel", "stochastic_noise"],
     "ensemble": ["members", "lr", "batch_size", "epochs", "patience", "min_delta", "buffer_rows", "stopping", "seed"],
     "evaluate": ["overlays", "confusion_max_pixels", "batch_pixels"],
+    "runtime": ["device", "threads"],
 }
 values = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 3000), st.floats(allow_nan=False, allow_infinity=False, width=32),
     st.text(max_size=8), st.lists(st.integers(-3, 1200), max_size=4),
-    st.sampled_from(["bilinear", "nearest", "zstd", "center_crop", "error", "ffhq_34", "digits"]),
+    st.sampled_from(["bilinear", "nearest", "zstd", "center_crop", "error", "ffhq_34", "digits", "cpu", "cuda:1", "auto"]),
 )
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline.api import Segmenter
 from pipeline.config import load_params
 from pipeline.data import compose_digit_split, load_mnist_5k, split_digit_pools
-from pipeline.ensemble import EnsembleMLP
+from pipeline.ensemble import EnsembleMLP, save_ensemble
 from pipeline.features import feature_dim
 from pipeline.store import file_sha256
 from pipeline.train_ddpm import load_checkpoint
@@ -25,9 +25,7 @@ def save_random_ensemble(path, params, checkpoint) -> None:
     with torch.no_grad():
         for weight in ensemble.weights:
             weight.mul_(20)
-    torch.save({"format": "ddpm-segmentation-ensemble/1", "state_dict": ensemble.state_dict(), "members": 3,
-                "dim": dim, "num_classes": params.dataset.num_classes, "seed": 0, "t_steps": list(params.t_steps),
-                "blocks": list(params.blocks), "checkpoint_sha256": file_sha256(checkpoint)}, path)
+    save_ensemble(path, ensemble, t_steps=params.t_steps, blocks=params.blocks, checkpoint_sha256=file_sha256(checkpoint))
 
 
 @pytest.fixture(scope="module")

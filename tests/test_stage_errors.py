@@ -116,14 +116,15 @@ INPUT_CASES = {
                              "dataset.num_classes=300: masks, labels and predictions are uint8"),
     "channels vs group-norm groups": (lambda root: None, {"ddpm.model.num_channels": 48},
                                       "ddpm.model flags do not build a UNet (num_channels (48) must be divisible by num_groups (32))"),
-    "dropout 1.5": (lambda root: None, {"ddpm.model.dropout": 1.5}, "ddpm.model.dropout=1.5 must be in [0, 1)"),
-    "device name": (lambda root: None, {"features.device": "gpu"}, "features.device='gpu' is not a device; use auto"),
-    "device not here": (lambda root: None, {"ensemble.device": "cuda:7"}, "ensemble.device='cuda:7': this machine has"),
-    "negative seed": (lambda root: None, {"features.noise_seed": -1}, "features.noise_seed=-1: seeds must be in [0, 2**63)"),
+    "dropout 1.5": (lambda root: None, {"ddpm.model.dropout": 1.5}, "ddpm.model.dropout must be < 1, got 1.5 (a probability"),
+    "device name": (lambda root: None, {"runtime.device": "gpu"}, "runtime.device='gpu' is not a device; use auto"),
+    "device not here": (lambda root: None, {"runtime.device": "cuda:7"}, "runtime.device='cuda:7': this machine has"),
+    "negative seed": (lambda root: None, {"features.noise_seed": -1}, "features.noise_seed must be >= 0, got -1 (seeds must "
+                                                                      "be in [0, 2**63)"),
     "codec level": (lambda root: None, {"features.clevel": 12}, "features.clevel=12 is outside [1, 9], the levels of "
                                                                 "features.codec=zstd"),
-    "batch size 1": (lambda root: None, {"ensemble.batch_size": 1}, "ensemble.batch_size and ensemble.buffer_rows must "
-                                                                    "be >= 2 (BatchNorm needs two rows per batch)"),
+    "batch size 1": (lambda root: None, {"ensemble.batch_size": 1}, "ensemble.batch_size must be >= 2, got 1 (BatchNorm "
+                                                                    "needs two rows per batch)"),
     "duplicated YAML key": (break_yaml_duplicate, {}, "params.yaml: key 'image_size' appears twice in one section, on "
                                                       "line 6 and line 13; delete one of them"),
     "tls scheduler without certificates": (lambda root: None, {"features.scheduler": "tls://10.0.0.5:8786"},

@@ -1,0 +1,35 @@
+"""Every closed choice a params key offers, in one table: str enums whose values are the YAML spellings
+and whose members are those spellings in capitals (``Autocast.BFLOAT16 == "bfloat16"``)."""
+from __future__ import annotations
+
+import enum
+
+
+def _choice(name: str, key: str, *values: str) -> type[enum.Enum]:
+    choice = enum.Enum(name, [(value.upper(), value) for value in values], type=str, module=__name__, qualname=name)
+    choice.__doc__ = f"``{key}``: {' | '.join(values)}."
+    return choice
+
+
+# How decoder maps reach the image's resolution.
+UpsampleMode = _choice("UpsampleMode", "features.upsample", "bilinear", "nearest")
+NonSquarePolicy = _choice("NonSquarePolicy", "dataset.non_square", "error", "center_crop")
+# Model flags and default blocks of pipeline/presets.py MODEL_PRESETS: the built-in 32-channel UNet for the
+# digits (image_size = dataset.image_size); the paper's 256x256 guided-diffusion checkpoints (lsun_*.pt, ffhq.pt).
+ModelPreset = _choice("ModelPreset", "ddpm.preset", "digits", "adm256")
+# guided-diffusion's named beta schedules (pipeline/schedule.py).
+NoiseSchedule = _choice("NoiseSchedule", "ddpm.noise_schedule", "linear", "cosine")
+# How the ε-MSE of each example is weighted by its timestep: uniform = Ho et al.'s simple loss; min_snr =
+# Hang et al. 2023 (Min-SNR-γ), weight min(SNR(t), γ) / SNR(t).
+LossWeighting = _choice("LossWeighting", "ddpm.train.loss_weighting", "uniform", "min_snr")
+# After warmup_steps of linear warm-up: constant, or a half-cosine from lr to 0 at the last step
+# (Loshchilov & Hutter, without restarts).
+LrSchedule = _choice("LrSchedule", "ddpm.train.lr_schedule", "constant", "cosine")
+# features.autocast / ensemble.autocast: the dtype of matrix products under torch.autocast.
+Autocast = _choice("Autocast", "autocast", "none", "bfloat16", "float16")
+# plateau: a member group stops when its epoch loss has not improved by min_delta for `patience` epochs.
+# paper: ddpm-segmentation's train_interpreter.py, from epoch index `warmup_epochs` on every member stops
+# on its own once `batch_patience` batches in a row have not beaten its best batch loss.
+Stopping = _choice("Stopping", "ensemble.stopping", "plateau", "paper")
+# Blosc's compressors (bit-shuffled), zlib, or none.
+Codec = _choice("Codec", "features.codec", "zstd", "lz4", "blosclz", "zlib", "none")
