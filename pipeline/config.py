@@ -54,6 +54,23 @@ class LrSchedule(str, enum.Enum):
     COSINE = "cosine"  # half-cosine from lr to 0 at the last step (Loshchilov & Hutter, without restarts)
 
 
+class Representation(str, enum.Enum):
+    """``features.representation``: what fit and evaluate learn from (docs/analyses.md, the baselines)."""
+
+    DDPM = "ddpm"  # the decoder activations of ddpm.checkpoint at each t (the method)
+    RGB = "rgb"  # each pixel's 3 colour values in [-1, 1] (t, blocks and the checkpoint's weights unused)
+    RGB_PATCH = "rgb_patch"  # each pixel's features.patch_size x patch_size RGB neighbourhood (replicate-padded)
+
+
+class Corruption(str, enum.Enum):
+    """``robustness.corruptions``: test-image corruptions (pipeline/corruptions.py holds each one's severities)."""
+
+    GAUSSIAN_NOISE = "gaussian_noise"
+    BLUR = "blur"
+    JPEG = "jpeg"
+    CONTRAST = "contrast"
+
+
 class Autocast(str, enum.Enum):
     NONE = "none"
     BFLOAT16 = "bfloat16"
@@ -188,6 +205,19 @@ class FeaturesConfig:
     tls_ca_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Baselines through the same stages (docs/analyses.md): ddpm, rgb or rgb_patch (patch_size x patch_size
+    # pixels, odd). The RGB ones ignore t (each store of t_steps holds the same values: run them with one step).
+    representation: Representation = Representation.DDPM
+    patch_size: int = 5
+    # The features of noise_draws noise draws, averaged (the paper's noise variants; 1 = one draw). Draw j uses
+    # seed noise_seed + j, shared by all images, or per image with stochastic_noise.
+    noise_draws: int = 1
+
+    def representation_id(self) -> str:
+        """What a store records as its representation: ``ddpm``, ``rgb`` or ``rgb_patch<k>``."""
+        if self.representation is Representation.RGB_PATCH:
+            return f"rgb_patch{self.patch_size}"
+        return self.representation.value
 
     def tls_files(self) -> dict[str, str] | None:
         """dask ``Security`` arguments for a tls:// scheduler, else None."""
@@ -244,6 +274,10 @@ class EnsembleConfig:
     # float32), as good on val as float32 and 1.3-1.6x faster on this CPU (AVX512-BF16; benchmarks/fit_vs_paper.py);
     # emulated, so slower, on CPUs without native bf16 (a warning says so): none = float32 there.
     autocast: Autocast = Autocast.BFLOAT16
+    # Sample efficiency (docs/analyses.md): fit on train_images of the store's train images, drawn with
+    # train_subset_seed (null = all of them). Only fit and evaluate rerun: the stores stay as they are.
+    train_images: int | None = None
+    train_subset_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -252,6 +286,27 @@ class EvaluateConfig:
     # Cap on per-pixel rows written for DVC's confusion-matrix plot (a seeded sample beyond it).
     confusion_max_pixels: int = 20000
     batch_pixels: int = 16384
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """Stage robustness: the test split corrupted, features made on the fly, scored by the fitted ensemble."""
+
+    corruptions: tuple[Corruption, ...] = tuple(Corruption)
+    severities: tuple[int, ...] = (1, 3, 5)  # 1 (mild) .. 5 (strong), as ImageNet-C numbers them
+    seed: int = 0  # the Gaussian noise's draws
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    """Stage kmeans: k-means clusters of the per-pixel features of a few test images, one map per (t, block)."""
+
+    images: int = 4
+    k: int = 5  # the paper's figure shows k = 5
+    t_steps: tuple[int, ...] = (50, 250)
+    blocks: tuple[int, ...] = (1, 3)
+    iterations: int = 30
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -265,6 +320,8 @@ class Params:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
 
     def unet_config(self) -> UNetConfig:
         """The model flags of ``ddpm.preset`` overridden by ``ddpm.model``; ``image_size`` defaults to
@@ -437,6 +494,7 @@ def _validate(params: Params) -> None:
     for key in ("confusion_max_pixels", "batch_pixels"):
         positive(f"evaluate.{key}", getattr(params.evaluate, key))
     _validate_numbers_and_devices(params)
+    _validate_analyses(params)
     _build_unet_on_meta(params.unet_config())  # the flags build a network, so prepare rejects what pretrain would crash on
 
 
@@ -468,6 +526,31 @@ def _validate_numbers_and_devices(params: Params) -> None:
     check_device(params.features.device, "features.device", local=not remote)
     check_device(params.ensemble.device, "ensemble.device", local=True)
     _validate_tls(params.features)
+
+
+def _validate_analyses(params: Params) -> None:
+    """The analyses' keys (docs/analyses.md): representation, noise draws, train subset, robustness, kmeans."""
+    features, ensemble, kmeans = params.features, params.ensemble, params.kmeans
+    if features.patch_size < 1 or features.patch_size % 2 == 0:
+        raise ConfigError(f"features.patch_size={features.patch_size} must be an odd number >= 1 (the pixel is the centre)")
+    if features.noise_draws < 1:
+        raise ConfigError(f"features.noise_draws must be >= 1 (1 = one noise draw), got {features.noise_draws}")
+    if ensemble.train_images is not None and not 1 <= ensemble.train_images <= params.dataset.train_images:
+        raise ConfigError(f"ensemble.train_images={ensemble.train_images} must be null (all) or in [1, "
+                          f"dataset.train_images={params.dataset.train_images}]")
+    if not 0 <= ensemble.train_subset_seed < SEED_LIMIT:
+        raise ConfigError(f"ensemble.train_subset_seed={ensemble.train_subset_seed}: seeds must be in [0, 2**63)")
+    bad = [s for s in params.robustness.severities if not 1 <= s <= 5]
+    if bad or not params.robustness.severities:
+        raise ConfigError(f"robustness.severities {list(params.robustness.severities)} must be a non-empty list of 1..5")
+    if not params.robustness.corruptions:
+        raise ConfigError(f"robustness.corruptions is empty; give some of {[c.value for c in Corruption]}")
+    for key in ("images", "k", "iterations"):
+        if getattr(kmeans, key) < 1:
+            raise ConfigError(f"kmeans.{key} must be >= 1, got {getattr(kmeans, key)}")
+    if not kmeans.t_steps or not kmeans.blocks:
+        raise ConfigError("kmeans.t_steps and kmeans.blocks must each list at least one value")
+    check_timesteps(kmeans.t_steps, params.ddpm.diffusion_steps)
 
 
 def _validate_tls(features: FeaturesConfig) -> None:
