@@ -158,6 +158,10 @@ class Segmenter:
         if params.features.stochastic_noise:  # refused here, not on loading: a run may have nothing to segment
             raise ConfigError("features.stochastic_noise: true draws noise per stored image index, which new images "
                               "do not have; segment runs with the shared noise only (set it to false)")
+        if params.features.representation.value != "ddpm" or params.features.noise_draws != 1:
+            raise ConfigError(f"features.representation={params.features.representation.value}, noise_draws="
+                              f"{params.features.noise_draws}: segment runs the method's features only (the analyses' "
+                              f"variants are for fit and evaluate); set representation: ddpm and noise_draws: 1")
         size = params.dataset.image_size
         x0 = to_model_input(np.stack([item.square for item in batch])).to(next(self.model.parameters()).device)
         batches = iter([(list(range(len(batch))), x0, self.noise.to(x0.device))])

@@ -18,16 +18,16 @@ from typing import Annotated, Any, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from pipeline.enums import (Autocast, Codec, LossWeighting, LrSchedule, ModelPreset, NoiseSchedule, NonSquarePolicy,
-                            Stopping, UpsampleMode)
+from pipeline.enums import (Autocast, Codec, Corruption, LossWeighting, LrSchedule, ModelPreset, NoiseSchedule,
+                            NonSquarePolicy, Representation, Stopping, UpsampleMode)
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
 from pipeline.model_flags import DIFFUSION_FLAGS, UNetConfig, config_from_flags
 from pipeline.presets import MODEL_PRESETS, PRESETS
 from pipeline.schedule import betas_for_schedule
 
-__all__ = ["Autocast", "Codec", "ConfigError", "DatasetConfig", "DDPMConfig", "EnsembleConfig", "EvaluateConfig",
+__all__ = ["Autocast", "Codec", "ConfigError", "Corruption", "DatasetConfig", "DDPMConfig", "EnsembleConfig", "EvaluateConfig",
            "FeaturesConfig", "LossWeighting", "LrSchedule", "ModelFlags", "ModelPreset", "NoiseSchedule",
-           "NonSquarePolicy", "Params", "RuntimeConfig", "Stopping", "TrainConfig", "UpsampleMode", "load_params",
+           "NonSquarePolicy", "Params", "Representation", "RuntimeConfig", "Stopping", "TrainConfig", "UpsampleMode", "load_params",
            "params_from_dict"]
 
 BUILTIN_DATASET = "digits"
@@ -194,6 +194,19 @@ class FeaturesConfig(Section):
     tls_ca_file: Optional[StrictStr] = None
     tls_cert: Optional[StrictStr] = None
     tls_key: Optional[StrictStr] = None
+    # Baselines through the same stages (docs/analyses.md): ddpm, rgb or rgb_patch (patch_size x patch_size
+    # pixels). The RGB ones ignore t (each store of t_steps holds the same values: run them with one step).
+    representation: Choice[Representation] = Representation.DDPM
+    patch_size: Annotated[StrictInt, Field(ge=1, description="an odd number: the pixel is the centre")] = 5
+    # The features of noise_draws noise draws, averaged (the paper's noise variants; 1 = one draw). Draw j uses
+    # seed noise_seed + j, shared by all images, or per image with stochastic_noise.
+    noise_draws: Annotated[StrictInt, Field(ge=1, description="1 = one noise draw")] = 1
+
+    def representation_id(self) -> str:
+        """What a store records as its representation: ``ddpm``, ``rgb`` or ``rgb_patch<k>``."""
+        if self.representation is Representation.RGB_PATCH:
+            return f"rgb_patch{self.patch_size}"
+        return self.representation.value
 
     def tls_files(self) -> dict[str, str] | None:
         """dask ``Security`` arguments for a tls:// scheduler, else None."""
@@ -234,6 +247,10 @@ class EnsembleConfig(Section):
     # float32), as good on val as float32 and 1.3-1.6x faster on this CPU (AVX512-BF16; benchmarks/fit_vs_paper.py);
     # emulated, so slower, on CPUs without native bf16 (a warning says so): none = float32 there.
     autocast: Choice[Autocast] = Autocast.BFLOAT16
+    # Sample efficiency (docs/analyses.md): fit on train_images of the store's train images, drawn with
+    # train_subset_seed (null = all of them). Only fit and evaluate rerun: the stores stay as they are.
+    train_images: Optional[Positive] = None
+    train_subset_seed: Seed = 0
 
 
 class EvaluateConfig(Section):
@@ -241,6 +258,26 @@ class EvaluateConfig(Section):
     # Cap on per-pixel rows written for DVC's confusion-matrix plot (a seeded sample beyond it).
     confusion_max_pixels: Positive = 20000
     batch_pixels: Positive = 16384
+
+
+class RobustnessConfig(Section):
+    """Stage robustness: the test split corrupted, features made on the fly, scored by the fitted ensemble."""
+
+    corruptions: Annotated[tuple[Choice[Corruption], ...], Field(strict=False, min_length=1)] = tuple(Corruption)
+    # 1 (mild) .. 5 (strong), as ImageNet-C numbers them
+    severities: Annotated[tuple[Annotated[StrictInt, Field(ge=1, le=5)], ...], Field(strict=False, min_length=1)] = (1, 3, 5)
+    seed: Seed = 0  # the Gaussian noise's draws
+
+
+class KMeansConfig(Section):
+    """Stage kmeans: k-means clusters of the per-pixel features of a few test images, one map per (t, block)."""
+
+    images: Positive = 4
+    k: Positive = 5  # the paper's figure shows k = 5
+    t_steps: Annotated[IntList, Field(min_length=1)] = (50, 250)
+    blocks: Annotated[IntList, Field(min_length=1)] = (1, 3)
+    iterations: Positive = 30
+    seed: Seed = 0
 
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
@@ -269,6 +306,8 @@ class Params(Section):
     features: FeaturesConfig = FeaturesConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    robustness: RobustnessConfig = RobustnessConfig()
+    kmeans: KMeansConfig = KMeansConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     def unet_config(self) -> UNetConfig:
@@ -414,6 +453,12 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"features.clevel={features.clevel} is outside [{low}, {high}], the levels of "
                           f"features.codec={features.codec.value}; use e.g. 3 (or codec: none for no compression)")
     betas_for_schedule(params.ddpm.noise_schedule, params.ddpm.diffusion_steps)
+    if features.patch_size % 2 == 0:
+        raise ConfigError(f"features.patch_size={features.patch_size} must be an odd number >= 1 (the pixel is the centre)")
+    if params.ensemble.train_images is not None and params.ensemble.train_images > dataset.train_images:
+        raise ConfigError(f"ensemble.train_images={params.ensemble.train_images} must be null (all) or in [1, "
+                          f"dataset.train_images={dataset.train_images}]")
+    check_timesteps(params.kmeans.t_steps, params.ddpm.diffusion_steps)
     _validate_tls(features)
     params.unet_config()  # the flags parse (torch-free); whether they build a UNet: runtime.load_stage_params
 

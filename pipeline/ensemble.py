@@ -487,12 +487,13 @@ ENSEMBLE_FORMAT = "ddpm-segmentation-ensemble/1"
 
 
 def save_ensemble(path: Path, model: EnsembleMLP, *, t_steps: Sequence[int], blocks: Sequence[int],
-                  checkpoint_sha256: str) -> None:
-    """The fitted ensemble with what it was fit on (steps, blocks, the DDPM checkpoint's sha256), written
-    atomically; ``load_ensemble`` reads it back and refuses it for other features."""
+                  checkpoint_sha256: str, train_image_ids: Sequence[str] | None = None) -> None:
+    """The fitted ensemble with what it was fit on (steps, blocks, the DDPM checkpoint's sha256, the train
+    images' ids), written atomically; ``load_ensemble`` reads it back and refuses it for other features."""
     save_torch_atomic({"format": ENSEMBLE_FORMAT, "state_dict": model.cpu().state_dict(), "members": model.members,
                        "dim": model.dim, "num_classes": model.num_classes, "seed": model.seed,
-                       "t_steps": list(t_steps), "blocks": list(blocks), "checkpoint_sha256": checkpoint_sha256}, path)
+                       "t_steps": list(t_steps), "blocks": list(blocks), "checkpoint_sha256": checkpoint_sha256,
+                       "train_image_ids": None if train_image_ids is None else list(train_image_ids)}, path)
 
 
 def load_ensemble(path: Path, t_steps: Sequence[int], blocks: Sequence[int], checkpoint_sha256: str) -> EnsembleMLP:
@@ -517,3 +518,21 @@ def load_ensemble(path: Path, t_steps: Sequence[int], blocks: Sequence[int], che
     model = EnsembleMLP(payload["members"], payload["dim"], payload["num_classes"], payload["seed"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()
+
+
+def train_subset(images: int, count: int | None, seed: int) -> list[int]:
+    """Sorted indices of ``count`` of ``images`` train images, drawn without replacement by a generator seeded
+    with ``seed`` (``ensemble.train_images`` / ``train_subset_seed``); all of them when ``count`` is None."""
+    if count is None:
+        return list(range(images))
+    if not 1 <= count <= images:
+        raise DatasetError(f"ensemble.train_images={count} but the stores hold {images} train images; "
+                           f"use a value in [1, {images}] or null for all")
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(images, size=count, replace=False))
+
+
+def image_rows(matrix: da.Array, labels: da.Array, indices: Sequence[int], pixels_per_image: int) -> tuple[da.Array, da.Array]:
+    """The rows of images ``indices`` (in that order) of an image-major ``[P, D]`` matrix and its ``[P]`` labels;
+    lazy, each image's rows one slice."""
+    slices = [slice(i * pixels_per_image, (i + 1) * pixels_per_image) for i in indices]
+    return da.concatenate([matrix[s] for s in slices]), da.concatenate([labels[s] for s in slices])

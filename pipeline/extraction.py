@@ -43,6 +43,9 @@ class ExtractJob:
     device: str
     image_paths: dict[str, tuple[str, ...]]  # split -> image files in store order
     mask_paths: dict[str, tuple[str, ...]]
+    representation: str = "ddpm"  # features.representation: ddpm, rgb or rgb_patch (patch_size)
+    patch_size: int = 1
+    noise_draws: int = 1
 
 
 def noise_for(seed: int, split: str, index: int, t: int, image_size: int) -> torch.Tensor:
@@ -50,6 +53,20 @@ def noise_for(seed: int, split: str, index: int, t: int, image_size: int) -> tor
     stream = {"train": 0, "test": 1, "val": 2}[split]  # train and test keep the streams they had before val
     state = np.random.SeedSequence([seed, stream, index, t]).generate_state(1)[0]
     return make_noise(int(state), image_size)
+
+
+def batch_noise(seed: int, draws: int, stochastic: bool, split: str, indices: list[int], t: int,
+                image_size: int) -> torch.Tensor:
+    """The noise of one batch: ``[1, 3, S, S]`` shared (``make_noise(seed)``) or ``[B, 3, S, S]`` per image
+    (``noise_for``); with ``draws`` > 1 the draws stacked, ``[draws, 1 or B, 3, S, S]``, draw j from seed + j."""
+    def draw(draw_seed: int) -> torch.Tensor:
+        if stochastic:
+            return torch.cat([noise_for(draw_seed, split, i, t, image_size) for i in indices])
+        return make_noise(draw_seed, image_size)
+
+    if draws == 1:
+        return draw(seed)
+    return torch.stack([draw(seed + j) for j in range(draws)])
 
 
 def worker_device(name: str) -> torch.device:
@@ -84,7 +101,6 @@ def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Ca
     size = model.config.image_size
     writer = StoreWriter.reopen(job.store)
     images, masks = job.image_paths[split], job.mask_paths[split]
-    shared_noise = make_noise(job.noise_seed, size)
     # features.batch_size is an upper bound: at 256² the paper's blocks give 0.74 GB of float32 maps per
     # image, so the batch is cut to fit pipeline.features.FEATURE_BATCH_BYTES (2 images there).
     batch_size = images_per_batch(job.batch_size, size, feature_dim(model, job.blocks))
@@ -93,17 +109,15 @@ def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Ca
         for first in range(0, len(indices), batch_size):
             batch = indices[first : first + batch_size]
             x0 = to_model_input(np.stack([read_rgb(images[i]) for i in batch]))
-            if job.stochastic_noise:
-                noise = torch.cat([noise_for(job.noise_seed, split, i, job.t, size) for i in batch])
-            else:
-                noise = shared_noise
+            noise = batch_noise(job.noise_seed, job.noise_draws, job.stochastic_noise, split, batch, job.t, size)
             if device.type == "cuda":  # page-locked host memory lets the copy overlap the previous batch
                 x0 = x0.pin_memory()
             yield batch, x0.to(device, non_blocking=True), noise.to(device)
 
     features = iter_pixel_features(model, diffusion, batches(), t_steps=[job.t], blocks=job.blocks,
                                    upsample=job.upsample, autocast_dtype=AUTOCAST_DTYPES[job.autocast],
-                                   name_of=lambda index: f"{split} image {images[index]}")
+                                   name_of=lambda index: f"{split} image {images[index]}",
+                                   representation=job.representation, patch_size=job.patch_size)
     written = 0
     with background_writes(writer) as submit:
         for index, rows in features:

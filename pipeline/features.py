@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.diffusion import Diffusion
-from pipeline.enums import NoiseSchedule, UpsampleMode
+from pipeline.enums import NoiseSchedule, Representation, UpsampleMode
 from pipeline.errors import NumericsError, check_decoder_blocks, check_timesteps
 from pipeline.unet import UNetModel
 
@@ -28,6 +28,25 @@ def feature_dim(model: UNetModel, blocks: Sequence[int], num_steps: int = 1) -> 
     shapes = model.decoder_block_shapes()
     check_decoder_blocks(blocks, len(shapes))
     return num_steps * sum(shapes[block][0] for block in blocks)
+
+
+def representation_dim(model: UNetModel, blocks: Sequence[int], representation: Representation | str,
+                       patch_size: int) -> int:
+    """Features per pixel and step of ``features.representation``: the blocks' channels, 3 or 3 x patch_size²."""
+    representation = Representation(representation)
+    if representation is Representation.DDPM:
+        return feature_dim(model, blocks)
+    return 3 * (patch_size**2 if representation is Representation.RGB_PATCH else 1)
+
+
+def rgb_maps(x0: torch.Tensor, patch_size: int = 1) -> torch.Tensor:
+    """The RGB baselines' features: ``x0 [N, 3, H, W]`` in [-1, 1] -> ``[N, 3 * patch_size², H, W] float32``,
+    each pixel's patch_size x patch_size neighbourhood (edges replicate-padded; channel-major, as F.unfold)."""
+    if patch_size == 1:
+        return x0.float()
+    pad = patch_size // 2
+    patches = F.unfold(F.pad(x0.float(), [pad] * 4, mode="replicate"), kernel_size=patch_size)  # [N, 3*k*k, H*W]
+    return patches.reshape(x0.shape[0], -1, *x0.shape[-2:])
 
 
 # Cap on one extraction batch's float32 feature maps ([B, D, H, W] x 4 bytes; upsample_concat holds them
@@ -65,8 +84,16 @@ def feature_maps(
 ) -> torch.Tensor:
     """``x0`` ``[N, 3, H, W]`` in [-1, 1] -> ``[N, D, H, W] float32``, steps outer and blocks inner.
 
-    ``noise`` is ``[1, 3, H, W]`` (shared by all images) or ``[N, 3, H, W]``.
+    ``noise`` is ``[1, 3, H, W]`` (shared by all images) or ``[N, 3, H, W]``; or ``[draws, 1 or N, 3, H, W]``:
+    then the mean of the draws' features (``features.noise_draws``).
     """
+    if noise.dim() == 5:
+        total = None
+        for draw in noise:
+            maps = feature_maps(model, diffusion, x0, t_steps=t_steps, blocks=blocks, noise=draw, upsample=upsample,
+                                autocast_dtype=autocast_dtype)
+            total = maps if total is None else total.add_(maps)
+        return total.div_(noise.shape[0])
     check_timesteps(list(t_steps), diffusion.num_timesteps)
     feature_dim(model, blocks)  # validates block indices with a readable error
     maps = []
@@ -108,14 +135,21 @@ def iter_pixel_features(
     upsample: UpsampleMode | str,
     autocast_dtype: torch.dtype | None = None,
     name_of: Callable[[int], str] = lambda index: f"image {index}",
+    representation: Representation | str = Representation.DDPM,
+    patch_size: int = 1,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """For batches of ``(image indices, x0 [B,3,H,W], noise [1 or B,3,H,W])`` yield, image by image,
-    ``(index, [H*W, D] float16 on the CPU)`` ready to be written as that image's rows. Non-finite values,
-    or values float16 cannot hold, raise ``NumericsError`` naming ``name_of(index)`` and the steps."""
+    """For batches of ``(image indices, x0 [B,3,H,W], noise [1 or B,3,H,W] or [draws,1 or B,3,H,W])`` yield,
+    image by image, ``(index, [H*W, D] float16 on the CPU)`` ready to be written as that image's rows: the
+    DDPM's features, or with ``representation`` rgb / rgb_patch the pixels' colours (``rgb_maps``; no UNet
+    runs). Non-finite values, or values float16 cannot hold, raise ``NumericsError`` naming
+    ``name_of(index)`` and the steps."""
+    representation = Representation(representation)
     for indices, x0, noise in batches:
-        maps = feature_maps(
-            model, diffusion, x0, t_steps=t_steps, blocks=blocks, noise=noise, upsample=upsample, autocast_dtype=autocast_dtype
-        )
+        if representation is Representation.DDPM:
+            maps = feature_maps(model, diffusion, x0, t_steps=t_steps, blocks=blocks, noise=noise, upsample=upsample,
+                                autocast_dtype=autocast_dtype)
+        else:
+            maps = rgb_maps(x0, patch_size if representation is Representation.RGB_PATCH else 1)
         check_feature_values(maps, indices, t_steps, name_of)
         rows = maps.permute(0, 2, 3, 1).reshape(maps.shape[0], -1, maps.shape[1]).to(torch.float16).cpu()
         for position, index in enumerate(indices):

@@ -61,6 +61,10 @@ class StoreRecord:
     # sha256 over the split, stem, image bytes and mask bytes of every image (``inputs_sha256``): a resume
     # after the images or masks changed starts afresh. "" = not recorded (stores made before it existed).
     inputs_sha256: str = ""
+    # FeaturesConfig.representation_id() (ddpm, rgb, rgb_patch<k>) and noise_draws; stores made before they
+    # existed hold one draw of the DDPM's features.
+    representation: str = "ddpm"
+    noise_draws: int = 1
 
     def to_attrs(self) -> dict[str, Any]:
         out = asdict(self)
@@ -469,4 +473,5 @@ def expected_record(params, t: int) -> dict[str, Any]:
     """The record fields a reader demands of the store for step ``t`` under ``params``."""
     return {"t": t, "blocks": tuple(params.blocks), "upsample": params.features.upsample.value,
             "noise_seed": params.features.noise_seed, "stochastic_noise": params.features.stochastic_noise,
-            "image_size": params.dataset.image_size}
+            "image_size": params.dataset.image_size, "representation": params.features.representation_id(),
+            "noise_draws": params.features.noise_draws}

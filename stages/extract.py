@@ -10,7 +10,7 @@ from tqdm import tqdm
 from pipeline.data import Split, list_examples
 from pipeline.errors import check_timesteps
 from pipeline.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
-from pipeline.features import feature_dim
+from pipeline.features import representation_dim
 from pipeline.runtime import stage_main, stage_params
 from pipeline.store import StoreRecord, create_or_resume, file_sha256, inputs_sha256
 from pipeline.train_ddpm import load_checkpoint
@@ -37,9 +37,10 @@ def main() -> None:
     record = StoreRecord(t=args.t, blocks=tuple(params.blocks), upsample=options.upsample.value,
                          noise_seed=options.noise_seed, stochastic_noise=options.stochastic_noise,
                          checkpoint_sha256=file_sha256(args.checkpoint), image_size=model.config.image_size,
-                         feature_dim=feature_dim(model, params.blocks),
+                         feature_dim=representation_dim(model, params.blocks, options.representation, options.patch_size),
                          inputs_sha256=inputs_sha256({s: [(e.stem, e.image_path, e.mask_path) for e in ex]
-                                                      for s, ex in examples.items()}))
+                                                      for s, ex in examples.items()}),
+                         representation=options.representation_id(), noise_draws=options.noise_draws)
     del model
     where = (f"dask scheduler {options.scheduler}" if options.scheduler
              else f"{options.workers} dask workers" if options.workers else "in process")
@@ -52,6 +53,7 @@ def main() -> None:
             batch_size=options.batch_size, autocast=options.autocast.value, device=params.runtime.device,
             image_paths={s: tuple(str(e.image_path) for e in ex) for s, ex in examples.items()},
             mask_paths={s: tuple(str(e.mask_path) for e in ex) for s, ex in examples.items()},
+            representation=options.representation.value, patch_size=options.patch_size, noise_draws=options.noise_draws,
         )
         pending = {split: writer.pending(split) for split in examples}
         start = time.perf_counter()

@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.ensemble import EpochStats, fit_ensemble, member_passes, save_ensemble
+from pipeline.ensemble import EpochStats, fit_ensemble, image_rows, member_passes, save_ensemble, train_subset
 from pipeline.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params
 from pipeline.store import expected_record, lazy_matrix, open_store, set_aside_unused_stores
@@ -25,6 +25,12 @@ def main() -> None:
         print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
     stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
     matrix, labels = lazy_matrix(stores, "train")
+    stems = stores[0].image_ids("train")
+    chosen = train_subset(len(stems), params.ensemble.train_images, params.ensemble.train_subset_seed)
+    if len(chosen) < len(stems):  # the sample-efficiency sweep: a seeded subset of the stored images
+        matrix, labels = image_rows(matrix, labels, chosen, stores[0].pixels_per_image("train"))
+        print(f"fit: {len(chosen)} of {len(stems)} train images (seed {params.ensemble.train_subset_seed}): "
+              f"{', '.join(stems[i] for i in chosen)}")
     print(f"fit: {matrix.shape[0]} pixels x {matrix.shape[1]} features from {len(stores)} stores, "
           f"{params.ensemble.members} members")
     start = time.perf_counter()
@@ -42,7 +48,7 @@ def main() -> None:
         config=params.ensemble, device=pick_device(params.runtime.device), on_epoch=on_epoch,
     )
     save_ensemble(args.out, model, t_steps=params.t_steps, blocks=params.blocks,
-                  checkpoint_sha256=stores[0].record.checkpoint_sha256)
+                  checkpoint_sha256=stores[0].record.checkpoint_sha256, train_image_ids=[stems[i] for i in chosen])
     write_curves(args.curves, [epoch_row(stats, firsts) for stats in history])
     passes = len({s.first_member for s in history})
     print(f"fit: {max(s.epoch for s in history)} epochs ({passes} passes of members) in "

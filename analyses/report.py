@@ -1,0 +1,153 @@
+"""One Markdown report of the analyses from their recorded runs (``analyses/results/<analysis>.json``, written
+by ``python -m analyses.run``), with its figures beside it:
+
+    python -m analyses.report --results analyses/results --out docs/analyses/report.md [--kmeans plots/kmeans]
+
+Tables: the baselines (val and test mIoU), mIoU against the number of labeled images (mean and std over the
+subset seeds), the noise variants, test mIoU per corruption and severity; figures: sample efficiency,
+robustness, and the k-means maps (copied from the kmeans stage's folder). Analyses without a results file
+are left out, with a line saying so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from analyses.experiments import ANALYSES
+from analyses.results import robustness_table, sample_efficiency_table, split_table
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    """``frame`` as a GitHub Markdown table, numbers rounded to ``digits``."""
+    def cell(value) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def labels_of(analysis: str) -> dict[str, str]:
+    return {e.name: e.label for e in ANALYSES[analysis].experiments}
+
+
+def overrides_of(analysis: str) -> dict[str, str]:
+    return {e.name: " ".join(f"`-S {o}`" for o in e.overrides) or "(defaults)" for e in ANALYSES[analysis].experiments}
+
+
+def plot_sample_efficiency(summary: pd.DataFrame, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    for split, colour in (("val", "tab:blue"), ("test", "tab:orange")):
+        axis.errorbar(summary["images"], summary[f"{split}_mean"], yerr=summary[f"{split}_std"], marker="o",
+                      capsize=3, color=colour, label=f"{split} mIoU (mean ± std over subset seeds)")
+    axis.set_xscale("log")
+    axis.set_xticks(summary["images"], [str(v) for v in summary["images"]])
+    axis.set_xlabel("labeled training images")
+    axis.set_ylabel("mIoU (paper protocol)")
+    axis.set_title("Sample efficiency on the built-in digits")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_robustness(table: pd.DataFrame, path: Path) -> None:
+    corruptions = list(dict.fromkeys(table["corruption"]))
+    figure, axes = plt.subplots(1, len(corruptions), figsize=(3.0 * len(corruptions), 3.2), sharey=True)
+    axes = [axes] if len(corruptions) == 1 else list(axes)
+    severities = [c for c in table.columns if c not in ("run", "corruption")]
+    for axis, corruption in zip(axes, corruptions):
+        for _, row in table[table["corruption"] == corruption].iterrows():
+            axis.plot([int(s) for s in severities], [row[s] for s in severities], marker="o", label=row["run"])
+        axis.set_title(corruption, fontsize=9)
+        axis.set_xlabel("severity (0 = clean)")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("test mIoU")
+    handles, names = axes[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    figure.suptitle("Test mIoU under corruptions", fontsize=10)
+    figure.tight_layout(rect=(0, 0.14, 1, 1))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
+    """Write ``out`` (Markdown) and its figures into ``out``'s folder; returns the Markdown."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = {path.stem: json.loads(path.read_text()) for path in sorted(results.glob("*.json"))}
+    parts = ["# Analyses on the built-in digits", "",
+             "Built by `python -m analyses.report` from the runs recorded in `analyses/results/` "
+             "(`python -m analyses.run <analysis>`: `dvc exp run --queue` + `dvc queue start` + `dvc exp show --json`). "
+             "mIoU is the paper's protocol; nothing here is selected on test.", ""]
+    times = []
+
+    def missing(name: str) -> None:
+        parts.extend([f"No recorded runs for `{name}` (run `python -m analyses.run {name}`).", ""])
+
+    def split_section(name: str, heading: str) -> None:
+        parts.extend([f"## {heading}", ""])
+        table = split_table(records[name], labels_of(name)) if name in records else pd.DataFrame()
+        if table.empty:
+            missing(name)
+            return
+        table.insert(2, "params", table["experiment"].map(overrides_of(name)))
+        parts.extend([markdown_table(table.drop(columns="experiment")), ""])
+
+    split_section("baselines", "Baselines through the same stages")
+    parts.extend(["## Sample efficiency", ""])
+    if records.get("sample_efficiency", {}).get("experiments"):
+        summary = sample_efficiency_table(records["sample_efficiency"])
+        plot_sample_efficiency(summary, out.parent / "sample_efficiency.png")
+        shown = summary.rename(columns={"val_mean": "val mIoU", "val_std": "val std", "test_mean": "test mIoU",
+                                        "test_std": "test std"})
+        parts.extend([markdown_table(shown), "", "![mIoU against labeled images](sample_efficiency.png)", ""])
+    else:
+        missing("sample_efficiency")
+    split_section("noise", "Noise variants")
+    parts.extend(["## Corruption robustness (test split)", ""])
+    robust = robustness_table(records["baselines"], labels_of("baselines")) if "baselines" in records else pd.DataFrame()
+    if len(robust):
+        plot_robustness(robust, out.parent / "robustness.png")
+        parts.extend(["Columns: severity (0 = clean, 1..5 as CIFAR-10-C); rows: run and corruption.", "",
+                      markdown_table(robust), "", "![test mIoU under corruptions](robustness.png)", ""])
+    else:
+        missing("baselines")
+    parts.extend(["## K-means of the features", ""])
+    maps = sorted(kmeans.glob("*.png")) if kmeans and kmeans.is_dir() else []
+    if maps:
+        folder = out.parent / "kmeans"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        for path in maps:
+            shutil.copy(path, folder / path.name)
+            parts.extend([f"![k-means maps of {path.stem}](kmeans/{path.name})", ""])
+    else:
+        parts.extend(["No k-means maps given (`--kmeans plots/kmeans` after `dvc repro kmeans`).", ""])
+    for name, record in records.items():
+        times.append({"analysis": name, "experiments": len(record["experiments"]),
+                      "wall clock (s)": float(record.get("seconds", float("nan")))})
+    if times:
+        parts.extend(["## Run times on this machine", "", markdown_table(pd.DataFrame(times), digits=0), ""])
+    text = "\n".join(parts)
+    out.write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=Path("analyses/results"))
+    parser.add_argument("--out", type=Path, default=Path("docs/analyses/report.md"))
+    parser.add_argument("--kmeans", type=Path, default=None, help="the kmeans stage's folder (plots/kmeans)")
+    args = parser.parse_args()
+    build_report(args.results, args.out, args.kmeans)
+    print(f"report -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""From ``dvc exp show --json`` to the analyses' tables: pure functions of the recorded JSON."""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import pandas as pd
+
+# What the report reads of each run (dvc.yaml's metrics files).
+METRICS_FILES = ("metrics/val.json", "metrics/eval.json", "metrics/robustness.json")
+
+
+def _entries(node: Any) -> Iterator[dict]:
+    """Every revision entry (a dict with ``rev`` and ``data``) anywhere in ``dvc exp show --json`` output."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _entries(item)
+    elif isinstance(node, dict):
+        if "rev" in node and isinstance(node.get("data"), dict):
+            yield node
+        for key in ("experiments", "revs"):
+            if node.get(key):
+                yield from _entries(node[key])
+
+
+def experiment_rows(exp_show: list, names: Sequence[str]) -> dict[str, dict]:
+    """The named experiments' params.yaml and metrics (``{name: {"rev", "timestamp", "params", "metrics"}}``),
+    as ``dvc exp show --json`` reports them; a name it does not list is left out."""
+    rows = {}
+    for entry in _entries(exp_show):
+        if entry.get("name") not in names:
+            continue
+        data = entry["data"]
+        metrics = {path: (data.get("metrics") or {}).get(path, {}).get("data") for path in METRICS_FILES}
+        rows[entry["name"]] = {"rev": entry["rev"], "timestamp": data.get("timestamp"),
+                               "params": (data.get("params") or {}).get("params.yaml", {}).get("data", {}),
+                               "metrics": {path: value for path, value in metrics.items() if value is not None}}
+    return rows
+
+
+def miou(row: dict, split: str) -> float | None:
+    """The paper-protocol mIoU of a recorded run on ``val`` or ``test``."""
+    metrics = row["metrics"].get("metrics/val.json" if split == "val" else "metrics/eval.json") or {}
+    return metrics.get("miou")
+
+
+def split_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
+    """One row per experiment of ``labels`` (name -> label) in that order: val and test mIoU."""
+    rows = [{"run": labels[name], "experiment": name, "val mIoU": miou(record["experiments"][name], "val"),
+             "test mIoU": miou(record["experiments"][name], "test")}
+            for name in labels if name in record["experiments"]]
+    return pd.DataFrame(rows)
+
+
+def sample_efficiency_table(record: dict) -> pd.DataFrame:
+    """Per number of labeled images: mean and std over subset seeds of val and test mIoU, and the seeds."""
+    rows = []
+    for row in record["experiments"].values():
+        ensemble = row["params"].get("ensemble", {})
+        rows.append({"images": ensemble.get("train_images") or row["params"].get("dataset", {}).get("train_images"),
+                     "seed": ensemble.get("train_subset_seed", 0), "val": miou(row, "val"), "test": miou(row, "test")})
+    frame = pd.DataFrame(rows).dropna()
+    summary = frame.groupby("images").agg(seeds=("seed", "count"), val_mean=("val", "mean"), val_std=("val", "std"),
+                                          test_mean=("test", "mean"), test_std=("test", "std")).reset_index()
+    return summary.fillna({"val_std": 0.0, "test_std": 0.0})
+
+
+def robustness_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
+    """Test mIoU per corruption and severity (columns), one row per (run, corruption); severity 0 = clean."""
+    rows = []
+    for name, label in labels.items():
+        result = record["experiments"].get(name, {}).get("metrics", {}).get("metrics/robustness.json")
+        if not result:
+            continue
+        for corruption, by_severity in result.items():
+            if isinstance(by_severity, dict):
+                rows.append({"run": label, "corruption": corruption, "0": result["clean"],
+                             **{severity: value for severity, value in sorted(by_severity.items())}})
+    return pd.DataFrame(rows)

@@ -1,0 +1,71 @@
+"""Stage robustness: the test split under corruptions (robustness.corruptions x robustness.severities), its
+features made on the fly as extract makes them (features.representation included, so an RGB-baseline run
+gives the baseline's numbers), voted on by the fitted ensemble and scored as evaluate scores."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.corruptions import corrupt
+from pipeline.data import Split, list_examples, read_rgb
+from pipeline.ensemble import load_ensemble
+from pipeline.evaluation import score
+from pipeline.extraction import loaded_model, worker_device
+from pipeline.report import write_csv_atomic
+from pipeline.robustness import split_prediction
+from pipeline.runtime import atomic_file, pick_device, stage_main, stage_params, write_json_atomic
+from pipeline.store import file_sha256
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--ensemble", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="prepared dataset (its test split is corrupted)")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON: test mIoU per corruption and severity")
+    parser.add_argument("--table", type=Path, required=True, help="CSV: severity and a test-mIoU column per corruption")
+    parser.add_argument("--examples", type=Path, required=True, help="PNG: the first test image under each corruption")
+    args = parser.parse_args()
+    params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit and evaluate
+    model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)))
+    ensemble = load_ensemble(args.ensemble, params.t_steps, params.blocks, file_sha256(args.checkpoint))
+    ensemble.to(pick_device(params.runtime.device))
+    examples = list_examples(args.data, Split.TEST)
+    clean = [read_rgb(example.image_path) for example in examples]
+    masks = np.stack([np.load(example.mask_path) for example in examples])
+    config = params.robustness
+    levels = [("none", 0)] + [(c.value, s) for c in config.corruptions for s in config.severities]
+    rows, shown = [], []
+    for corruption, severity in levels:
+        rng = np.random.default_rng([config.seed, severity])
+        images = clean if severity == 0 else [corrupt(image, corruption, severity, rng) for image in clean]
+        shown.append(images[0])
+        prediction = split_prediction(model, diffusion, ensemble, params, np.stack(images))
+        metrics = score(masks.reshape(-1), prediction, params.dataset.names(), params.dataset.ignore_label)
+        rows.append({"corruption": corruption, "severity": severity, "miou": metrics["miou"]})
+        print(f"robustness: {corruption} severity {severity}: test mIoU {metrics['miou']:.4f}", flush=True)
+    results = {"clean": rows[0]["miou"], "representation": params.features.representation_id()}
+    for row in rows[1:]:
+        results.setdefault(row["corruption"], {})[str(row["severity"])] = row["miou"]
+    write_json_atomic(results, args.metrics)
+    # one column per corruption and a row per severity (0 = clean in every column): dvc.yaml's plot draws a line each
+    table = pd.DataFrame(rows).pivot(index="severity", columns="corruption", values="miou")
+    table = table.drop(columns="none").fillna(results["clean"]).reset_index()
+    write_csv_atomic(table[["severity", *[c.value for c in config.corruptions]]], args.table)
+    strip = np.concatenate(shown, axis=1)  # clean, then each corruption's severities in order
+    picture = Image.fromarray(strip)
+    with atomic_file(args.examples) as temporary:
+        picture.resize((picture.width * 4, picture.height * 4), Image.NEAREST).save(temporary, format="PNG")
+    print(f"robustness: {len(levels)} levels on {len(examples)} test images -> {args.metrics}; "
+          f"{json.dumps({k: v for k, v in results.items() if k == 'clean'})}")
+
+
+if __name__ == "__main__":
+    main()

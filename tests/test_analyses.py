@@ -1,0 +1,249 @@
+"""The analyses (docs/analyses.md) on tiny inputs: representations, noise draws, the train subset, corruptions,
+k-means, the stages that run them, which stages a sweep reruns, and the report from recorded runs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+import zarr
+from PIL import Image
+
+from analyses.experiments import ANALYSES
+from analyses.report import build_report
+from analyses.results import experiment_rows, sample_efficiency_table
+from pipeline.api import Segmenter
+from pipeline.config import ConfigError, Corruption, load_params, params_from_dict
+from pipeline.corruptions import corrupt
+from pipeline.data import Split, list_examples, read_rgb, to_model_input
+from pipeline.diffusion import Diffusion
+from pipeline.ensemble import image_rows, train_subset
+from pipeline.errors import DatasetError
+from pipeline.extraction import batch_noise
+from pipeline.features import feature_maps, make_noise, rgb_maps
+from pipeline.kmeans import kmeans
+from pipeline.unet import create_unet
+from tests.conftest import REPO
+from tests.helpers import TINY_PARAMS, make_project, run_stage, write_params
+from tests.test_segment import new_canvases, save_random_ensemble
+
+FIXTURES = Path(__file__).parent / "data" / "analyses"
+
+
+def test_rgb_maps_hold_each_pixels_replicate_padded_neighbourhood():
+    x0 = torch.rand(2, 3, 5, 5) * 2 - 1
+    maps = rgb_maps(x0, 3)
+    assert maps.shape == (2, 27, 5, 5) and maps.dtype == torch.float32
+    assert torch.equal(maps[:, [4, 13, 22]], x0)  # the patch centre (offset 0, 0) of each channel is the pixel
+    assert torch.equal(maps[:, 0, 2, 2], x0[:, 0, 1, 1])  # offset (-1, -1) of the red channel
+    assert torch.equal(maps[:, 0, 0, 0], x0[:, 0, 0, 0])  # replicate padding at the corner
+    assert torch.equal(rgb_maps(x0, 1), x0)
+
+
+def test_noise_draws_average_the_features_of_each_draw():
+    params = params_from_dict(TINY_PARAMS)
+    torch.manual_seed(0)
+    model, diffusion = create_unet(params.unet_config()).eval(), Diffusion("linear", 1000)
+    x0 = torch.rand(2, 3, 32, 32) * 2 - 1
+    noises = batch_noise(0, 3, False, "test", [0, 1], 50, 32)
+    assert noises.shape == (3, 1, 3, 32, 32)
+    assert torch.equal(batch_noise(0, 1, False, "test", [0, 1], 50, 32), make_noise(0, 32))  # 1 draw = the default
+    assert torch.equal(noises[1], make_noise(1, 32))  # draw j is seed noise_seed + j
+    assert batch_noise(0, 2, True, "test", [0, 1], 50, 32).shape == (2, 2, 3, 32, 32)  # per image with stochastic
+    options = {"t_steps": [50], "blocks": [1, 2]}
+    averaged = feature_maps(model, diffusion, x0, noise=noises, **options)
+    expected = sum(feature_maps(model, diffusion, x0, noise=draw, **options) for draw in noises) / 3
+    torch.testing.assert_close(averaged, expected)
+    assert not torch.allclose(averaged, feature_maps(model, diffusion, x0, noise=noises[0], **options))
+
+
+def test_train_subset_is_a_seeded_draw_of_whole_images():
+    assert train_subset(50, None, 0) == list(range(50))
+    first = train_subset(50, 5, 0)
+    assert first == train_subset(50, 5, 0) == sorted(first) and len(set(first)) == 5
+    assert first != train_subset(50, 5, 1)
+    with pytest.raises(DatasetError, match="ensemble.train_images=51"):
+        train_subset(50, 51, 0)
+    matrix = da.from_array(np.arange(16 * 2).reshape(16, 2), chunks=(4, -1))  # 4 images of 4 pixels
+    rows, labels = image_rows(matrix, da.arange(16, chunks=4), [1, 3], 4)
+    np.testing.assert_array_equal(labels.compute(), [4, 5, 6, 7, 12, 13, 14, 15])
+    np.testing.assert_array_equal(rows.compute(), np.arange(32).reshape(16, 2)[[4, 5, 6, 7, 12, 13, 14, 15]])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("features.patch_size", 4, "features.patch_size=4 must be an odd"),
+    ("features.noise_draws", 0, "features.noise_draws must be >= 1"),
+    ("features.representation", "hog", "features.representation='hog' is not one of"),
+    ("ensemble.train_images", 7, r"ensemble.train_images=7 must be null \(all\) or in \[1, dataset.train_images=6\]"),
+    ("robustness.severities", [0, 6], "robustness.severities"),
+    ("robustness.corruptions", ["snow"], "robustness.corruptions"),
+    ("kmeans.k", 0, "kmeans.k must be > 0, got 0"),
+])
+def test_analysis_keys_refuse_bad_values_naming_the_key(key, value, message):
+    data = yaml.safe_load(yaml.safe_dump(TINY_PARAMS))
+    section, name = key.split(".")
+    data.setdefault(section, {})[name] = value
+    with pytest.raises(ConfigError, match=message):
+        params_from_dict(data)
+
+
+def test_corruptions_keep_the_image_format_and_grow_with_severity():
+    image = new_canvases(1)[0]  # a real digit canvas: black background, grey strokes
+    for corruption in Corruption:
+        mild = corrupt(image, corruption, 1, np.random.default_rng(0))
+        strong = corrupt(image, corruption, 5, np.random.default_rng(0))
+        assert mild.shape == strong.shape == image.shape and strong.dtype == np.uint8
+        change = [np.abs(out.astype(int) - image).mean() for out in (mild, strong)]
+        assert 0 < change[0] < change[1], (corruption, change)
+    with pytest.raises(ValueError, match="severity 6"):
+        corrupt(image, "blur", 6, np.random.default_rng(0))
+
+
+def test_kmeans_finds_separated_clusters_numbered_by_size():
+    generator = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(50, 4, generator=generator), torch.randn(30, 4, generator=generator) + 10,
+                        torch.randn(20, 4, generator=generator) - 10])
+    labels = kmeans(points, 3, 10, seed=0)
+    assert labels.shape == (100,) and labels.dtype == torch.int64
+    assert (labels[:50] == 0).all() and (labels[50:80] == 1).all() and (labels[80:] == 2).all()
+    assert torch.equal(kmeans(points, 3, 10, seed=0), labels)
+
+
+def test_the_sample_efficiency_sweep_reruns_no_stage_before_fit():
+    """``ensemble.*`` is read by fit (and what runs on its ensemble), by no stage that makes data, checkpoints
+    or stores, so `-S ensemble.train_images=...` reruns fit and evaluate and reuses every store."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+    def reads(stage: dict, key: str) -> bool:
+        params = stage.get("do", stage).get("params", [])
+        return any(key == p or key.startswith(f"{p}.") for p in params if isinstance(p, str))
+
+    for key in ("ensemble.train_images", "ensemble.train_subset_seed"):
+        assert [name for name in ("prepare", "pretrain", "extract") if reads(stages[name], key)] == []
+        assert reads(stages["fit"], key)
+    sweep = ANALYSES["sample_efficiency"]
+    assert sweep.targets == ("evaluate",)
+    assert all(o.startswith("ensemble.train_") for e in sweep.experiments for o in e.overrides)
+    counts = {o for e in sweep.experiments for o in e.overrides if "train_images" in o}
+    assert counts == {f"ensemble.train_images={n}" for n in (1, 2, 5, 10, 20, 50)}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    paths = make_project(tmp_path_factory.mktemp("analyses"), {
+        "robustness": {"corruptions": ["gaussian_noise", "contrast"], "severities": [1, 5]},
+        "kmeans": {"images": 2, "k": 3, "t_steps": [50], "blocks": [1, 2], "iterations": 5}})
+    paths["stores"] = paths["params"].parent / "t{t}.zarr"
+    for t in load_params(paths["params"]).t_steps:
+        result = run_stage("extract", "--params", paths["params"], "--t", t, "--data", paths["data"],
+                           "--checkpoint", paths["checkpoint"], "--out", str(paths["stores"]).format(t=t))
+        assert result.returncode == 0, result.stderr
+    return paths
+
+
+def evaluate(paths: dict, params: Path, ensemble: Path, out: Path) -> dict:
+    result = run_stage("evaluate", "--params", params, "--stores", paths["stores"], "--ensemble", ensemble,
+                       "--data", paths["data"], "--metrics", out / "m.json", "--val-metrics", out / "v.json",
+                       "--per-class", out / "c.csv", "--confusion", out / "k.csv", "--overlays", out / "overlays",
+                       "--predictions", out / "predictions")
+    assert result.returncode == 0, result.stderr
+    return json.loads((out / "m.json").read_text())
+
+
+def test_fit_on_a_seeded_subset_of_the_stored_train_images(project, tmp_path):
+    params = write_params(tmp_path / "params.yaml", {"ensemble.train_images": 2, "ensemble.train_subset_seed": 3})
+    result = run_stage("fit", "--params", params, "--stores", project["stores"], "--out", tmp_path / "e.pt",
+                       "--curves", tmp_path / "curves")
+    assert result.returncode == 0, result.stderr
+    stems = [e.stem for e in list_examples(project["data"], Split.TRAIN)]
+    payload = torch.load(tmp_path / "e.pt", weights_only=True)
+    assert payload["train_image_ids"] == [stems[i] for i in train_subset(len(stems), 2, 3)]
+    assert "fit: 2048 pixels" in result.stdout  # 2 images of 32 x 32
+    assert evaluate(project, params, tmp_path / "e.pt", tmp_path)["images"] == 4
+
+
+def test_robustness_clean_level_is_evaluates_test_score(project, tmp_path):
+    ensemble = tmp_path / "ensemble.pt"
+    save_random_ensemble(ensemble, load_params(project["params"]), project["checkpoint"])
+    evaluated = evaluate(project, project["params"], ensemble, tmp_path)
+    result = run_stage("robustness", "--params", project["params"], "--checkpoint", project["checkpoint"],
+                       "--ensemble", ensemble, "--data", project["data"], "--metrics", tmp_path / "r.json",
+                       "--table", tmp_path / "r.csv", "--examples", tmp_path / "r.png")
+    assert result.returncode == 0, result.stderr
+    robust = json.loads((tmp_path / "r.json").read_text())
+    assert robust["clean"] == evaluated["miou"]  # the same features, the same vote: the stores' path and this one
+    assert set(robust) == {"clean", "representation", "gaussian_noise", "contrast"}
+    assert set(robust["contrast"]) == {"1", "5"} and robust["representation"] == "ddpm"
+    assert Image.open(tmp_path / "r.png").size == (32 * 5 * 4, 32 * 4)  # clean + 4 corrupted, 4x
+    table = pd.read_csv(tmp_path / "r.csv")
+    assert list(table.columns) == ["severity", "gaussian_noise", "contrast"] and list(table["severity"]) == [0, 1, 5]
+    assert (table.loc[0, ["gaussian_noise", "contrast"]] == robust["clean"]).all()
+    assert table.loc[2, "contrast"] == robust["contrast"]["5"]
+
+
+def test_rgb_patch_stores_have_the_stores_format_and_fit_and_evaluate_take_them(project, tmp_path):
+    params = write_params(tmp_path / "params.yaml", {"features.representation": "rgb_patch", "features.patch_size": 3,
+                                                     "t_steps": [50]})
+    result = run_stage("extract", "--params", params, "--t", 50, "--data", project["data"],
+                       "--checkpoint", project["checkpoint"], "--out", tmp_path / "t50.zarr")
+    assert result.returncode == 0, result.stderr
+    store = zarr.open_group(tmp_path / "t50.zarr", mode="r")
+    record = store.attrs["record"]
+    assert record["representation"] == "rgb_patch3" and record["feature_dim"] == 27
+    first = list_examples(project["data"], Split.TEST)[0]
+    expected = rgb_maps(to_model_input(np.array(read_rgb(first.image_path))[None]), 3)[0].flatten(1).T.half().numpy()
+    np.testing.assert_array_equal(store["test/features"][: 32 * 32], expected)
+    paths = {**project, "stores": tmp_path / "t{t}.zarr"}
+    result = run_stage("fit", "--params", params, "--stores", paths["stores"], "--out", tmp_path / "e.pt",
+                       "--curves", tmp_path / "curves")
+    assert result.returncode == 0, result.stderr
+    assert 0 <= evaluate(paths, params, tmp_path / "e.pt", tmp_path)["miou"] <= 1
+    with pytest.raises(ConfigError, match="segment runs the method's features only"):
+        Segmenter.load(params, project["checkpoint"], tmp_path / "e.pt").predict([read_rgb(first.image_path)])
+    # the DDPM's stores are refused under rgb_patch params: the record names what made them
+    result = run_stage("fit", "--params", params, "--stores", project["stores"], "--out", tmp_path / "x.pt",
+                       "--curves", tmp_path / "curves2")
+    assert result.returncode != 0 and "representation='ddpm'" in result.stderr
+
+
+def test_kmeans_stage_saves_one_map_figure_per_image(project, tmp_path):
+    result = run_stage("kmeans", "--params", project["params"], "--checkpoint", project["checkpoint"],
+                       "--data", project["data"], "--out", tmp_path / "kmeans")
+    assert result.returncode == 0, result.stderr
+    stems = [e.stem for e in list_examples(project["data"], Split.TEST)[:2]]
+    assert sorted(p.name for p in (tmp_path / "kmeans").iterdir()) == sorted(f"{s}.png" for s in stems)
+    assert Image.open(tmp_path / "kmeans" / f"{stems[0]}.png").size[0] > 3 * 100  # the image and 2 maps
+
+
+def test_experiment_rows_read_dvc_exp_show_json():
+    exp_show = json.loads((FIXTURES / "exp_show.json").read_text())
+    rows = experiment_rows(exp_show, ["bl-rgb", "bl-ddpm", "absent"])
+    assert set(rows) == {"bl-rgb", "bl-ddpm"}
+    assert rows["bl-rgb"]["params"]["features"]["representation"] == "rgb"
+    assert 0 < rows["bl-rgb"]["metrics"]["metrics/eval.json"]["miou"] < rows["bl-ddpm"]["metrics"]["metrics/eval.json"]["miou"]
+
+
+def test_report_builds_from_recorded_runs(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURES / "results", results)
+    kmeans_maps = tmp_path / "kmeans"
+    kmeans_maps.mkdir()
+    Image.new("RGB", (40, 20)).save(kmeans_maps / "test_00000.png")
+    text = build_report(results, tmp_path / "report" / "report.md", kmeans_maps)
+    assert (tmp_path / "report" / "report.md").read_text() == text
+    for heading in ("## Baselines", "## Sample efficiency", "## Noise variants", "## Corruption robustness",
+                    "## K-means", "## Run times"):
+        assert heading in text
+    assert "No recorded runs" not in text
+    for figure in ("sample_efficiency.png", "robustness.png", "kmeans/test_00000.png"):
+        assert (tmp_path / "report" / figure).is_file() and f"]({figure})" in text
+    recorded = json.loads((results / "baselines.json").read_text())["experiments"]["bl-rgb"]
+    assert f"{recorded['metrics']['metrics/eval.json']['miou']:.3f}" in text  # the table's numbers are the runs'
+    summary = sample_efficiency_table(json.loads((results / "sample_efficiency.json").read_text()))
+    assert list(summary["images"]) == sorted(summary["images"]) and (summary["seeds"] >= 1).all()
