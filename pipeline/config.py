@@ -28,6 +28,13 @@ class UpsampleMode(str, enum.Enum):
     NEAREST = "nearest"
 
 
+class StoreLayout(str, enum.Enum):
+    """``features.layout``: what a feature store keeps on disk (pipeline/store.py)."""
+
+    PIXELS = "pixels"  # the upsampled [pixels, D] float16 matrix, as the paper's code holds it
+    NATIVE = "native"  # each block's map at the resolution the UNet made it, upsampled when read
+
+
 class NonSquarePolicy(str, enum.Enum):
     ERROR = "error"
     CENTER_CROP = "center_crop"
@@ -188,6 +195,10 @@ class FeaturesConfig:
     tls_ca_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    # The decoder blocks the stores hold (blocks must be among them): null = ddpm.preset's blocks, not
+    # `blocks`, so extract depends on this key and never on `blocks` and a blocks sweep within it only refits.
+    store_blocks: tuple[int, ...] | None = None
+    layout: StoreLayout = StoreLayout.PIXELS
 
     def tls_files(self) -> dict[str, str] | None:
         """dask ``Security`` arguments for a tls:// scheduler, else None."""
@@ -378,6 +389,7 @@ def _validate(params: Params) -> None:
                           "or null for the blocks of ddpm.preset")
     if len(set(params.blocks)) != len(params.blocks):
         raise ConfigError(f"blocks {list(params.blocks)} repeats a block")
+    _validate_store_blocks(params)
     for key in ("image_size", "num_classes", "train_images", "test_images"):
         positive(f"dataset.{key}", getattr(dataset, key))
     if dataset.val_images < 0:
@@ -438,6 +450,20 @@ def _validate(params: Params) -> None:
         positive(f"evaluate.{key}", getattr(params.evaluate, key))
     _validate_numbers_and_devices(params)
     _build_unet_on_meta(params.unet_config())  # the flags build a network, so prepare rejects what pretrain would crash on
+
+
+def _validate_store_blocks(params: Params) -> None:
+    stored = params.features.store_blocks
+    if not stored or len(set(stored)) != len(stored):
+        raise ConfigError(f"features.store_blocks {list(stored)} must list decoder blocks, each once, or be null "
+                          f"(the blocks of ddpm.preset)")
+    missing = [block for block in params.blocks if block not in stored]
+    if missing:
+        raise ConfigError(
+            f"blocks {list(params.blocks)} asks for block(s) {missing} that features.store_blocks {list(stored)} "
+            f"does not store; set features.store_blocks to a list holding them, e.g. "
+            f"{sorted(set(stored) | set(params.blocks))} (the extract stages rerun), or choose blocks within "
+            f"{list(stored)}")
 
 
 # Levels the codecs take (numcodecs' Blosc and zlib: 0..9, where 0 stores uncompressed: use codec: none for that).
@@ -505,6 +531,9 @@ def params_from_dict(data: dict, source: str = "params") -> Params:
         params = dataclasses.replace(params, dataset=params.dataset.resolved())
         if params.blocks is None:  # blocks: null = the model preset's blocks
             params = dataclasses.replace(params, blocks=params.ddpm.preset_blocks())
+        if params.features.store_blocks is None:  # store_blocks: null = the model preset's blocks too
+            params = dataclasses.replace(params, features=dataclasses.replace(
+                params.features, store_blocks=params.ddpm.preset_blocks()))
         _validate(params)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None

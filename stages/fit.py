@@ -12,7 +12,7 @@ from pipeline.config import load_params
 from pipeline.ensemble import EpochStats, fit_ensemble, member_passes
 from pipeline.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, save_torch_atomic, stage_main
-from pipeline.store import expected_record, lazy_matrix, open_store, set_aside_unused_stores
+from pipeline.store import lazy_matrix, open_store, params_record, set_aside_unused_stores
 
 
 @stage_main
@@ -28,8 +28,8 @@ def main() -> None:
         torch.set_num_threads(params.ensemble.threads)
     for moved in set_aside_unused_stores(args.stores, params.t_steps):
         print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
-    stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
-    matrix, labels = lazy_matrix(stores, "train")
+    stores = [open_store(args.stores.format(t=t), params_record(params, t)) for t in params.t_steps]
+    matrix, labels = lazy_matrix(stores, "train", params.blocks)
     print(f"fit: {matrix.shape[0]} pixels x {matrix.shape[1]} features from {len(stores)} stores, "
           f"{params.ensemble.members} members")
     start = time.perf_counter()
