@@ -7,7 +7,7 @@ loudly instead of being ignored. The defaults here are the ones params.yaml list
 equal); ``null`` in params.yaml means "the preset's value".
 
 No torch and no network code is imported here: checks that need torch (the UNet builds, the device
-exists) run in ``pipeline.runtime.load_stage_params``.
+exists) run in ``pipeline.runtime.stage_params``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from pipeline.enums import (Autocast, Codec, Corruption, LossWeighting, LrSchedule, ModelPreset, NoiseSchedule,
-                            NonSquarePolicy, Representation, Stopping, UpsampleMode)
+                            NonSquarePolicy, Representation, Stopping, StoreLayout, UpsampleMode)
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
 from pipeline.model_flags import DIFFUSION_FLAGS, UNetConfig, config_from_flags
 from pipeline.presets import MODEL_PRESETS, PRESETS
@@ -27,7 +27,7 @@ from pipeline.schedule import betas_for_schedule
 
 __all__ = ["Autocast", "Codec", "ConfigError", "Corruption", "DatasetConfig", "DDPMConfig", "EnsembleConfig", "EvaluateConfig",
            "FeaturesConfig", "LossWeighting", "LrSchedule", "ModelFlags", "ModelPreset", "NoiseSchedule",
-           "NonSquarePolicy", "Params", "Representation", "RuntimeConfig", "Stopping", "TrainConfig", "UpsampleMode", "load_params",
+           "NonSquarePolicy", "Params", "Representation", "RuntimeConfig", "Stopping", "StoreLayout", "TrainConfig", "UpsampleMode", "load_params",
            "params_from_dict"]
 
 BUILTIN_DATASET = "digits"
@@ -201,6 +201,10 @@ class FeaturesConfig(Section):
     # The features of noise_draws noise draws, averaged (the paper's noise variants; 1 = one draw). Draw j uses
     # seed noise_seed + j, shared by all images, or per image with stochastic_noise.
     noise_draws: Annotated[StrictInt, Field(ge=1, description="1 = one noise draw")] = 1
+    # The decoder blocks the stores hold (blocks must be among them): null = ddpm.preset's blocks, not
+    # `blocks`, so extract depends on this key and never on `blocks` and a blocks sweep within it only refits.
+    store_blocks: Optional[IntList] = None
+    layout: Choice[StoreLayout] = StoreLayout.PIXELS
 
     def representation_id(self) -> str:
         """What a store records as its representation: ``ddpm``, ``rgb`` or ``rgb_patch<k>``."""
@@ -432,6 +436,7 @@ def _validate(params: Params) -> None:
                           "or null for the blocks of ddpm.preset")
     if len(set(params.blocks)) != len(params.blocks):
         raise ConfigError(f"blocks {list(params.blocks)} repeats a block")
+    _validate_store_blocks(params)
     if dataset.num_classes > MAX_CLASSES:
         raise ConfigError(f"dataset.num_classes={dataset.num_classes}: masks, labels and predictions are uint8 and keep "
                           f"one value for the ignore label, so at most {MAX_CLASSES} classes fit; merge classes")
@@ -460,7 +465,24 @@ def _validate(params: Params) -> None:
                           f"dataset.train_images={dataset.train_images}]")
     check_timesteps(params.kmeans.t_steps, params.ddpm.diffusion_steps)
     _validate_tls(features)
-    params.unet_config()  # the flags parse (torch-free); whether they build a UNet: runtime.load_stage_params
+    params.unet_config()  # the flags parse (torch-free); whether they build a UNet: runtime.stage_params
+
+
+def _validate_store_blocks(params: Params) -> None:
+    stored, features = params.features.store_blocks, params.features
+    if not stored or len(set(stored)) != len(stored):
+        raise ConfigError(f"features.store_blocks {list(stored)} must list decoder blocks, each once, or be null "
+                          f"(the blocks of ddpm.preset)")
+    missing = [block for block in params.blocks if block not in stored]
+    if missing:
+        raise ConfigError(
+            f"blocks {list(params.blocks)} asks for block(s) {missing} that features.store_blocks {list(stored)} "
+            f"does not store; set features.store_blocks to a list holding them, e.g. "
+            f"{sorted(set(stored) | set(params.blocks))} (the extract stages rerun), or choose blocks within "
+            f"{list(stored)}")
+    if features.layout is StoreLayout.NATIVE and features.representation is not Representation.DDPM:
+        raise ConfigError(f"features.layout=native keeps decoder maps, but features.representation="
+                          f"{features.representation.value} stores pixel colours; use features.layout: pixels for it")
 
 
 def _validate_tls(features: FeaturesConfig) -> None:
@@ -484,6 +506,9 @@ def params_from_dict(data: dict, source: str = "params") -> Params:
         params = params.model_copy(update={"dataset": params.dataset.resolved()})
         if params.blocks is None:  # blocks: null = the model preset's blocks
             params = params.model_copy(update={"blocks": params.ddpm.preset_blocks()})
+        if params.features.store_blocks is None:  # store_blocks: null = the model preset's blocks too
+            params = params.model_copy(update={"features": params.features.model_copy(
+                update={"store_blocks": params.ddpm.preset_blocks()})})
         _validate(params)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None

@@ -13,6 +13,9 @@ def _choice(name: str, key: str, *values: str) -> type[enum.Enum]:
 
 # How decoder maps reach the image's resolution.
 UpsampleMode = _choice("UpsampleMode", "features.upsample", "bilinear", "nearest")
+# What a feature store keeps on disk (pipeline/store.py): pixels = the upsampled [pixels, D] float16 matrix,
+# as the paper's code holds it; native = each block's map at the resolution the UNet made it, upsampled when read.
+StoreLayout = _choice("StoreLayout", "features.layout", "pixels", "native")
 NonSquarePolicy = _choice("NonSquarePolicy", "dataset.non_square", "error", "center_crop")
 # Model flags and default blocks of pipeline/presets.py MODEL_PRESETS: the built-in 32-channel UNet for the
 # digits (image_size = dataset.image_size); the paper's 256x256 guided-diffusion checkpoints (lsun_*.pt, ffhq.pt).

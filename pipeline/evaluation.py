@@ -67,8 +67,10 @@ def vote(model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: tor
 
 
 def predict_split(model: EnsembleMLP, stores: Sequence[FeatureStore], split: str, *, batch_pixels: int,
-                  device: torch.device, precision: Autocast = Autocast.NONE) -> SplitPrediction:
-    matrix, labels = lazy_matrix(stores, split)
+                  device: torch.device, precision: Autocast = Autocast.NONE,
+                  blocks: Sequence[int] | None = None) -> SplitPrediction:
+    """The ensemble's vote on ``split`` of the stores (``blocks`` of each; None = all they hold)."""
+    matrix, labels = lazy_matrix(stores, split, blocks)
     prediction, disagreement = vote(model, matrix, batch_pixels=batch_pixels, device=device, precision=precision)
     size = int(round(stores[0].pixels_per_image(split) ** 0.5))
     return SplitPrediction(stores[0].image_ids(split), size, labels.compute(), prediction, disagreement)

@@ -20,7 +20,7 @@ import torch
 from pipeline.data import read_rgb, to_model_input
 from pipeline.diffusion import Diffusion
 from pipeline.errors import ConfigError
-from pipeline.features import feature_dim, images_per_batch, iter_pixel_features, make_noise
+from pipeline.features import feature_dim, images_per_batch, iter_block_maps, iter_pixel_features, make_noise
 from pipeline.runtime import AUTOCAST_DTYPES, pick_device
 from pipeline.store import StoreWriter, background_writes
 from pipeline.train_ddpm import load_checkpoint
@@ -34,7 +34,7 @@ class ExtractJob:
     checkpoint: str
     store: str  # the final store path or URL; workers write into its staging location (pipeline.store.staging)
     t: int
-    blocks: tuple[int, ...]
+    blocks: tuple[int, ...]  # the blocks the store holds (features.store_blocks)
     upsample: str
     noise_seed: int
     stochastic_noise: bool
@@ -46,6 +46,7 @@ class ExtractJob:
     representation: str = "ddpm"  # features.representation: ddpm, rgb or rgb_patch (patch_size)
     patch_size: int = 1
     noise_draws: int = 1
+    layout: str = "pixels"  # pipeline.config.StoreLayout's value: what the writer is given per image
 
 
 def noise_for(seed: int, split: str, index: int, t: int, image_size: int) -> torch.Tensor:
@@ -114,14 +115,19 @@ def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Ca
                 x0 = x0.pin_memory()
             yield batch, x0.to(device, non_blocking=True), noise.to(device)
 
-    features = iter_pixel_features(model, diffusion, batches(), t_steps=[job.t], blocks=job.blocks,
-                                   upsample=job.upsample, autocast_dtype=AUTOCAST_DTYPES[job.autocast],
-                                   name_of=lambda index: f"{split} image {images[index]}",
-                                   representation=job.representation, patch_size=job.patch_size)
+    options = {"blocks": job.blocks, "autocast_dtype": AUTOCAST_DTYPES[job.autocast],
+               "name_of": lambda index: f"{split} image {images[index]}"}
+    if job.layout == "native":  # each block's maps as the UNet made them (features.representation ddpm); readers upsample
+        features = ((index, [block.numpy() for block in maps])
+                    for index, maps in iter_block_maps(model, diffusion, batches(), t=job.t, **options))
+    else:
+        features = ((index, rows.numpy()) for index, rows in
+                    iter_pixel_features(model, diffusion, batches(), t_steps=[job.t], upsample=job.upsample,
+                                        representation=job.representation, patch_size=job.patch_size, **options))
     written = 0
     with background_writes(writer) as submit:
-        for index, rows in features:
-            submit(split, index, rows.numpy(), np.load(masks[index]).reshape(-1))
+        for index, values in features:
+            submit(split, index, values, np.load(masks[index]).reshape(-1))
             written += 1
             if on_image is not None:
                 on_image()

@@ -7,6 +7,7 @@ pixels.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -70,6 +71,49 @@ def upsample_concat(activations: Sequence[torch.Tensor], size: int, mode: Upsamp
     return torch.cat([F.interpolate(a.float(), size=(size, size), mode=mode.value, **options) for a in activations], dim=1)
 
 
+@functools.lru_cache(maxsize=64)
+def interpolation_weights(size_in: int, size_out: int, mode: UpsampleMode | str) -> torch.Tensor:
+    """``[size_out, size_in] float32``: 1-D resampling as ``upsample_concat`` does it along one axis (for
+    bilinear, linear with align_corners=False), so that 2-D upsampling is ``W @ map @ W.T``. Built by
+    resampling the identity with ``F.interpolate`` itself."""
+    mode = UpsampleMode(mode)
+    options = {"mode": "linear", "align_corners": False} if mode is UpsampleMode.BILINEAR else {"mode": "nearest"}
+    impulses = torch.eye(size_in).unsqueeze(1)  # [size_in, 1, size_in]: one unit impulse per input position
+    return F.interpolate(impulses, size=size_out, **options)[:, 0, :].T.contiguous()
+
+
+def upsample_rows(maps: Sequence[torch.Tensor], size: int, first_row: int, stop_row: int,
+                  mode: UpsampleMode | str) -> torch.Tensor:
+    """Rows ``first_row:stop_row`` of ``upsample_concat`` of one image, as pixel rows ``[(stop-first)*size,
+    sum C_i] float32``: ``maps`` are ``[C_i, h_i, w_i]``. Only the needed output rows are computed (separable
+    weights), so a reader can make a chunk of rows without upsampling the whole image. Equal to
+    ``upsample_concat`` up to float32 rounding (the sums run in another order)."""
+    parts = []
+    for block in maps:
+        rows = interpolation_weights(block.shape[-2], size, mode)[first_row:stop_row]
+        columns = interpolation_weights(block.shape[-1], size, mode)
+        strip = torch.matmul(torch.matmul(rows, block.float()), columns.T)  # [C, stop-first, size]
+        parts.append(strip.permute(1, 2, 0).reshape(-1, block.shape[0]))
+    return torch.cat(parts, dim=1)
+
+
+def decoder_activations(
+    model: UNetModel,
+    diffusion: Diffusion,
+    x0: torch.Tensor,
+    t: int,
+    blocks: Sequence[int],
+    noise: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """The maps ``[N, C_b, h_b, w_b]`` of decoder blocks ``blocks`` for ``x0`` noised to step ``t``."""
+    timesteps = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+    noisy = diffusion.q_sample(x0, timesteps, noise.to(x0.device))
+    with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        _, activations = model(noisy, diffusion.model_timesteps(timesteps), return_blocks=list(blocks))
+    return activations
+
+
 @torch.no_grad()
 def feature_maps(
     model: UNetModel,
@@ -98,10 +142,7 @@ def feature_maps(
     feature_dim(model, blocks)  # validates block indices with a readable error
     maps = []
     for t in t_steps:
-        timesteps = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-        noisy = diffusion.q_sample(x0, timesteps, noise.to(x0.device))
-        with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            _, activations = model(noisy, diffusion.model_timesteps(timesteps), return_blocks=list(blocks))
+        activations = decoder_activations(model, diffusion, x0, t, blocks, noise, autocast_dtype)
         maps.append(upsample_concat(activations, x0.shape[-1], upsample))
     return torch.cat(maps, dim=1)
 
@@ -154,6 +195,36 @@ def iter_pixel_features(
         rows = maps.permute(0, 2, 3, 1).reshape(maps.shape[0], -1, maps.shape[1]).to(torch.float16).cpu()
         for position, index in enumerate(indices):
             yield index, rows[position]
+
+
+@torch.no_grad()
+def iter_block_maps(
+    model: UNetModel,
+    diffusion: Diffusion,
+    batches: Iterator[tuple[list[int], torch.Tensor, torch.Tensor]],
+    *,
+    t: int,
+    blocks: Sequence[int],
+    autocast_dtype: torch.dtype | None = None,
+    name_of: Callable[[int], str] = lambda index: f"image {index}",
+) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """The native layout's counterpart of ``iter_pixel_features``: image by image, ``(index, [C_b, h_b, w_b]
+    float16 on the CPU for each block)``, the maps at the resolution the UNet made them (noise as there). Checked as there
+    (upsampling only averages values, so a map within float16's range stays within it)."""
+    check_timesteps([t], diffusion.num_timesteps)
+    feature_dim(model, blocks)
+    for indices, x0, noise in batches:
+        draws = noise if noise.dim() == 5 else noise[None]  # features.noise_draws: the mean of the draws' maps
+        activations = None
+        for draw in draws:
+            maps = decoder_activations(model, diffusion, x0, t, blocks, draw, autocast_dtype)
+            activations = maps if activations is None else [total.add_(one) for total, one in zip(activations, maps)]
+        activations = [total.div_(len(draws)) for total in activations]
+        for block in activations:
+            check_feature_values(block, indices, [t], name_of)
+        maps = [block.to(torch.float16).cpu() for block in activations]
+        for position, index in enumerate(indices):
+            yield index, [block[position] for block in maps]
 
 
 FLOAT16_MAX = 65504.0  # the largest finite float16: stores keep features as float16

@@ -2,11 +2,20 @@
 
 Layout of ``features/t<t>.zarr``::
 
-    attrs: format, record (what made it: t, blocks, upsample, noise seed, checkpoint hash, ...), complete
-    <split>/features  [N*H*W, D_t] float16 (split: train, val, test; val may hold no images), chunks (rows_per_chunk, D_t), Blosc/zstd + bit-shuffle
+    attrs: format, record (what made it: t, blocks, their channels and map sizes, layout, upsample, noise seed,
+           checkpoint hash, ...), complete
+    <split>/features  [N*H*W, D_t] float16 (layout pixels; split: train, val, test; val may hold no images),
+                      chunks (rows_per_chunk, D_t), Blosc/zstd + bit-shuffle
+    <split>/block<b>  [N, C_b, h_b, w_b] float16 (layout native: block b's map as the UNet made it, one per
+                      stored block), chunks (1, C_b, h_b, w_b), same codecs
     <split>/labels    [N*H*W] uint8, chunks (rows_per_chunk,)  (255 = ignore)
     <split>/done      [N] uint8, chunks (1,): 1 once image i's rows are written
     <split> attrs: image_ids (stems, in row order), pixels_per_image
+
+Either layout reads back as the same lazy ``[N*H*W, D]`` float16 matrix (``FeatureStore.features``): a
+native store upsamples each row-chunk when it is read (``pipeline.features.upsample_rows``), which equals
+the pixels layout to float16 rounding of the maps. A store may hold more blocks than an experiment uses;
+readers select ``blocks`` among the record's.
 
 ``rows_per_chunk`` divides H*W, so each image owns whole chunks and concurrent writers never share one.
 A store's location is a local path (``file://`` URLs count as local) or an fsspec URL such as
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import math
 import shutil
@@ -33,17 +43,18 @@ from typing import Any, Callable, Iterator, Sequence
 import dask.array as da
 import fsspec
 import numpy as np
+import torch
 import zarr
 import zarr.codecs
 from zarr.core.sync import sync
 
 from pipeline.errors import NumericsError, PipelineError, StoreError
+from pipeline.features import upsample_rows
 from pipeline.runtime import replace_dir
 
 FORMAT = "ddpm-segmentation-features/1"
 SPLITS = ("train", "val", "test")
-CHECKED_ARRAYS = ("features", "labels")
-
+LAYOUTS = ("pixels", "native")
 
 
 @dataclass(frozen=True)
@@ -65,17 +76,58 @@ class StoreRecord:
     # existed hold one draw of the DDPM's features.
     representation: str = "ddpm"
     noise_draws: int = 1
+    layout: str = "pixels"  # pipeline.config.StoreLayout's value
+    # Per stored block (in ``blocks`` order): its channels, i.e. its columns' width in the matrix, and the side
+    # of its map. () = not recorded (stores made before them): only the whole matrix can be read then.
+    block_channels: tuple[int, ...] = ()
+    block_sizes: tuple[int, ...] = ()
 
     def to_attrs(self) -> dict[str, Any]:
         out = asdict(self)
-        out["blocks"] = list(self.blocks)
+        for name in TUPLE_FIELDS:
+            out[name] = list(out[name])
         return out
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> "StoreRecord":
         values = {f.name: attrs[f.name] if f.default is MISSING else attrs.get(f.name, f.default) for f in fields(cls)}
-        values["blocks"] = tuple(values["blocks"])
+        for name in TUPLE_FIELDS:
+            values[name] = tuple(values[name])
         return cls(**values)
+
+    def columns(self) -> dict[int, tuple[int, int]]:
+        """Each stored block's column range ``(start, stop)`` in this store's ``[pixels, feature_dim]`` matrix."""
+        stops = np.cumsum(self.block_channels, dtype=np.int64)
+        return {block: (int(stop) - width, int(stop)) for block, width, stop in zip(self.blocks, self.block_channels, stops)}
+
+
+TUPLE_FIELDS = ("blocks", "block_channels", "block_sizes")
+
+
+def params_record(params, t: int) -> dict[str, Any]:
+    """The record fields that ``params`` (a ``pipeline.config.Params``) set for the store of step ``t``: the
+    writer makes its record from them (``StoreRecord(**params_record(params, t), ...)``), and a reader
+    demands exactly them of a store it opens, so the two can never disagree about what a store must be."""
+    features = params.features
+    return {"t": t, "blocks": tuple(features.store_blocks), "upsample": features.upsample.value,
+            "noise_seed": features.noise_seed, "stochastic_noise": features.stochastic_noise,
+            "image_size": params.dataset.image_size, "layout": features.layout.value,
+            "representation": features.representation_id(), "noise_draws": features.noise_draws}
+
+
+def check_blocks_stored(record: StoreRecord, blocks: Sequence[int], path: "Location") -> None:
+    """``StoreError`` naming both lists when ``blocks`` are not all among the blocks the store holds."""
+    if record.representation != "ddpm":  # an RGB baseline's columns are pixels, not blocks: read whole
+        return
+    missing = [block for block in blocks if block not in record.blocks]
+    if missing:
+        raise StoreError(
+            f"feature store {path} holds blocks {list(record.blocks)} (features.store_blocks) but blocks "
+            f"{list(blocks)} asks for {missing} too; choose blocks within {list(record.blocks)}, or set "
+            f"features.store_blocks to {sorted(set(record.blocks) | set(blocks))} and rerun `dvc repro` (re-extracts)")
+    if tuple(blocks) != record.blocks and not record.block_channels:
+        raise StoreError(f"feature store {path} does not record its blocks' channels (an older store), so blocks "
+                         f"{list(blocks)} cannot be selected from its {list(record.blocks)}; rerun its extract stage")
 
 
 Location = Path | str  # a local path, or an fsspec URL of a store on another filesystem
@@ -178,6 +230,7 @@ class StoreWriter:
         self.path = path
         self.partial = staging(path)
         self.group = group
+        self.record = StoreRecord.from_attrs(dict(group.attrs["record"]))
 
     @classmethod
     def reopen(cls, path: str | Path) -> "StoreWriter":
@@ -192,13 +245,24 @@ class StoreWriter:
     def image_ids(self, split: str) -> list[str]:
         return list(self.group[split].attrs["image_ids"])
 
-    def write(self, split: str, index: int, features: np.ndarray, labels: np.ndarray) -> None:
-        """Write image ``index``: ``features [H*W, D] float16``, ``labels [H*W] uint8``; then mark it done."""
+    def write(self, split: str, index: int, features: np.ndarray | Sequence[np.ndarray], labels: np.ndarray) -> None:
+        """Write image ``index``, then mark it done. ``features``: layout pixels, the rows ``[H*W, D] float16``;
+        layout native, one map ``[C_b, h_b, w_b] float16`` per stored block, in the record's block order.
+        ``labels [H*W] uint8``."""
         pixels = int(self.group[split].attrs["pixels_per_image"])
         rows = slice(index * pixels, (index + 1) * pixels)
+        if self.record.layout == "native":
+            if len(features) != len(self.record.blocks):
+                raise StoreError(f"{self.partial}: {len(features)} maps for the {len(self.record.blocks)} stored "
+                                 f"blocks {list(self.record.blocks)}")
+            checked = [self._as_float16(block, split, index) for block in features]  # all checked before any write
+            arrays = {f"block{block}": (index, maps) for block, maps in zip(self.record.blocks, checked)}
+        else:
+            arrays = {"features": (rows, self._as_float16(features, split, index))}
+        arrays["labels"] = (rows, np.asarray(labels, dtype=np.uint8).reshape(-1))
         with zarr.config.set({"array.write_empty_chunks": True}):  # a runtime setting, taken when an array is opened
-            self.group[f"{split}/features"][rows] = self._as_float16(features, split, index)
-            self.group[f"{split}/labels"][rows] = np.asarray(labels, dtype=np.uint8).reshape(-1)
+            for name, (where, values) in arrays.items():
+                self.group[f"{split}/{name}"][where] = values
         self.group[f"{split}/done"][index] = 1
 
     def _as_float16(self, features: np.ndarray, split: str, index: int) -> np.ndarray:
@@ -309,14 +373,23 @@ def create_or_resume(
         "format": FORMAT, "record": record.to_attrs(), "complete": False, "all_chunks_stored": True})
     chunk_rows = rows_per_chunk(chunk_pixels, pixels)
     compressors = make_compressors(codec, clevel)
+    if record.layout not in LAYOUTS:
+        raise StoreError(f"store layout {record.layout!r} is not one of {list(LAYOUTS)}")
+    if record.layout == "native" and not (len(record.block_channels) == len(record.block_sizes) == len(record.blocks)):
+        raise StoreError(f"a native store needs every stored block's channels and map size; record {record}")
     for split, ids in image_ids.items():
         sub = group.create_group(split)
         sub.attrs.update({"image_ids": list(ids), "pixels_per_image": pixels})
         rows = len(ids) * pixels
         # StoreWriter.write stores every chunk, even an all-zero one, so a chunk missing from a finished store is
         # damage (zarr would read it back as zeros); open_store checks.
-        sub.create_array("features", shape=(rows, record.feature_dim), chunks=(chunk_rows, record.feature_dim),
-                         dtype="float16", compressors=compressors, fill_value=0)
+        if record.layout == "native":
+            for block, channels, side in zip(record.blocks, record.block_channels, record.block_sizes):
+                sub.create_array(f"block{block}", shape=(len(ids), channels, side, side), chunks=(1, channels, side, side),
+                                 dtype="float16", compressors=compressors, fill_value=0)
+        else:
+            sub.create_array("features", shape=(rows, record.feature_dim), chunks=(chunk_rows, record.feature_dim),
+                             dtype="float16", compressors=compressors, fill_value=0)
         sub.create_array("labels", shape=(rows,), chunks=(chunk_rows,), dtype="uint8", compressors=compressors,
                          fill_value=0)
         sub.create_array("done", shape=(len(ids),), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
@@ -361,7 +434,7 @@ def check_chunks(group: zarr.Group, path: Location) -> None:
     if not group.attrs.get("all_chunks_stored"):
         return
     for split in group.group_keys():
-        for name in CHECKED_ARRAYS:
+        for name in sorted(set(group[split].array_keys()) - {"done"}):  # features or block<b>, and labels
             missing = missing_chunks(group[f"{split}/{name}"])
             if missing:
                 raise StoreError(f"feature store {path} is damaged: {len(missing)} chunk(s) of {split}/{name} are "
@@ -377,8 +450,21 @@ class FeatureStore:
         self.group = group
         self.record = StoreRecord.from_attrs(dict(group.attrs["record"]))
 
-    def features(self, split: str) -> da.Array:
-        return self._lazy(f"{split}/features")
+    def features(self, split: str, blocks: Sequence[int] | None = None) -> da.Array:
+        """The lazy ``[N*H*W, D] float16`` matrix of ``split``, of ``blocks`` (a subset of the stored blocks, in
+        any order; None = all stored ones), chunks of ``rows_per_chunk`` rows in either layout."""
+        blocks = self.record.blocks if blocks is None else tuple(blocks)
+        check_blocks_stored(self.record, blocks, self.path)
+        if self.record.layout == "native":
+            matrix = NativeMatrix(self, split, blocks)
+            return da.from_array(matrix, chunks=(self.group[f"{split}/labels"].chunks[0], matrix.shape[1]),
+                                 name=f"store-{self.path}-{split}-native-{'-'.join(map(str, blocks))}", lock=False,
+                                 asarray=True)
+        whole = self._lazy(f"{split}/features")
+        if blocks == self.record.blocks or self.record.representation != "ddpm":
+            return whole
+        columns = self.record.columns()
+        return da.concatenate([whole[:, slice(*columns[block])] for block in blocks], axis=1)
 
     def labels(self, split: str) -> da.Array:
         return self._lazy(f"{split}/labels")
@@ -393,6 +479,39 @@ class FeatureStore:
 
     def pixels_per_image(self, split: str) -> int:
         return int(self.group[split].attrs["pixels_per_image"])
+
+
+class NativeMatrix:
+    """A native store's split as the array-like ``[N*H*W, D] float16`` matrix that the pixels layout stores:
+    ``__getitem__`` reads the maps of the images a row range touches and upsamples only those rows. The last
+    images' maps stay decoded (a few MB each), since consecutive chunks usually come from one image."""
+
+    def __init__(self, store: FeatureStore, split: str, blocks: tuple[int, ...]):
+        self.store, self.split, self.blocks = store, split, blocks
+        self.arrays = [CheckedChunks(store.group[f"{split}/block{block}"], store.path, f"{split}/block{block}")
+                       for block in blocks]
+        self.size = store.record.image_size
+        self.pixels = store.pixels_per_image(split)
+        self.images = len(store.image_ids(split))
+        widths = dict(zip(store.record.blocks, store.record.block_channels))
+        self.shape = (self.images * self.pixels, sum(widths[block] for block in blocks))
+        self.dtype, self.ndim = np.dtype("float16"), 2
+        self.maps = functools.lru_cache(maxsize=2)(self._maps)
+
+    def _maps(self, image: int) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.asarray(array[image])) for array in self.arrays]
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        rows, columns = selection if isinstance(selection, tuple) else (selection, slice(None))
+        start, stop, step = rows.indices(self.shape[0]) if isinstance(rows, slice) else (int(rows), int(rows) + 1, 1)
+        parts = [np.zeros((0, self.shape[1]), np.float16)]
+        for image in range(start // self.pixels, -(-stop // self.pixels) if stop > start else 0):
+            first, last = max(start, image * self.pixels) - image * self.pixels, min(stop, (image + 1) * self.pixels) - image * self.pixels
+            top, bottom = first // self.size, -(-last // self.size)
+            strip = upsample_rows(self.maps(image), self.size, top, bottom, self.store.record.upsample)
+            parts.append(strip[first - top * self.size : last - top * self.size].to(torch.float16).numpy())
+        out = np.concatenate(parts)[::step]
+        return out[0][columns] if not isinstance(rows, slice) else out[:, columns]
 
 
 def open_store(path: str | Path, expected: dict[str, Any]) -> FeatureStore:
@@ -424,8 +543,10 @@ def open_store(path: str | Path, expected: dict[str, Any]) -> FeatureStore:
     return store
 
 
-def lazy_matrix(stores: Sequence[FeatureStore], split: str) -> tuple[da.Array, da.Array]:
-    """Per-step stores -> one lazy ``[pixels, sum D_t]`` float16 matrix (steps in the given order) and labels."""
+def lazy_matrix(stores: Sequence[FeatureStore], split: str,
+                blocks: Sequence[int] | None = None) -> tuple[da.Array, da.Array]:
+    """Per-step stores -> one lazy ``[pixels, sum D_t]`` float16 matrix (steps in the given order, ``blocks`` of
+    each: None = all the stores hold) and labels."""
     if not stores:
         raise StoreError("no feature stores given")
     first = stores[0]
@@ -434,7 +555,7 @@ def lazy_matrix(stores: Sequence[FeatureStore], split: str) -> tuple[da.Array, d
             raise StoreError(f"{store.path} and {first.path} hold different {split} images; rerun `dvc repro`")
         if store.record.checkpoint_sha256 != first.record.checkpoint_sha256:
             raise StoreError(f"{store.path} and {first.path} come from different checkpoints; rerun `dvc repro`")
-    matrix = da.concatenate([store.features(split) for store in stores], axis=1)
+    matrix = da.concatenate([store.features(split, blocks) for store in stores], axis=1)
     return matrix, first.labels(split)
 
 
@@ -467,11 +588,3 @@ def set_aside_unused_stores(pattern: str, t_steps: Sequence[int]) -> list[Path]:
             replace_dir(candidate, target)
             moved.append(target)
     return moved
-
-
-def expected_record(params, t: int) -> dict[str, Any]:
-    """The record fields a reader demands of the store for step ``t`` under ``params``."""
-    return {"t": t, "blocks": tuple(params.blocks), "upsample": params.features.upsample.value,
-            "noise_seed": params.features.noise_seed, "stochastic_noise": params.features.stochastic_noise,
-            "image_size": params.dataset.image_size, "representation": params.features.representation_id(),
-            "noise_draws": params.features.noise_draws}

@@ -11,7 +11,7 @@ from pipeline.evaluation import check_finite_metrics, predict_split, score
 from pipeline.metrics import label_counts
 from pipeline.report import confusion_rows, overlay, palette, per_class_table, write_csv_atomic, write_prediction
 from pipeline.runtime import building_dir, pick_device, stage_main, stage_params, write_json_atomic
-from pipeline.store import expected_record, open_store, set_aside_unused_stores
+from pipeline.store import open_store, params_record, set_aside_unused_stores
 
 
 @stage_main
@@ -33,7 +33,7 @@ def main() -> None:
     names = dataset.names()
     for moved in set_aside_unused_stores(args.stores, params.t_steps):
         print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
-    stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
+    stores = [open_store(args.stores.format(t=t), params_record(params, t)) for t in params.t_steps]
     model = load_ensemble(args.ensemble, params.t_steps, params.blocks, stores[0].record.checkpoint_sha256)
     device = pick_device(params.runtime.device)
     model.to(device)
@@ -42,7 +42,7 @@ def main() -> None:
         if not stores[0].image_ids(split.value):
             results[split] = None
             continue
-        result = predict_split(model, stores, split.value, batch_pixels=params.evaluate.batch_pixels, device=device,
+        result = predict_split(model, stores, split.value, blocks=params.blocks, batch_pixels=params.evaluate.batch_pixels, device=device,
                                 precision=params.ensemble.autocast)
         metrics = score(result.truth, result.prediction, names, dataset.ignore_label, result.disagreement,
                         result.image_size**2)

@@ -10,9 +10,10 @@ from tqdm import tqdm
 from pipeline.data import Split, list_examples
 from pipeline.errors import check_timesteps
 from pipeline.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
-from pipeline.features import representation_dim
+from pipeline.errors import ConfigError, ModelFlagsError
+from pipeline.features import feature_dim, representation_dim
 from pipeline.runtime import stage_main, stage_params
-from pipeline.store import StoreRecord, create_or_resume, file_sha256, inputs_sha256
+from pipeline.store import StoreRecord, create_or_resume, file_sha256, inputs_sha256, params_record
 from pipeline.train_ddpm import load_checkpoint
 
 
@@ -34,13 +35,22 @@ def main() -> None:
         model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)))
     check_timesteps([args.t], diffusion.num_timesteps)
     examples = {split.value: list_examples(args.data, split, allow_empty=split is Split.VAL) for split in Split}
-    record = StoreRecord(t=args.t, blocks=tuple(params.blocks), upsample=options.upsample.value,
-                         noise_seed=options.noise_seed, stochastic_noise=options.stochastic_noise,
-                         checkpoint_sha256=file_sha256(args.checkpoint), image_size=model.config.image_size,
-                         feature_dim=representation_dim(model, params.blocks, options.representation, options.patch_size),
+    blocks = options.store_blocks
+    shapes = model.decoder_block_shapes()
+    try:
+        feature_dim(model, blocks)
+    except ModelFlagsError as error:  # its message names `blocks`: say which key holds them here
+        raise ConfigError(f"features.store_blocks {list(blocks)} (null = ddpm.preset's blocks): {error}") from None
+    if model.config.image_size != params.dataset.image_size:
+        raise ConfigError(f"{args.checkpoint} is a model for {model.config.image_size} px images but "
+                          f"dataset.image_size={params.dataset.image_size}; make them equal")
+    ddpm = options.representation.value == "ddpm"  # the RGB baselines' columns are no decoder blocks
+    record = StoreRecord(**params_record(params, args.t), checkpoint_sha256=file_sha256(args.checkpoint),
+                         feature_dim=representation_dim(model, blocks, options.representation, options.patch_size),
+                         block_channels=tuple(shapes[b][0] for b in blocks) if ddpm else (),
+                         block_sizes=tuple(shapes[b][1] for b in blocks) if ddpm else (),
                          inputs_sha256=inputs_sha256({s: [(e.stem, e.image_path, e.mask_path) for e in ex]
-                                                      for s, ex in examples.items()}),
-                         representation=options.representation_id(), noise_draws=options.noise_draws)
+                                                      for s, ex in examples.items()}))
     del model
     where = (f"dask scheduler {options.scheduler}" if options.scheduler
              else f"{options.workers} dask workers" if options.workers else "in process")
@@ -48,12 +58,13 @@ def main() -> None:
         writer = create_or_resume(args.out, record, {s: [e.stem for e in ex] for s, ex in examples.items()},
                                   chunk_pixels=options.chunk_pixels, codec=options.codec.value, clevel=options.clevel)
         job = ExtractJob(
-            checkpoint=str(args.checkpoint), store=str(args.out), t=args.t, blocks=tuple(params.blocks),
+            checkpoint=str(args.checkpoint), store=str(args.out), t=args.t, blocks=tuple(blocks),
             upsample=options.upsample.value, noise_seed=options.noise_seed, stochastic_noise=options.stochastic_noise,
             batch_size=options.batch_size, autocast=options.autocast.value, device=params.runtime.device,
             image_paths={s: tuple(str(e.image_path) for e in ex) for s, ex in examples.items()},
             mask_paths={s: tuple(str(e.mask_path) for e in ex) for s, ex in examples.items()},
             representation=options.representation.value, patch_size=options.patch_size, noise_draws=options.noise_draws,
+            layout=options.layout.value,
         )
         pending = {split: writer.pending(split) for split in examples}
         start = time.perf_counter()

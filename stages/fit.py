@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.ensemble import EpochStats, fit_ensemble, image_rows, member_passes, save_ensemble, train_subset
 from pipeline.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params
-from pipeline.store import expected_record, lazy_matrix, open_store, set_aside_unused_stores
+from pipeline.store import lazy_matrix, open_store, params_record, set_aside_unused_stores
 
 
 @stage_main
@@ -23,8 +23,8 @@ def main() -> None:
     params = stage_params(args.params, one_thread=True)
     for moved in set_aside_unused_stores(args.stores, params.t_steps):
         print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
-    stores = [open_store(args.stores.format(t=t), expected_record(params, t)) for t in params.t_steps]
-    matrix, labels = lazy_matrix(stores, "train")
+    stores = [open_store(args.stores.format(t=t), params_record(params, t)) for t in params.t_steps]
+    matrix, labels = lazy_matrix(stores, "train", params.blocks)
     stems = stores[0].image_ids("train")
     chosen = train_subset(len(stems), params.ensemble.train_images, params.ensemble.train_subset_seed)
     if len(chosen) < len(stems):  # the sample-efficiency sweep: a seeded subset of the stored images

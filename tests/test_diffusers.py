@@ -155,7 +155,8 @@ def test_without_diffusers_the_error_says_how_to_install(tmp_path, monkeypatch):
 @pytest.mark.slow  # pretrain, extract, fit, evaluate and segment as subprocesses: ~35 s
 def test_pretrain_imports_a_folder_and_the_later_stages_do_not_care(tmp_path):
     saved_unet(tmp_path / "models" / "unet")
-    project = make_project(tmp_path, {"ddpm.checkpoint": str(tmp_path / "models" / "unet"), "blocks": [1, 3, 4]})
+    project = make_project(tmp_path, {"ddpm.checkpoint": str(tmp_path / "models" / "unet"), "blocks": [1, 3, 4],
+                                       "features.store_blocks": [1, 3, 4]})
     checkpoint = tmp_path / "imported.pt"
     result = run_stage("pretrain", "--params", project["params"], "--data", project["data"], "--out", checkpoint,
                        "--curves", tmp_path / "loss.csv")

@@ -81,6 +81,23 @@ def test_stages_on_s3_stores_give_what_local_stores_give(project, s3, tmp_path):
     assert all(torch.equal(remote_weights[key], local_weights[key]) for key in local_weights)
 
 
+def test_a_native_store_on_s3_from_a_dask_worker_is_the_local_one(project, s3, tmp_path):
+    native = {**SIZES, "features.layout": "native", "blocks": [3, 1]}
+    params = write_params(tmp_path / "p.yaml", native)
+    extract(project, params, 50, tmp_path / "t50.zarr")
+    on_cluster = write_params(tmp_path / "cluster.yaml", {**native, "features.workers": 1})
+    assert "(1 dask workers)" in extract(project, on_cluster, 50, f"{s3}/native/t50.zarr").stdout
+    remote, local = zarr.open_group(f"{s3}/native/t50.zarr", mode="r"), zarr.open_group(tmp_path / "t50.zarr", mode="r")
+    assert sorted(local["train"].array_keys()) == ["block0", "block1", "block2", "block3", "done", "labels"]
+    for split in ("train", "val", "test"):
+        for name in local[split].array_keys():
+            assert np.array_equal(remote[f"{split}/{name}"][:], local[f"{split}/{name}"][:]), (split, name)
+    assert dict(remote.attrs) == dict(local.attrs) and remote.attrs["complete"] is True
+    read = [open_store(where, {"layout": "native"}).features("test", [3, 1]).compute()
+            for where in (f"{s3}/native/t50.zarr", tmp_path / "t50.zarr")]
+    assert np.array_equal(*read) and read[0].shape == (4 * 32 * 32, 32 + 64)
+
+
 RECORD = StoreRecord(t=50, blocks=(1,), upsample="bilinear", noise_seed=0, stochastic_noise=False,
                      checkpoint_sha256="abc", image_size=4, feature_dim=3)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+import zarr
 from PIL import Image
 
 from pipeline.data import compose_digit_split, load_mnist_5k, split_digit_pools
@@ -278,6 +279,30 @@ def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
     assert dvc_status(root, env) == {}
 
 
+def test_changing_blocks_within_the_stored_blocks_reruns_no_extract_stage(reproduced):
+    root, env, *_ = reproduced
+    dvc = str(Path(sys.executable).parent / "dvc")
+    stored = zarr.open_group(root / "features" / "t50.zarr", mode="r").attrs["record"]
+    assert stored["blocks"] == [0, 1, 2, 3]  # store_blocks: null = the digits preset's blocks
+    channels = dict(zip(stored["blocks"], stored["block_channels"]))
+    fewer = run([dvc, "exp", "run", "-S", "blocks=[3,1]"], root, env)
+    assert stages_run(fewer) == ["fit", "evaluate", "segment"]  # segment computes its features from blocks itself
+    import torch
+
+    ensemble = torch.load(root / "ensemble" / "ensemble.pt", weights_only=True)
+    assert ensemble["blocks"] == [3, 1] and ensemble["dim"] == 3 * (channels[3] + channels[1])
+    assert json.loads((root / "metrics" / "eval.json").read_text())["images"] == 4
+    # Back to every stored block: again no extract stage, and the baseline's ensemble byte for byte.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump({**params, "blocks": None}, sort_keys=False))
+    back = run([dvc, "repro"], root, env)
+    assert "fit" in stages_run(back) and not [stage for stage in stages_run(back) if stage.startswith("extract")]
+    baseline = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, env=env, capture_output=True, text=True,
+                              check=True).stdout
+    assert yaml.safe_load(baseline)["stages"]["fit"]["outs"] == yaml.safe_load((root / "dvc.lock").read_text())["stages"]["fit"]["outs"]
+    assert dvc_status(root, env) == {}
+
+
 def test_stage_rejects_bad_params_with_a_clear_message(workspace):
     root, env = workspace
     bad = yaml.safe_load((root / "params.yaml").read_text())
@@ -314,7 +339,8 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
                 "dataset.num_classes=3", "dataset.train_images=2", "dataset.val_images=1", "dataset.test_images=2",
                 "ddpm.checkpoint=models/mini.pt", "ddpm.model.attention_resolutions=[16,8]",
                 "ddpm.model.num_head_channels=16", "ddpm.model.learn_sigma=true", "ddpm.model.dropout=0.1",
-                "blocks=[2,3,4,5,6]", "t_steps=[50,150,250]"]
+                "blocks=[2,3,4,5,6]", "features.store_blocks=[2,3,4,5,6]", "features.layout=native",
+                "t_steps=[50,150,250]"]
     output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
     assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate",
                                   "segment"]
@@ -328,3 +354,5 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
 
     checkpoint = torch.load(root / "checkpoints" / "ddpm.pt", weights_only=True)
     assert checkpoint["source"]["kind"] == "imported" and checkpoint["model_flags"]["learn_sigma"] is True
+    store = zarr.open_group(root / "features" / "t50.zarr", mode="r")  # the native layout, through DVC
+    assert store.attrs["record"]["layout"] == "native" and store["train/block2"].shape == (2, 64, 16, 16)

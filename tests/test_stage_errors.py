@@ -207,12 +207,13 @@ def test_prepare_converts_16_bit_palette_and_exif_rotated_images_and_says_so_onc
 
 
 def test_block_out_of_range(project, tmp_path):
-    params = write_params(tmp_path / "p.yaml", {"blocks": [1, 9]})
+    params = write_params(tmp_path / "p.yaml", {"blocks": [1, 9], "features.store_blocks": [1, 9]})
     out = tmp_path / "t50.zarr"
     result = run_stage("extract", "--params", params, "--t", 50, "--data", project["data"],
                        "--checkpoint", project["checkpoint"], "--out", out)
     assert result.returncode == 2
-    assert "blocks contains 9, but this model has decoder blocks 0..3" in result.stderr
+    assert "features.store_blocks [1, 9] (null = ddpm.preset's blocks): blocks contains 9, but this model has " \
+           "decoder blocks 0..3" in result.stderr
     assert not out.exists() and not out.with_name("t50.zarr.partial").exists()
 
 
