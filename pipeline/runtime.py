@@ -1,6 +1,7 @@
 """Effects at the edges: devices, threads, atomic writes, and turning bad input into exit code 2."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import functools
@@ -79,6 +80,13 @@ def check_device(name: str, key: str = "runtime.device") -> None:
     if device.type == "cuda" and (count == 0 or (device.index or 0) >= count):
         raise ConfigError(f"{key}={name!r}: this machine has {count} CUDA device(s); use auto, cpu"
                           f"{f' or cuda:0..{count - 1}' if count else ''}")
+
+
+def stage_parser(description: str | None) -> argparse.ArgumentParser:
+    """A stage's command line: its docstring as the help text, and ``--params`` (params.yaml by default)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    return parser
 
 
 def stage_params(path: str | Path, *, one_thread: bool = False) -> Params:

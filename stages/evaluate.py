@@ -2,7 +2,6 @@
 overlays and each test image's predicted mask and uncertainty map."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from pipeline.data import Split, list_examples, read_rgb
@@ -10,14 +9,13 @@ from pipeline.ensemble import load_ensemble
 from pipeline.evaluation import check_finite_metrics, predict_split, score
 from pipeline.metrics import label_counts
 from pipeline.report import confusion_rows, overlay, palette, per_class_table, write_csv_atomic, write_prediction
-from pipeline.runtime import building_dir, pick_device, stage_main, stage_params, write_json_atomic
+from pipeline.runtime import building_dir, pick_device, stage_main, stage_params, stage_parser, write_json_atomic
 from pipeline.store import open_store, params_record, set_aside_unused_stores
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--stores", required=True, help="store path or fsspec URL with {t}, e.g. features/t{t}.zarr")
     parser.add_argument("--ensemble", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (test images for overlays)")

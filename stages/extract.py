@@ -1,7 +1,6 @@
 """Stage extract@t: decoder features of every train/test image at one diffusion step, into a zarr store."""
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -12,15 +11,14 @@ from pipeline.errors import check_timesteps
 from pipeline.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
 from pipeline.errors import ConfigError, ModelFlagsError
 from pipeline.features import feature_dim, representation_dim
-from pipeline.runtime import stage_main, stage_params
+from pipeline.runtime import stage_main, stage_params, stage_parser
 from pipeline.store import StoreRecord, create_or_resume, file_sha256, inputs_sha256, params_record
 from pipeline.train_ddpm import load_checkpoint
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--t", type=int, required=True, help="diffusion step")
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset")
     parser.add_argument("--checkpoint", type=Path, required=True)

@@ -1,21 +1,19 @@
 """Stage fit: train the MLP ensemble on the train pixels streamed from the per-step feature stores."""
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 from pathlib import Path
 
 from pipeline.ensemble import EpochStats, fit_ensemble, image_rows, member_passes, save_ensemble, train_subset
 from pipeline.live import log_step, open_curves, write_curves
-from pipeline.runtime import pick_device, stage_main, stage_params
+from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 from pipeline.store import lazy_matrix, open_store, params_record, set_aside_unused_stores
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--stores", required=True, help="store path or fsspec URL with {t}, e.g. features/t{t}.zarr")
     parser.add_argument("--out", type=Path, required=True, help="ensemble file to write")
     parser.add_argument("--curves", type=Path, required=True, help="dvclive folder for the per-epoch loss curves")

@@ -3,7 +3,6 @@ one map per step in kmeans.t_steps and decoder block in kmeans.blocks, saved bes
 <stem>.png: the image, then a map per (t, block)) as the paper's figure of k = 5 clusters."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -13,13 +12,12 @@ from pipeline.data import Split, list_examples, read_rgb, to_model_input
 from pipeline.extraction import batch_noise, loaded_model, worker_device
 from pipeline.features import feature_maps
 from pipeline.kmeans import kmeans
-from pipeline.runtime import building_dir, stage_main, stage_params
+from pipeline.runtime import building_dir, stage_main, stage_params, stage_parser
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (its first test images)")
     parser.add_argument("--out", type=Path, required=True, help="folder of cluster-map figures, one per image")

@@ -1,18 +1,16 @@
 """Stage prepare: compose the built-in digits, or validate a dataset in the paper's layout, into --out."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from pipeline.config import BUILTIN_DATASET
 from pipeline.data import build_digits, prepare_folder
-from pipeline.runtime import building_dir, stage_main, stage_params, write_json_atomic
+from pipeline.runtime import building_dir, stage_main, stage_params, stage_parser, write_json_atomic
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder to write (paper layout)")
     args = parser.parse_args()
     dataset = stage_params(args.params).dataset  # every params problem, before anything is written

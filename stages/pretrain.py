@@ -1,7 +1,6 @@
 """Stage pretrain: train the DDPM on the unlabeled images, or import a guided-diffusion checkpoint."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -22,7 +21,7 @@ from pipeline.data import load_unlabeled
 from pipeline.diffusers_unet import import_diffusers_folder
 from pipeline.diffusion import Diffusion
 from pipeline.live import log_step, open_curves, write_curves
-from pipeline.runtime import pick_device, stage_main, stage_params
+from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 from pipeline.store import file_sha256
 from pipeline.train_ddpm import save_checkpoint, train_ddpm
 from pipeline.unet import create_unet, load_guided_diffusion
@@ -35,8 +34,7 @@ SCRATCH = "models/scratch"
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (its unlabeled/ folder)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
     parser.add_argument("--curves", type=Path, required=True, help="dvclive folder for the loss curves")

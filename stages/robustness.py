@@ -3,7 +3,6 @@ features made on the fly as extract makes them (features.representation included
 gives the baseline's numbers), voted on by the fitted ensemble and scored as evaluate scores."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -18,14 +17,13 @@ from pipeline.evaluation import score
 from pipeline.extraction import loaded_model, worker_device
 from pipeline.report import write_csv_atomic
 from pipeline.robustness import split_prediction
-from pipeline.runtime import atomic_file, pick_device, stage_main, stage_params, write_json_atomic
+from pipeline.runtime import atomic_file, pick_device, stage_main, stage_params, stage_parser, write_json_atomic
 from pipeline.store import file_sha256
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--ensemble", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (its test split is corrupted)")

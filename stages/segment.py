@@ -4,7 +4,6 @@
 reported at the end (exit code 2) and costs only its own outputs."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +15,7 @@ from pipeline.api import PreparedImage, Segmenter, prepare_image
 from pipeline.data import list_images
 from pipeline.errors import DatasetError, PipelineError
 from pipeline.report import palette, write_csv_atomic
-from pipeline.runtime import stage_main, stage_params
+from pipeline.runtime import stage_main, stage_params, stage_parser
 from pipeline.segment_outputs import summary_row, write_outputs
 
 
@@ -32,8 +31,7 @@ def readable(paths: list[Path], segmenter: Segmenter, bad: dict[Path, str]) -> I
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/ddpm.pt"))
     parser.add_argument("--ensemble", type=Path, default=Path("ensemble/ensemble.pt"))
     parser.add_argument("--images", type=Path, required=True, help="folder of .png/.jpg images to segment")
