@@ -106,7 +106,15 @@ def decoder_activations(
     noise: torch.Tensor,
     autocast_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
-    """The maps ``[N, C_b, h_b, w_b]`` of decoder blocks ``blocks`` for ``x0`` noised to step ``t``."""
+    """The maps ``[N, C_b, h_b, w_b]`` of decoder blocks ``blocks`` for ``x0`` noised to step ``t`` with
+    ``noise`` ``[1 or N, 3, H, W]``; or ``[draws, 1 or N, 3, H, W]``: then each block's mean over the draws, in
+    float32 (``features.noise_draws``)."""
+    if noise.dim() == 5:
+        total = None
+        for draw in noise:
+            maps = [block.float() for block in decoder_activations(model, diffusion, x0, t, blocks, draw, autocast_dtype)]
+            total = maps if total is None else [sum_.add_(block) for sum_, block in zip(total, maps)]
+        return [sum_.div_(noise.shape[0]) for sum_ in total]
     timesteps = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
     noisy = diffusion.q_sample(x0, timesteps, noise.to(x0.device))
     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -129,15 +137,8 @@ def feature_maps(
     """``x0`` ``[N, 3, H, W]`` in [-1, 1] -> ``[N, D, H, W] float32``, steps outer and blocks inner.
 
     ``noise`` is ``[1, 3, H, W]`` (shared by all images) or ``[N, 3, H, W]``; or ``[draws, 1 or N, 3, H, W]``:
-    then the mean of the draws' features (``features.noise_draws``).
+    then the mean of the draws' maps (``features.noise_draws``; ``decoder_activations``).
     """
-    if noise.dim() == 5:
-        total = None
-        for draw in noise:
-            maps = feature_maps(model, diffusion, x0, t_steps=t_steps, blocks=blocks, noise=draw, upsample=upsample,
-                                autocast_dtype=autocast_dtype)
-            total = maps if total is None else total.add_(maps)
-        return total.div_(noise.shape[0])
     check_timesteps(list(t_steps), diffusion.num_timesteps)
     feature_dim(model, blocks)  # validates block indices with a readable error
     maps = []
@@ -214,12 +215,7 @@ def iter_block_maps(
     check_timesteps([t], diffusion.num_timesteps)
     feature_dim(model, blocks)
     for indices, x0, noise in batches:
-        draws = noise if noise.dim() == 5 else noise[None]  # features.noise_draws: the mean of the draws' maps
-        activations = None
-        for draw in draws:
-            maps = decoder_activations(model, diffusion, x0, t, blocks, draw, autocast_dtype)
-            activations = maps if activations is None else [total.add_(one) for total, one in zip(activations, maps)]
-        activations = [total.div_(len(draws)) for total in activations]
+        activations = decoder_activations(model, diffusion, x0, t, blocks, noise, autocast_dtype)
         for block in activations:
             check_feature_values(block, indices, [t], name_of)
         maps = [block.to(torch.float16).cpu() for block in activations]
