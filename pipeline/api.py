@@ -28,7 +28,7 @@ from pipeline.config import Params, load_params
 from pipeline.data import _crop_square, read_rgb, to_model_input
 from pipeline.diffusion import Diffusion
 from pipeline.ensemble import EnsembleMLP, load_ensemble
-from pipeline.enums import NonSquarePolicy
+from pipeline.enums import NonSquarePolicy, Representation
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluation import vote
 from pipeline.features import feature_dim, images_per_batch, iter_pixel_features, make_noise
@@ -158,7 +158,7 @@ class Segmenter:
         if params.features.stochastic_noise:  # refused here, not on loading: a run may have nothing to segment
             raise ConfigError("features.stochastic_noise: true draws noise per stored image index, which new images "
                               "do not have; segment runs with the shared noise only (set it to false)")
-        if params.features.representation.value != "ddpm" or params.features.noise_draws != 1:
+        if params.features.representation is not Representation.DDPM or params.features.noise_draws != 1:
             raise ConfigError(f"features.representation={params.features.representation.value}, noise_draws="
                               f"{params.features.noise_draws}: segment runs the method's features only (the analyses' "
                               f"variants are for fit and evaluate); set representation: ddpm and noise_draws: 1")

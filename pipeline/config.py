@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -384,13 +384,9 @@ def _describe(error: dict) -> str:
     description = _description(info.annotation if info is not None else None, info.description if info else None)
     why = f" ({description})" if description else ""
     if kind == "extra_forbidden":
-        parent = location[:-1]
-        name = location[-1]
-        if parent == ("ddpm", "model") and name in DIFFUSION_FLAGS:
-            return f"{key} is a diffusion flag, not a model flag: {DIFFUSION_FLAGS[name]}"
-        section = _field_info(parent).annotation if parent else Params
-        known = ", ".join(getattr(section, "model_fields", {}))
-        return f"unknown params key(s) {key}; known keys{' of ' + _key(parent) if parent else ''}: {known}"
+        if _diffusion_flag(location):
+            return f"{key} is a diffusion flag, not a model flag: {DIFFUSION_FLAGS[location[-1]]}"
+        return _unknown_keys(location[:-1], [location[-1]])
     if kind in TYPE_WORDS:
         return f"{key} must be {TYPE_WORDS[kind]}, got {value!r}"
     if kind in ("tuple_type", "list_type"):
@@ -409,18 +405,37 @@ def _describe(error: dict) -> str:
     return f"{key}={value!r}: {error['msg'].removeprefix('Value error, ')}"
 
 
+def _diffusion_flag(location: tuple) -> bool:
+    """A guided-diffusion diffusion flag pasted into ``ddpm.model`` (it has a key of its own elsewhere)."""
+    return location[:-1] == ("ddpm", "model") and location[-1] in DIFFUSION_FLAGS
+
+
+def _unknown_keys(parent: tuple, names: Sequence[str]) -> str:
+    section = _field_info(parent).annotation if parent else Params
+    keys = ", ".join(_key((*parent, name)) for name in names)
+    known = ", ".join(getattr(section, "model_fields", {}))
+    return f"unknown params key(s) {keys}; known keys{' of ' + _key(parent) if parent else ''}: {known}"
+
+
 def _build(data: dict) -> Params:
     try:
         return Params.model_validate(data)
     except ValidationError as error:
-        problems = error.errors(include_url=False)
-        unknown = [problem for problem in problems if problem["type"] == "extra_forbidden"]
-        if len(unknown) > 1 and all(p["loc"][:-1] == unknown[0]["loc"][:-1] for p in unknown):
-            parent = unknown[0]["loc"][:-1]
-            names = ", ".join(_key(p["loc"]) for p in unknown)
-            first = _describe(unknown[0])
-            raise ConfigError(f"unknown params key(s) {names}; {first.split('; ', 1)[1]}") from None
-        raise ConfigError("; ".join(_describe(problem) for problem in problems[:3])) from None
+        # The first three problems, in pydantic's order; unknown keys of one section are named together.
+        unknown: dict[tuple, list[str]] = {}
+        problems: list[dict | tuple] = []
+        for problem in error.errors(include_url=False):
+            location = problem["loc"]
+            if problem["type"] != "extra_forbidden" or _diffusion_flag(location):
+                problems.append(problem)
+            elif location[:-1] in unknown:
+                unknown[location[:-1]].append(location[-1])
+            else:
+                unknown[location[:-1]] = [location[-1]]
+                problems.append(location[:-1])
+        messages = [_unknown_keys(item, unknown[item]) if isinstance(item, tuple) else _describe(item)
+                    for item in problems[:3]]
+        raise ConfigError("; ".join(messages)) from None
 
 
 def _validate(params: Params) -> None:

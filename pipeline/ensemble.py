@@ -318,8 +318,9 @@ def fit_ensemble(
         )
     # Passes train parallel_passes at a time on Python threads, the passes of a wave reading one shared pool.
     # torch releases the GIL inside its kernels, and with one torch thread (the fit stage sets it) each pass's
-    # arithmetic runs on its own thread alone; every pass sees the pool items it would see alone (SharedPool), so the weights
-    # are those of the passes run one after another, whatever the core count, while the cores share the work.
+    # arithmetic runs on its own thread alone; every pass sees the pool items it would see alone (SharedPool),
+    # so the weights are those of the passes run one after another, whatever the core count, while the cores
+    # share the work.
     workers = min(config.parallel_passes, len(passes)) if device.type == "cpu" else 1
     results = []
     for start in range(0, len(passes), workers):

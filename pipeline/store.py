@@ -117,8 +117,6 @@ def params_record(params, t: int) -> dict[str, Any]:
 
 def check_blocks_stored(record: StoreRecord, blocks: Sequence[int], path: "Location") -> None:
     """``StoreError`` naming both lists when ``blocks`` are not all among the blocks the store holds."""
-    if record.representation != "ddpm":  # an RGB baseline's columns are pixels, not blocks: read whole
-        return
     missing = [block for block in blocks if block not in record.blocks]
     if missing:
         raise StoreError(
@@ -453,7 +451,9 @@ class FeatureStore:
     def features(self, split: str, blocks: Sequence[int] | None = None) -> da.Array:
         """The lazy ``[N*H*W, D] float16`` matrix of ``split``, of ``blocks`` (a subset of the stored blocks, in
         any order; None = all stored ones), chunks of ``rows_per_chunk`` rows in either layout."""
-        blocks = self.record.blocks if blocks is None else tuple(blocks)
+        # An RGB baseline's columns are pixel colours, not blocks: it is read whole whatever blocks asks.
+        whole_store = blocks is None or self.record.representation != "ddpm"
+        blocks = self.record.blocks if whole_store else tuple(blocks)
         check_blocks_stored(self.record, blocks, self.path)
         if self.record.layout == "native":
             matrix = NativeMatrix(self, split, blocks)
@@ -461,7 +461,7 @@ class FeatureStore:
                                  name=f"store-{self.path}-{split}-native-{'-'.join(map(str, blocks))}", lock=False,
                                  asarray=True)
         whole = self._lazy(f"{split}/features")
-        if blocks == self.record.blocks or self.record.representation != "ddpm":
+        if blocks == self.record.blocks:
             return whole
         columns = self.record.columns()
         return da.concatenate([whole[:, slice(*columns[block])] for block in blocks], axis=1)

@@ -7,9 +7,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.data import Split, list_examples
-from pipeline.errors import check_timesteps
+from pipeline.enums import Representation
+from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
 from pipeline.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
-from pipeline.errors import ConfigError, ModelFlagsError
 from pipeline.features import feature_dim, representation_dim
 from pipeline.runtime import stage_main, stage_params, stage_parser
 from pipeline.store import StoreRecord, create_or_resume, file_sha256, inputs_sha256, params_record
@@ -42,11 +42,12 @@ def main() -> None:
     if model.config.image_size != params.dataset.image_size:
         raise ConfigError(f"{args.checkpoint} is a model for {model.config.image_size} px images but "
                           f"dataset.image_size={params.dataset.image_size}; make them equal")
-    ddpm = options.representation.value == "ddpm"  # the RGB baselines' columns are no decoder blocks
+    # each stored block's (channels, map side); none for the RGB baselines, whose columns are no decoder blocks
+    stored = [shapes[b][:2] for b in blocks] if options.representation is Representation.DDPM else []
     record = StoreRecord(**params_record(params, args.t), checkpoint_sha256=file_sha256(args.checkpoint),
                          feature_dim=representation_dim(model, blocks, options.representation, options.patch_size),
-                         block_channels=tuple(shapes[b][0] for b in blocks) if ddpm else (),
-                         block_sizes=tuple(shapes[b][1] for b in blocks) if ddpm else (),
+                         block_channels=tuple(channels for channels, _ in stored),
+                         block_sizes=tuple(side for _, side in stored),
                          inputs_sha256=inputs_sha256({s: [(e.stem, e.image_path, e.mask_path) for e in ex]
                                                       for s, ex in examples.items()}))
     del model

@@ -46,6 +46,9 @@ def test_repository_params_load_and_build_the_model():
          r"unknown params key\(s\) ddpm.model.num_chanels; known keys of ddpm.model: image_size, num_channels"),
         ({"ddpm": {"model": {"diffusion_steps": 10}}},
          r"ddpm.model.diffusion_steps is a diffusion flag, not a model flag: set ddpm.diffusion_steps"),
+        ({"ddpm": {"model": {"diffusion_steps": 10, "num_chanels": 3, "foo": 1}}},
+         r"diffusion flag, not a model flag: set ddpm.diffusion_steps; unknown params key\(s\) ddpm.model.num_chanels, "
+         r"ddpm.model.foo; known keys of ddpm.model: image_size"),
         ({"ddpm": {"model": {"image_size": 64}}}, r"ddpm.model.image_size=64 differs from dataset.image_size=32"),
         ({"dataset": {"class_names": ["a", "b"]}}, r"dataset.class_names has 2 names but dataset.num_classes is 11"),
         ({"dataset": {"ignore_label": 256}}, r"dataset.ignore_label must be <= 255, got 256 \(masks are uint8\)"),
