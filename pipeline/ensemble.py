@@ -50,10 +50,12 @@ class EnsembleMLP(nn.Module):
         widths = (dim, *hidden_widths(num_classes), num_classes)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
+        # One generator per member, drawing its layers one after another: every layer of every member is an
+        # independent draw, as the paper's members initialise each nn.Linear on its own.
+        generators = [torch.Generator().manual_seed(seed + member) for member in range(members)]
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
             stacked = torch.empty(members, fan_in, fan_out)
-            for member in range(members):
-                generator = torch.Generator().manual_seed(seed + member)
+            for member, generator in enumerate(generators):
                 stacked[member] = torch.randn(fan_out, fan_in, generator=generator).T * 0.02
             self.weights.append(nn.Parameter(stacked))
             self.biases.append(nn.Parameter(torch.zeros(members, 1, fan_out)))
@@ -66,7 +68,7 @@ class EnsembleMLP(nn.Module):
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
-        joined = cls(0, first.dim, first.num_classes, seed=0)
+        joined = cls(0, first.dim, first.num_classes, seed=first.seed)  # members are seed + i in order
         joined.members = sum(part.members for part in parts)
         with torch.no_grad():
             for layer in range(len(first.weights)):
@@ -300,11 +302,11 @@ def fit_ensemble(
 
     Members train ``config.members_per_pass`` at a time (null: ``members / parallel_passes``), with
     ``config.parallel_passes`` such passes at once on CPU threads; member i is seeded ``seed + i`` (init and row order) whatever the grouping. Each epoch visits every labeled pixel
-    once per member, each member in its own order. ``config.stopping``: ``plateau`` stops a group after
-    ``config.epochs`` or when its mean epoch loss has not improved by ``config.min_delta`` (relative) for
-    ``config.patience`` epochs; ``paper`` stops each member on its own by the paper's batch-loss rule
-    (``config.batch_patience``, ``config.warmup_epochs``) and keeps the weights and BatchNorm buffers it
-    had at its stop.
+    once per member, each member in its own order. Every member stops on its own and keeps the weights and
+    BatchNorm buffers it had at its stop, so its weights do not depend on which members share its pass:
+    ``config.stopping``: ``plateau`` stops a member after ``config.epochs`` or when its own mean epoch loss
+    has not improved by ``config.min_delta`` (relative) for ``config.patience`` epochs; ``paper`` by the
+    paper's batch-loss rule (``config.batch_patience``, ``config.warmup_epochs``).
     """
     passes = member_passes(config)
     # The pool holds rows as the first product takes them: float16 as stored, or bfloat16 under bf16 autocast
@@ -376,10 +378,17 @@ def _fit_members(
     best_batch, stale_batches = torch.full((members,), math.inf), torch.zeros(members, dtype=torch.int64)
     stopped_states: dict[int, list[torch.Tensor]] = {}
     history: list[EpochStats] = []
-    best, stale = math.inf, 0
+    # plateau: each member's best epoch loss and epochs without a min_delta improvement on it
+    best_epoch, stale_epochs = torch.full((members,), math.inf, dtype=torch.float64), torch.zeros(members, dtype=torch.int64)
+
+    def stop(member: int) -> None:
+        stopped_states[member] = model.member_state(member)  # Adam would keep moving it
+        training[member] = False
+
     for epoch in range(1, config.epochs + 1):
         model.train()
         loss_sum = correct = visits = rows_seen = 0.0
+        member_loss_sum = torch.zeros(members, dtype=torch.float64)
         for features, targets, rows in epoch_items():
             order = torch.stack([rows[torch.randperm(len(rows), generator=g)] for g in generators])
             for start in range(0, len(rows), config.batch_size):
@@ -401,6 +410,7 @@ def _fit_members(
                 hits = (logits.detach().argmax(-1) == target).sum(1).cpu()
                 live = training.clone()
                 loss_sum += float(losses[live].sum()) * batch
+                member_loss_sum += losses.double() * batch
                 correct += float(hits[live].sum())
                 visits += int(live.sum()) * batch
                 rows_seen += batch
@@ -409,26 +419,25 @@ def _fit_members(
                     best_batch = torch.where(improved, losses, best_batch)
                     stale_batches = torch.where(improved, 0, stale_batches + 1)
                     for member in (live & (stale_batches > config.batch_patience)).nonzero().flatten().tolist():
-                        stopped_states[member] = model.member_state(member)  # Adam would keep moving it
-                        training[member] = False
+                        stop(member)
                     if not training.any():
                         break
             if not training.any():
                 break
+        if not paper:
+            epoch_loss = member_loss_sum / max(rows_seen, 1)
+            improved = epoch_loss < best_epoch * (1 - config.min_delta)
+            best_epoch = torch.where(improved, epoch_loss, best_epoch)
+            stale_epochs = torch.where(improved, 0, stale_epochs + 1)
+            for member in (training & (stale_epochs >= config.patience)).nonzero().flatten().tolist():
+                stop(member)
         stats = EpochStats(epoch, loss_sum / max(visits, 1), correct / max(visits, 1), int(rows_seen), first,
                            members - int(training.sum()))
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
-        if paper:
-            if not training.any():
-                break
-        elif stats.loss < best * (1 - config.min_delta):
-            best, stale = stats.loss, 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
+        if not training.any():
+            break
     for member, state in stopped_states.items():
         model.load_member_state(member, state)
     return model.eval(), history

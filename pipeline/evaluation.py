@@ -47,7 +47,15 @@ def prediction_workers() -> int:
     """Row-chunks predicted at once: every core when torch runs one thread per op (as the evaluate and
     segment stages set it), so the cores share the work while each chunk's arithmetic stays on one thread and the
     results stay the same on any core count; else 1 (torch already uses the cores inside each op)."""
-    return len(os.sched_getaffinity(0)) if torch.get_num_threads() == 1 else 1
+    return usable_cores() if torch.get_num_threads() == 1 else 1
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (Linux), else every core
+    (``os.sched_getaffinity`` exists only on Linux; macOS and Windows have no per-process affinity here)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def vote(model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: torch.device,

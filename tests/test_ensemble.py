@@ -41,6 +41,26 @@ def test_members_are_seeded_seed_plus_index():
     assert hidden_widths(29) == (128, 32) and hidden_widths(30) == (256, 128)
 
 
+def test_each_layer_of_a_member_is_its_own_draw():
+    """A member's layers come from one generator drawn in turn; re-seeding it per layer made each layer's
+    weights a prefix of the layer before's (their correlation was exactly 1)."""
+    model = EnsembleMLP(members=2, dim=40, num_classes=5, seed=3)
+    first = model.weights[0][0].detach().T.flatten()  # drawn as [out, in], stored transposed
+    second = model.weights[1][0].detach().T.flatten()
+    assert not torch.equal(second, first[: second.numel()])
+    assert abs(float(torch.corrcoef(torch.stack([second, first[: second.numel()]]))[0, 1])) < 0.2
+    generator = torch.Generator().manual_seed(3)  # the paper's order: layer after layer from one stream
+    torch.randn(128, 40, generator=generator)
+    assert torch.equal(second, (torch.randn(32, 128, generator=generator) * 0.02).flatten())
+
+
+def test_stacked_passes_record_the_seed_of_their_first_member():
+    parts = [EnsembleMLP(2, 8, 4, seed=10), EnsembleMLP(2, 8, 4, seed=12)]
+    joined = EnsembleMLP.stack(parts)
+    assert joined.members == 4 and joined.seed == 10
+    assert torch.equal(joined.weights[0][3], EnsembleMLP(4, 8, 4, seed=10).weights[0][3])
+
+
 # The toy sets hold ~4k rows: the paper's batch and lr give them enough steps per epoch.
 # One pass of all members (the default runs two passes at once), as these tests count epochs per pass.
 SMALL = {"parallel_passes": 1, "batch_size": 64, "lr": 1e-3}
@@ -310,3 +330,40 @@ def test_an_ensemble_file_round_trips_and_other_files_are_refused_by_name(tmp_pa
     text.write_text("not a torch file")
     with pytest.raises(EnsembleError, match=r"notes.pt cannot be read as an ensemble file"):
         load_ensemble(text, [50, 150], [1, 2], "ab")
+
+
+def test_plateau_stopping_is_decided_per_member_so_the_grouping_never_changes_the_weights():
+    """Members stop at different epochs by their own epoch loss; fitted in one pass or one pass each,
+    every member ends with the same weights (up to the last bits that stacking changes). On the old rule
+    (the pass's mean loss) the pass stopped all its members together."""
+    x, y = toy()
+    base = EnsembleConfig(**SMALL, members=4, epochs=12, patience=1, min_delta=0.03, buffer_rows=1024, seed=2)
+    together, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=base, device=torch.device("cpu"))
+    alone, alone_history = fit_ensemble(x, y, num_classes=4, ignore_label=255, device=torch.device("cpu"),
+                                        config=base.model_copy(update={"members_per_pass": 1}))
+    epochs = [max(s.epoch for s in alone_history if s.first_member == m) for m in range(4)]
+    assert len(set(epochs)) > 1 and max(epochs) < 12, epochs  # the rule fired, at different epochs per member
+    assert len(history) == max(epochs) and history[-1].stopped == 4
+    reference = alone.state_dict()
+    for name, value in together.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.allclose(value, reference[name], rtol=0, atol=1e-6), name
+
+
+def test_prediction_counts_cores_where_the_os_has_no_cpu_affinity(monkeypatch):
+    """macOS and Windows have no os.sched_getaffinity; evaluate, segment and robustness crashed there."""
+    import os
+
+    from pipeline.evaluation import prediction_workers, vote
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert prediction_workers() == 3
+        matrix = da.from_array(np.ones((64, 12), np.float16), chunks=(32, -1))
+        prediction, _ = vote(EnsembleMLP(2, 12, 3, seed=0).eval(), matrix, batch_pixels=16, device=torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert prediction.shape == (64,)
