@@ -22,6 +22,28 @@ def _entries(node: Any) -> Iterator[dict]:
                 yield from _entries(node[key])
 
 
+def experiment_states(exp_show: list, names: Sequence[str]) -> dict[str, str]:
+    """``{name: queued | running | success | failed}`` of the named experiments in ``dvc exp show --json``
+    output (its ``executor.state``; a finished experiment whose executor is gone is a success); a name it
+    does not list is left out."""
+    states = {}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+        elif isinstance(node, dict):
+            if "revs" in node:  # one experiment (dvc's ExpRange)
+                name = node.get("name") or next((rev.get("name") for rev in node["revs"] or []), None)
+                if name in names:
+                    executor = node.get("executor")
+                    states[name] = executor["state"] if executor else "success"
+            visit(node.get("experiments") or [])
+
+    visit(exp_show)
+    return states
+
+
 def experiment_rows(exp_show: list, names: Sequence[str]) -> dict[str, dict]:
     """The named experiments' params.yaml and metrics (``{name: {"rev", "timestamp", "params", "metrics"}}``),
     as ``dvc exp show --json`` reports them; a name it does not list is left out."""

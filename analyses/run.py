@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from analyses.experiments import ANALYSES
-from analyses.results import experiment_rows
+from analyses.results import experiment_rows, experiment_states
 
 
 def dvc(*args: str, check: bool = True) -> str:
@@ -41,15 +41,12 @@ def untracked_files() -> list[str]:
 
 
 def wait_for_queue(names: set[str], poll_seconds: float = 5.0) -> dict[str, str]:
-    """Poll ``dvc queue status`` until none of ``names`` is queued or running; their final statuses."""
+    """Poll ``dvc exp show --json`` until none of ``names`` is queued or running; their final states
+    (``analyses.results.experiment_states``: success, failed)."""
     while True:
-        statuses = {}
-        for line in dvc("queue", "status").splitlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 3 and fields[1] in names:
-                statuses[fields[1]] = fields[-1] if fields[-1] in ("Queued", "Running", "Success", "Failed") else fields[-2]
-        if not any(status in ("Queued", "Running") for status in statuses.values()):
-            return statuses
+        states = experiment_states(json.loads(dvc("exp", "show", "--json")), names)
+        if not any(state in ("queued", "running") for state in states.values()):
+            return states
         time.sleep(poll_seconds)
 
 
@@ -66,8 +63,9 @@ def main() -> None:
     names = [e.name for e in experiments]
     start = time.perf_counter()
     if not args.collect:
-        dvc("exp", "remove", *names, check=False)  # a rerun replaces the analysis' own experiments
-        dvc("queue", "remove", "--failed", "--success", check=False)  # finished tasks of earlier runs: statuses by name
+        # A rerun replaces the analysis' own experiments and queue tasks, and touches no other experiment.
+        dvc("exp", "remove", *names, check=False)
+        dvc("queue", "remove", *names, check=False)
         copied = [part for path in untracked_files() for part in ("-C", path)]
         for experiment in experiments:
             overrides = [part for value in experiment.overrides for part in ("-S", value)]
@@ -75,7 +73,7 @@ def main() -> None:
         dvc("queue", "start", "-j", "1")
     statuses = wait_for_queue(set(names))
     seconds = time.perf_counter() - start
-    failed = [name for name in names if statuses.get(name) != "Success"]
+    failed = [name for name in names if statuses.get(name) != "success"]
     # a failed task is listed by `dvc exp show` with its baseline's metrics: record the successful ones only
     rows = experiment_rows(json.loads(dvc("exp", "show", "--json")), [name for name in names if name not in failed])
     out = args.out or Path("analyses/results") / f"{args.analysis}.json"

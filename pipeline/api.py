@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluation import vote
 from pipeline.features import feature_dim, images_per_batch, iter_pixel_features, make_noise
 from pipeline.runtime import AUTOCAST_DTYPES, pick_device
-from pipeline.store import file_sha256, rows_per_chunk
+from pipeline.store import file_sha256, fit_record, rows_per_chunk
 from pipeline.train_ddpm import load_checkpoint
 from pipeline.unet import UNetModel, for_inference
 
@@ -123,7 +123,7 @@ class Segmenter:
         loaded = params if isinstance(params, Params) else load_params(params)
         model, diffusion, _ = load_checkpoint(checkpoint)  # not extract's cache: a notebook may see a new file
         model = for_inference(model, pick_device(loaded.runtime.device))
-        members = load_ensemble(Path(ensemble), loaded.t_steps, loaded.blocks, file_sha256(checkpoint))
+        members = load_ensemble(Path(ensemble), fit_record(loaded, file_sha256(checkpoint)))
         return cls(loaded, model, diffusion, members)
 
     @classmethod

@@ -115,6 +115,18 @@ def params_record(params, t: int) -> dict[str, Any]:
             "representation": features.representation_id(), "noise_draws": features.noise_draws}
 
 
+def fit_record(params, checkpoint_sha256: str) -> dict[str, Any]:
+    """What an ensemble is fit on, and what every reader of it demands (``save_ensemble`` /
+    ``load_ensemble``): the steps and blocks of its columns, the checkpoint, and every store-record field that
+    changes the feature values (upsample, noise, representation, image size). Not the layout or store_blocks:
+    they change where the same values are kept, not the values."""
+    record = params_record(params, 0)
+    for key in ("t", "blocks", "layout"):
+        del record[key]
+    return {"t_steps": list(params.t_steps), "blocks": list(params.blocks), "checkpoint_sha256": checkpoint_sha256,
+            **record}
+
+
 def check_blocks_stored(record: StoreRecord, blocks: Sequence[int], path: "Location") -> None:
     """``StoreError`` naming both lists when ``blocks`` are not all among the blocks the store holds."""
     missing = [block for block in blocks if block not in record.blocks]

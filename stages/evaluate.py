@@ -10,7 +10,7 @@ from pipeline.evaluation import check_finite_metrics, predict_split, score
 from pipeline.metrics import label_counts
 from pipeline.report import confusion_rows, overlay, palette, per_class_table, write_csv_atomic, write_prediction
 from pipeline.runtime import building_dir, pick_device, stage_main, stage_params, stage_parser, write_json_atomic
-from pipeline.store import open_store, params_record, set_aside_unused_stores
+from pipeline.store import fit_record, open_store, params_record, set_aside_unused_stores
 
 
 @stage_main
@@ -32,7 +32,7 @@ def main() -> None:
     for moved in set_aside_unused_stores(args.stores, params.t_steps):
         print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
     stores = [open_store(args.stores.format(t=t), params_record(params, t)) for t in params.t_steps]
-    model = load_ensemble(args.ensemble, params.t_steps, params.blocks, stores[0].record.checkpoint_sha256)
+    model = load_ensemble(args.ensemble, fit_record(params, stores[0].record.checkpoint_sha256))
     device = pick_device(params.runtime.device)
     model.to(device)
     results = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.ensemble import EpochStats, fit_ensemble, image_rows, member_passes, save_ensemble, train_subset
 from pipeline.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
-from pipeline.store import lazy_matrix, open_store, params_record, set_aside_unused_stores
+from pipeline.store import fit_record, lazy_matrix, open_store, params_record, set_aside_unused_stores
 
 
 @stage_main
@@ -45,8 +45,8 @@ def main() -> None:
         matrix, labels, num_classes=params.dataset.num_classes, ignore_label=params.dataset.ignore_label,
         config=params.ensemble, device=pick_device(params.runtime.device), on_epoch=on_epoch,
     )
-    save_ensemble(args.out, model, t_steps=params.t_steps, blocks=params.blocks,
-                  checkpoint_sha256=stores[0].record.checkpoint_sha256, train_image_ids=[stems[i] for i in chosen])
+    save_ensemble(args.out, model, features=fit_record(params, stores[0].record.checkpoint_sha256),
+                  train_image_ids=[stems[i] for i in chosen])
     write_curves(args.curves, [epoch_row(stats, firsts) for stats in history])
     passes = len({s.first_member for s in history})
     print(f"fit: {max(s.epoch for s in history)} epochs ({passes} passes of members) in "

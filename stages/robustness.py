@@ -18,7 +18,7 @@ from pipeline.extraction import loaded_model, worker_device
 from pipeline.report import write_csv_atomic
 from pipeline.robustness import split_prediction
 from pipeline.runtime import atomic_file, pick_device, stage_main, stage_params, stage_parser, write_json_atomic
-from pipeline.store import file_sha256
+from pipeline.store import file_sha256, fit_record
 
 
 @stage_main
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit and evaluate
     model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)))
-    ensemble = load_ensemble(args.ensemble, params.t_steps, params.blocks, file_sha256(args.checkpoint))
+    ensemble = load_ensemble(args.ensemble, fit_record(params, file_sha256(args.checkpoint)))
     ensemble.to(pick_device(params.runtime.device))
     examples = list_examples(args.data, Split.TEST)
     clean = [read_rgb(example.image_path) for example in examples]

@@ -247,3 +247,49 @@ def test_report_builds_from_recorded_runs(tmp_path):
     assert f"{recorded['metrics']['metrics/eval.json']['miou']:.3f}" in text  # the table's numbers are the runs'
     summary = sample_efficiency_table(json.loads((results / "sample_efficiency.json").read_text()))
     assert list(summary["images"]) == sorted(summary["images"]) and (summary["seeds"] >= 1).all()
+
+
+def _exp_range(name: str, state: str | None) -> dict:
+    executor = None if state is None else {"state": state, "name": "dvc-task", "local": None}
+    return {"revs": [{"rev": f"{name}-rev", "name": name, "data": {}, "error": None, "experiments": None}],
+            "executor": executor, "name": name}
+
+
+def test_experiment_states_read_the_executor_of_each_named_experiment():
+    exp_show = [{"rev": "workspace", "name": None, "data": {}, "error": None, "experiments": None},
+                {"rev": "abc", "name": "main", "data": {}, "error": None,
+                 "experiments": [_exp_range("se-1", "running"), _exp_range("se-2", "queued"),
+                                 _exp_range("se-3", "failed"), _exp_range("se-4", None),
+                                 _exp_range("someone-elses", "failed")]}]
+    from analyses.results import experiment_states
+
+    assert experiment_states(exp_show, ["se-1", "se-2", "se-3", "se-4", "absent"]) == {
+        "se-1": "running", "se-2": "queued", "se-3": "failed", "se-4": "success"}
+    states = experiment_states(json.loads((FIXTURES / "exp_show.json").read_text()), ["bl-rgb", "bl-ddpm"])
+    assert states == {"bl-rgb": "success", "bl-ddpm": "success"}  # a real `dvc exp show --json`
+
+
+def test_an_analysis_run_removes_and_waits_on_its_own_experiments_only(monkeypatch, tmp_path):
+    """It ran `dvc queue remove --failed --success`, deleting every finished task of the repository, and
+    parsed the human-readable `dvc queue status` table."""
+    import analyses.run as run
+
+    calls = []
+    names = [e.name for e in run.ANALYSES["noise"].experiments]
+
+    def fake_dvc(*args, check=True):
+        calls.append(args)
+        if args[:2] == ("exp", "show"):
+            return json.dumps([{"rev": "abc", "name": "main", "data": {}, "error": None,
+                                "experiments": [_exp_range(name, None) for name in names]
+                                + [_exp_range("someone-elses", "failed")]}])
+        return ""
+
+    monkeypatch.setattr(run, "dvc", fake_dvc)
+    monkeypatch.setattr(run, "untracked_files", lambda: [])
+    monkeypatch.setattr("sys.argv", ["run", "noise", "--out", str(tmp_path / "noise.json")])
+    run.main()
+    removals = [call for call in calls if call[1] == "remove"]
+    assert removals == [("exp", "remove", *names), ("queue", "remove", *names)]
+    assert not any(call[:2] == ("queue", "status") for call in calls)
+    assert json.loads((tmp_path / "noise.json").read_text())["analysis"] == "noise"

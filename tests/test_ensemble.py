@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dask.array as da
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -310,26 +311,59 @@ def test_a_pass_that_stops_early_does_not_hold_up_the_passes_sharing_its_pool():
 def test_an_ensemble_file_round_trips_and_other_files_are_refused_by_name(tmp_path):
     import pytest
 
+    from pipeline.config import params_from_dict
     from pipeline.ensemble import load_ensemble, save_ensemble
     from pipeline.errors import EnsembleError
+    from pipeline.store import fit_record
 
+    params = params_from_dict({"t_steps": [50, 150], "blocks": [1, 2]})
+    record = fit_record(params, "ab")
     model = EnsembleMLP(2, 8, 3, seed=4)
     path = tmp_path / "ensemble.pt"
-    save_ensemble(path, model, t_steps=(50, 150), blocks=(1, 2), checkpoint_sha256="ab")
-    loaded = load_ensemble(path, [50, 150], [1, 2], "ab")
+    save_ensemble(path, model, features=record)
+    loaded = load_ensemble(path, fit_record(params, "ab"))
     assert (loaded.members, loaded.dim, loaded.num_classes, loaded.seed) == (2, 8, 3, 4) and not loaded.training
     for saved, again in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(saved, again)
     with pytest.raises(EnsembleError, match=r"blocks \[1, 2\] \(asked: \[1, 3\]\); rerun `dvc repro`"):
-        load_ensemble(path, [50, 150], [1, 3], "ab")
+        load_ensemble(path, {**record, "blocks": [1, 3]})
     old = tmp_path / "old.pt"
-    torch.save({**torch.load(path, weights_only=True), "format": "ddpm-segmentation-ensemble/0"}, old)
-    with pytest.raises(EnsembleError, match=r"old.pt has format 'ddpm-segmentation-ensemble/0', not 'ddpm-segmentation-ensemble/1'"):
-        load_ensemble(old, [50, 150], [1, 2], "ab")
+    torch.save({**torch.load(path, weights_only=True), "format": "ddpm-segmentation-ensemble/1"}, old)
+    with pytest.raises(EnsembleError, match=r"old.pt has format 'ddpm-segmentation-ensemble/1', not 'ddpm-segmentation-ensemble/2'"):
+        load_ensemble(old, record)
     text = tmp_path / "notes.pt"
     text.write_text("not a torch file")
     with pytest.raises(EnsembleError, match=r"notes.pt cannot be read as an ensemble file"):
-        load_ensemble(text, [50, 150], [1, 2], "ab")
+        load_ensemble(text, record)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"features": {"noise_seed": 1}}, "noise_seed 0 (asked: 1)"),
+    ({"features": {"upsample": "nearest"}}, "upsample 'bilinear' (asked: 'nearest')"),
+    ({"features": {"noise_draws": 3}}, "noise_draws 1 (asked: 3)"),
+    ({"features": {"stochastic_noise": True}}, "stochastic_noise False (asked: True)"),
+    ({"features": {"representation": "rgb"}}, "representation 'ddpm' (asked: 'rgb')"),
+    ({"t_steps": [50, 250]}, "t_steps [50, 150] (asked: [50, 250])"),
+])
+def test_every_reader_refuses_an_ensemble_fit_on_other_features_naming_the_key(tmp_path, change, named):
+    """segment, robustness and the API took an ensemble fit with another noise seed, upsample mode, noise
+    draws or representation, and made wrong masks without a word; the file now carries the whole record."""
+    from pipeline.config import params_from_dict
+    from pipeline.ensemble import load_ensemble, save_ensemble
+    from pipeline.errors import EnsembleError
+    from pipeline.store import fit_record
+
+    fitted = params_from_dict({"t_steps": [50, 150]})
+    path = tmp_path / "ensemble.pt"
+    save_ensemble(path, EnsembleMLP(2, 8, 3, seed=0), features=fit_record(fitted, "ab"))
+    section = change.get("features")
+    asked = params_from_dict({"t_steps": change.get("t_steps", [50, 150]), **({"features": section} if section else {})})
+    with pytest.raises(EnsembleError, match="was fit on other features") as error:
+        load_ensemble(path, fit_record(asked, "ab"))
+    assert named in str(error.value)
+    # the layout keeps the same values elsewhere: an ensemble fit on pixels stores reads native ones
+    native = params_from_dict({"t_steps": [50, 150], "features": {"layout": "native"}})
+    assert load_ensemble(path, fit_record(native, "ab")).members == 2
 
 
 def test_plateau_stopping_is_decided_per_member_so_the_grouping_never_changes_the_weights():

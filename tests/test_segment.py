@@ -12,7 +12,7 @@ from pipeline.config import load_params
 from pipeline.data import compose_digit_split, load_mnist_5k, split_digit_pools
 from pipeline.ensemble import EnsembleMLP, save_ensemble
 from pipeline.features import feature_dim
-from pipeline.store import file_sha256
+from pipeline.store import file_sha256, fit_record
 from pipeline.train_ddpm import load_checkpoint
 from tests.helpers import make_project, run_stage, write_params
 
@@ -25,7 +25,7 @@ def save_random_ensemble(path, params, checkpoint) -> None:
     with torch.no_grad():
         for weight in ensemble.weights:
             weight.mul_(20)
-    save_ensemble(path, ensemble, t_steps=params.t_steps, blocks=params.blocks, checkpoint_sha256=file_sha256(checkpoint))
+    save_ensemble(path, ensemble, features=fit_record(params, file_sha256(checkpoint)))
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,9 @@ def new_canvases(count: int, size: int = 32) -> list[np.ndarray]:
     return [image for image, _ in compose_digit_split(digits, labels, pool, count, size, 24, seed=123)]
 
 
-def segment(project, images, out, params=None):
+def segment(project, images, out, params=None, ensemble=None):
     return run_stage("segment", "--params", params or project["params"], "--checkpoint", project["checkpoint"],
-                     "--ensemble", project["ensemble"], "--images", images, "--out", out)
+                     "--ensemble", ensemble or project["ensemble"], "--images", images, "--out", out)
 
 
 def test_extract_evaluate_and_segment_give_the_same_test_masks(project, tmp_path):
@@ -138,8 +138,12 @@ def test_an_ensemble_of_another_run_is_refused(project, tmp_path):
 
 def test_stochastic_noise_is_refused_when_there_is_something_to_segment(project, tmp_path):
     params = write_params(tmp_path / "params.yaml", {"features.stochastic_noise": True})
+    ensemble = tmp_path / "ensemble.pt"  # a run fit on stochastic noise: its ensemble records it
+    save_random_ensemble(ensemble, load_params(params), project["checkpoint"])
     (tmp_path / "empty").mkdir()
-    result = segment(project, tmp_path / "empty", tmp_path / "out", params=params)
+    result = segment(project, tmp_path / "empty", tmp_path / "out", params=params, ensemble=ensemble)
     assert result.returncode == 0, result.stderr  # a run with nothing to segment (the dvc stage's default) passes
-    result = segment(project, project["data"] / "real" / "test", tmp_path / "out", params=params)
+    result = segment(project, project["data"] / "real" / "test", tmp_path / "out", params=params, ensemble=ensemble)
     assert result.returncode == 2 and "features.stochastic_noise: true" in result.stderr
+    result = segment(project, project["data"] / "real" / "test", tmp_path / "out2", params=params)
+    assert result.returncode == 2 and "stochastic_noise False (asked: True)" in result.stderr  # fit on other noise
