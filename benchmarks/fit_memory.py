@@ -4,7 +4,7 @@ Synthetic stores (random float16 features, 3 steps x 2816 = 8448 features per pi
 34 classes as FFHQ-34) for N = 10, 20, 40 images. Each measurement runs in its own process and reports
 its peak RSS (ru_maxrss):
 
-- streaming: pipeline.ensemble.fit_ensemble over the lazy dask matrix, one epoch, 10 members;
+- streaming: pipeline.ensemble.fit.fit_ensemble over the lazy dask matrix, one epoch, 10 members;
 - in-RAM (the paper's approach): features gathered into one float32 [N, D, H, W] tensor, reshaped into
   [N*H*W, D] (a second copy, as ddpm-segmentation's prepare_data does), then a shuffled DataLoader
   trains one member for --in-ram-steps batches (memory is set by the arrays, not by the steps).
@@ -28,7 +28,7 @@ SIZE, STEPS, PER_STEP, CLASSES = 64, (50, 150, 250), 2816, 34
 
 
 def build_stores(work: Path, images: int, chunk_pixels: int) -> Path:
-    from pipeline.store import StoreRecord, create_or_resume
+    from pipeline.features.store import StoreRecord, create_or_resume
 
     folder = work / f"n{images}"
     rng = np.random.default_rng(images)
@@ -53,8 +53,8 @@ def streaming(folder: Path, buffer_rows: int, members: int, members_per_pass: in
     import torch
 
     from pipeline.config import EnsembleConfig
-    from pipeline.ensemble import fit_ensemble
-    from pipeline.store import lazy_matrix, open_store
+    from pipeline.ensemble.fit import fit_ensemble
+    from pipeline.features.store import lazy_matrix, open_store
 
     stores = [open_store(folder / f"t{t}.zarr", {"t": t}) for t in STEPS]
     matrix, labels = lazy_matrix(stores, "train")
@@ -72,7 +72,7 @@ def in_ram(folder: Path, images: int, steps: int) -> dict:
     import zarr
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.ensemble import EnsembleMLP
+    from pipeline.ensemble.fit import EnsembleMLP
 
     dim = PER_STEP * len(STEPS)
     start = time.perf_counter()

@@ -7,13 +7,13 @@
     by the paper's rule (from 0-based epoch > 3 on, a batch whose loss does not beat the best batch loss
     increments a counter, a better one resets it; stop when the counter exceeds 50; at most 100 epochs).
     As the paper's setup_seed, the run seeds torch once; its members then draw from that generator.
-(b) streamed: pipeline.ensemble.fit_ensemble with the shipped defaults (EnsembleConfig(), the same
+(b) streamed: pipeline.ensemble.fit.fit_ensemble with the shipped defaults (EnsembleConfig(), the same
     values as params.yaml's ensemble section), ``--set key=value`` overriding them.
     ``--also 'name:key=value,...'`` adds another streamed fit with those overrides to the same
     interleaved run (e.g. ``--also 'bf16:autocast=bfloat16'``), one more row per geometry.
 
 Both are scored on the **val** split with the paper's protocol: majority vote of the members
-(pipeline.metrics.majority_vote), then evaluate's metrics (pipeline.evaluation.score: the paper's mIoU).
+(pipeline.ensemble.metrics.majority_vote), then evaluate's metrics (pipeline.ensemble.evaluation.score: the paper's mIoU).
 Every (procedure, seed) run is its own subprocess, reporting its own peak RSS (VmHWM) and its
 fit seconds (from opening the stores to a trained ensemble, the paper's loading into RAM included;
 val prediction excluded). Runs are interleaved a, b, b, a, a, b, ... so that load from other jobs on
@@ -23,7 +23,7 @@ Geometries:
 - digits: the default run's stores (``--digits-stores .../features/t{t}.zarr``, t = 50, 150, 250),
   50 train / 50 val canvases of 32 x 32, D = 576, 10 members.
 - paper-like: synthetic stores written here (``--work``): 128 x 128 canvases, each 16 digit canvases of
-  32 x 32 composed as pipeline/data.py composes them (digit 24 px) tiled 4 x 4; train canvases from the
+  32 x 32 composed as pipeline/data/dataset.py composes them (digit 24 px) tiled 4 x 4; train canvases from the
   digits' train pool, val canvases from the unlabeled pool (never from test). Features: the default
   run's DDPM (``--checkpoint``) applied convolutionally at 128 x 128, all 9 decoder blocks at
   t = 50, 150, 250, 350 (D = 1920), 1024-pixel chunks (16 per image, 131,072 train pixels for 8 images:
@@ -131,8 +131,8 @@ def score_val(predict, matrix, labels, num_classes: int, ignore_label: int) -> f
     import dask
     import torch
 
-    from pipeline.evaluation import score
-    from pipeline.metrics import majority_vote
+    from pipeline.ensemble.evaluation import score
+    from pipeline.ensemble.metrics import majority_vote
 
     if matrix.numblocks[1] != 1:
         matrix = matrix.rechunk({1: -1})
@@ -143,8 +143,8 @@ def score_val(predict, matrix, labels, num_classes: int, ignore_label: int) -> f
             rows, truth = dask.compute(matrix.blocks[block], labels.blocks[block], scheduler="synchronous")
             votes.append(majority_vote(predict(torch.from_numpy(rows.astype(np.float32))), num_classes).numpy())
             truths.append(truth)
-    # evaluate's metrics (pipeline.evaluation.score); the vote is here because the paper's members are not
-    # an EnsembleMLP that pipeline.evaluation.vote could run.
+    # evaluate's metrics (pipeline.ensemble.evaluation.score); the vote is here because the paper's members are not
+    # an EnsembleMLP that pipeline.ensemble.evaluation.vote could run.
     return score(np.concatenate(truths), np.concatenate(votes), [str(c) for c in range(num_classes)], ignore_label)["miou"]
 
 
@@ -161,7 +161,7 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from pipeline.config import EnsembleConfig, Stopping
-    from pipeline.store import lazy_matrix, open_store
+    from pipeline.features.store import lazy_matrix, open_store
 
     stores = [open_store(spec["stores"].format(t=t), {"t": t}) for t in spec["t_steps"]]
     train_x, train_y = lazy_matrix(stores, "train")
@@ -178,7 +178,7 @@ def run_one(spec: dict) -> dict:
         result["threads"] = spec["threads"]
         predict = lambda rows: torch.stack([m(rows).argmax(-1) for m in models])  # noqa: E731
     else:
-        from pipeline.ensemble import fit_ensemble
+        from pipeline.ensemble.fit import fit_ensemble
 
         overrides = dict(spec.get("set", {}))
         if "stopping" in overrides:
@@ -191,7 +191,7 @@ def run_one(spec: dict) -> dict:
         if spec.get("curve"):
             # Selection only: score val after every epoch (an observer: eval mode, no gradients, no RNG),
             # with the scoring time kept out of the fit seconds.
-            import pipeline.ensemble as ensemble
+            import pipeline.ensemble.fit as ensemble
 
             built, curve, paused = [], [], [0.0]
 
@@ -238,7 +238,7 @@ def in_subprocess(spec: dict) -> dict:
 # Paper-like synthetic stores
 # ---------------------------------------------------------------------------------------------
 def tiled_canvases(pool: np.ndarray, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from pipeline.data import compose_digit_split, load_mnist_5k
+    from pipeline.data.dataset import compose_digit_split, load_mnist_5k
 
     digits, labels = load_mnist_5k()
     tile, per_side = PAPER_LIKE["tile"], PAPER_LIKE["size"] // PAPER_LIKE["tile"]
@@ -255,10 +255,10 @@ def tiled_canvases(pool: np.ndarray, count: int, seed: int) -> list[tuple[np.nda
 
 
 def build_paper_like(work: Path, checkpoint: Path, train_images: int, val_images: int) -> str:
-    from pipeline.data import split_digit_pools, to_model_input
-    from pipeline.features import feature_dim, iter_pixel_features, make_noise
-    from pipeline.store import StoreRecord, create_or_resume, file_sha256
-    from pipeline.train_ddpm import load_checkpoint
+    from pipeline.data.dataset import split_digit_pools, to_model_input
+    from pipeline.features.activations import feature_dim, iter_pixel_features, make_noise
+    from pipeline.features.store import StoreRecord, create_or_resume, file_sha256
+    from pipeline.diffusion.train import load_checkpoint
 
     folder = work / f"paper_like_{train_images}_{val_images}"
     pattern = str(folder / "t{t}.zarr")

@@ -26,12 +26,12 @@ import torch
 import yaml
 
 from pipeline.config import LrSchedule, Params, params_from_dict
-from pipeline.data import Split, load_split, load_unlabeled, to_model_input
-from pipeline.diffusion import Diffusion
-from pipeline.evaluation import fit_and_score
-from pipeline.features import make_noise, pixel_features
-from pipeline.train_ddpm import train_ddpm
-from pipeline.unet import create_unet
+from pipeline.data.dataset import Split, load_split, load_unlabeled, to_model_input
+from pipeline.diffusion.gaussian import Diffusion
+from pipeline.ensemble.evaluation import fit_and_score
+from pipeline.features.activations import make_noise, pixel_features
+from pipeline.diffusion.train import train_ddpm
+from pipeline.diffusion.unet import create_unet
 
 
 def parse_recipe(spec: str) -> tuple[str, dict]:

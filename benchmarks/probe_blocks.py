@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import load_params
-from pipeline.data import Split, load_split, to_model_input
-from pipeline.evaluation import fit_and_score
-from pipeline.features import iter_pixel_features, make_noise
-from pipeline.train_ddpm import load_checkpoint
+from pipeline.data.dataset import Split, load_split, to_model_input
+from pipeline.ensemble.evaluation import fit_and_score
+from pipeline.features.activations import iter_pixel_features, make_noise
+from pipeline.diffusion.train import load_checkpoint
 
 
 def block_rows(model, diffusion, images, t, noise, batch=25) -> list[np.ndarray]:
     """Per decoder block, the ``[N*H*W, C_b] float16`` pixel rows of ``images`` at step ``t`` (image-major),
-    made as the extract stage makes them (``pipeline.features.iter_pixel_features``)."""
+    made as the extract stage makes them (``pipeline.features.activations.iter_pixel_features``)."""
     def batches():
         for start in range(0, len(images), batch):
             x0 = to_model_input(images[start : start + batch])

@@ -19,9 +19,9 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from pipeline.data import Split, load_split, to_model_input
-from pipeline.features import iter_pixel_features, make_noise
-from pipeline.train_ddpm import load_checkpoint
+from pipeline.data.dataset import Split, load_split, to_model_input
+from pipeline.features.activations import iter_pixel_features, make_noise
+from pipeline.diffusion.train import load_checkpoint
 
 CODECS = {
     "none": lambda: [],

@@ -110,7 +110,7 @@ def paper_checkpoint(path: Path) -> int:
     import torch
 
     from pipeline.presets import MODEL_PRESETS
-    from pipeline.unet import config_from_flags, create_unet
+    from pipeline.diffusion.unet import config_from_flags, create_unet
 
     torch.manual_seed(0)
     model = create_unet(config_from_flags(dict(MODEL_PRESETS["adm256"]["model"], image_size=256)))

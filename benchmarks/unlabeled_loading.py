@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 def measure(folder: Path, mode: str, batch_size: int, batches: int) -> dict:
     import torch
 
-    from pipeline.data import load_unlabeled
-    from pipeline.train_ddpm import batch_at
+    from pipeline.data.dataset import load_unlabeled
+    from pipeline.diffusion.train import batch_at
 
     files = load_unlabeled(folder)
     source = files[range(len(files))] if mode == "in_ram" else files

@@ -6,9 +6,9 @@
     results[0].mask, results[0].uncertainty      # [H, W] uint8 classes, [H, W] float32 nats
 
 An image goes through prepare's rule (``dataset.non_square``: an error, or a centre crop; then a bicubic
-resize to ``dataset.image_size``), its features are the extract stage's (``pipeline.features``: same
+resize to ``dataset.image_size``), its features are the extract stage's (``pipeline.features.activations``: same
 shared noise, steps, blocks and upsampling, same float16 rows and batch size), and the ensemble votes
-through ``pipeline.evaluation.vote``, the function evaluate scores with, row-chunk by row-chunk as
+through ``pipeline.ensemble.evaluation.vote``, the function evaluate scores with, row-chunk by row-chunk as
 evaluate reads them from a store. So on the test images ``mask`` equals evaluate's predictions.
 Results are mapped back to the input's own size (nearest); pixels a centre crop cut away get the
 ignore label and NaN uncertainty. Memory is set by one batch of images, never by how many are given.
@@ -25,17 +25,17 @@ import torch
 from PIL import Image
 
 from pipeline.config import Params, load_params
-from pipeline.data import _crop_square, read_rgb, to_model_input
-from pipeline.diffusion import Diffusion
-from pipeline.ensemble import EnsembleMLP, load_ensemble
+from pipeline.data.dataset import _crop_square, read_rgb, to_model_input
+from pipeline.diffusion.gaussian import Diffusion
+from pipeline.ensemble.fit import EnsembleMLP, load_ensemble
 from pipeline.enums import NonSquarePolicy, Representation
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.evaluation import vote
-from pipeline.features import feature_dim, images_per_batch, iter_pixel_features, make_noise
+from pipeline.ensemble.evaluation import vote
+from pipeline.features.activations import feature_dim, images_per_batch, iter_pixel_features, make_noise
 from pipeline.runtime import AUTOCAST_DTYPES, pick_device
-from pipeline.store import file_sha256, fit_record, rows_per_chunk
-from pipeline.train_ddpm import load_checkpoint
-from pipeline.unet import UNetModel, for_inference
+from pipeline.features.store import file_sha256, fit_record, rows_per_chunk
+from pipeline.diffusion.train import load_checkpoint
+from pipeline.diffusion.unet import UNetModel, for_inference
 
 ImageInput = str | Path | np.ndarray  # a file, or an [H, W, 3] uint8 array
 
@@ -75,7 +75,7 @@ def prepare_image(image: ImageInput, image_size: int, non_square: NonSquarePolic
     corner = _crop_square(np.indices((height, width)).transpose(1, 2, 0), where, non_square)
     box = (int(corner[0, 0, 0]), int(corner[0, 0, 1]), int(corner.shape[0]))
     square = array[box[0] : box[0] + box[2], box[1] : box[1] + box[2]]
-    if square.shape[0] != image_size:  # as pipeline.data.load_image resizes
+    if square.shape[0] != image_size:  # as pipeline.data.dataset.load_image resizes
         square = np.asarray(Image.fromarray(square).resize((image_size, image_size), Image.BICUBIC))
     return PreparedImage(name, square, height, width, box)
 

@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from pipeline.enums import (Autocast, Codec, Corruption, LossWeighting, LrSchedule, ModelPreset, NoiseSchedule,
                             NonSquarePolicy, Representation, Stopping, StoreLayout, UpsampleMode)
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
-from pipeline.model_flags import DIFFUSION_FLAGS, UNetConfig, config_from_flags
+from pipeline.diffusion.flags import DIFFUSION_FLAGS, UNetConfig, config_from_flags
 from pipeline.presets import MODEL_PRESETS, PRESETS
-from pipeline.schedule import betas_for_schedule
+from pipeline.diffusion.schedule import betas_for_schedule
 
 __all__ = ["Autocast", "Codec", "ConfigError", "Corruption", "DatasetConfig", "DDPMConfig", "EnsembleConfig", "EvaluateConfig",
            "FeaturesConfig", "LossWeighting", "LrSchedule", "ModelFlags", "ModelPreset", "NoiseSchedule",

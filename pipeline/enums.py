@@ -13,14 +13,14 @@ def _choice(name: str, key: str, *values: str) -> type[enum.Enum]:
 
 # How decoder maps reach the image's resolution.
 UpsampleMode = _choice("UpsampleMode", "features.upsample", "bilinear", "nearest")
-# What a feature store keeps on disk (pipeline/store.py): pixels = the upsampled [pixels, D] float16 matrix,
+# What a feature store keeps on disk (pipeline/features/store.py): pixels = the upsampled [pixels, D] float16 matrix,
 # as the paper's code holds it; native = each block's map at the resolution the UNet made it, upsampled when read.
 StoreLayout = _choice("StoreLayout", "features.layout", "pixels", "native")
 NonSquarePolicy = _choice("NonSquarePolicy", "dataset.non_square", "error", "center_crop")
 # Model flags and default blocks of pipeline/presets.py MODEL_PRESETS: the built-in 32-channel UNet for the
 # digits (image_size = dataset.image_size); the paper's 256x256 guided-diffusion checkpoints (lsun_*.pt, ffhq.pt).
 ModelPreset = _choice("ModelPreset", "ddpm.preset", "digits", "adm256")
-# guided-diffusion's named beta schedules (pipeline/schedule.py).
+# guided-diffusion's named beta schedules (pipeline/diffusion/schedule.py).
 NoiseSchedule = _choice("NoiseSchedule", "ddpm.noise_schedule", "linear", "cosine")
 # How the ε-MSE of each example is weighted by its timestep: uniform = Ho et al.'s simple loss; min_snr =
 # Hang et al. 2023 (Min-SNR-γ), weight min(SNR(t), γ) / SNR(t).
@@ -32,7 +32,7 @@ LrSchedule = _choice("LrSchedule", "ddpm.train.lr_schedule", "constant", "cosine
 # ddpm.checkpoint at each t (the method); rgb = each pixel's 3 colour values in [-1, 1] (t, blocks and the
 # checkpoint's weights unused); rgb_patch = its features.patch_size x patch_size RGB neighbourhood (replicate-padded).
 Representation = _choice("Representation", "features.representation", "ddpm", "rgb", "rgb_patch")
-# Test-image corruptions of the robustness stage (pipeline/corruptions.py holds each one's severities).
+# Test-image corruptions of the robustness stage (pipeline/analysis/corruptions.py holds each one's severities).
 Corruption = _choice("Corruption", "robustness.corruptions", "gaussian_noise", "blur", "jpeg", "contrast")
 # features.autocast / ensemble.autocast: the dtype of matrix products under torch.autocast.
 Autocast = _choice("Autocast", "autocast", "none", "bfloat16", "float16")

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import Params, load_params
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.unet import check_model_builds
+from pipeline.diffusion.unet import check_model_builds
 
 # features.autocast / ensemble.autocast (values of config.Autocast, a str enum) -> the dtype autocast runs in.
 AUTOCAST_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data import Split, list_examples, read_rgb
-from pipeline.ensemble import load_ensemble
-from pipeline.evaluation import check_finite_metrics, predict_split, score
-from pipeline.metrics import label_counts
-from pipeline.report import confusion_rows, overlay, palette, per_class_table, write_csv_atomic, write_prediction
+from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.ensemble.fit import load_ensemble
+from pipeline.ensemble.evaluation import check_finite_metrics, predict_split, score
+from pipeline.ensemble.metrics import label_counts
+from pipeline.outputs.figures import confusion_rows, overlay, palette, per_class_table, write_csv_atomic, write_prediction
 from pipeline.runtime import building_dir, pick_device, stage_main, stage_params, stage_parser, write_json_atomic
-from pipeline.store import fit_record, open_store, params_record, set_aside_unused_stores
+from pipeline.features.store import fit_record, open_store, params_record, set_aside_unused_stores
 
 
 @stage_main

@@ -6,14 +6,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.data import Split, list_examples
+from pipeline.data.dataset import Split, list_examples
 from pipeline.enums import Representation
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
-from pipeline.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
-from pipeline.features import feature_dim, representation_dim
+from pipeline.features.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
+from pipeline.features.activations import feature_dim, representation_dim
 from pipeline.runtime import stage_main, stage_params, stage_parser
-from pipeline.store import StoreRecord, create_or_resume, file_sha256, inputs_sha256, params_record
-from pipeline.train_ddpm import load_checkpoint
+from pipeline.features.store import StoreRecord, create_or_resume, file_sha256, inputs_sha256, params_record
+from pipeline.diffusion.train import load_checkpoint
 
 
 @stage_main

@@ -5,10 +5,10 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.ensemble import EpochStats, fit_ensemble, image_rows, member_passes, save_ensemble, train_subset
-from pipeline.live import log_step, open_curves, write_curves
+from pipeline.ensemble.fit import EpochStats, fit_ensemble, image_rows, member_passes, save_ensemble, train_subset
+from pipeline.outputs.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
-from pipeline.store import fit_record, lazy_matrix, open_store, params_record, set_aside_unused_stores
+from pipeline.features.store import fit_record, lazy_matrix, open_store, params_record, set_aside_unused_stores
 
 
 @stage_main

@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pipeline.data import Split, list_examples, read_rgb, to_model_input
-from pipeline.extraction import batch_noise, loaded_model, worker_device
-from pipeline.features import feature_maps
-from pipeline.kmeans import kmeans
+from pipeline.data.dataset import Split, list_examples, read_rgb, to_model_input
+from pipeline.features.extraction import batch_noise, loaded_model, worker_device
+from pipeline.features.activations import feature_maps
+from pipeline.analysis.kmeans import kmeans
 from pipeline.runtime import building_dir, stage_main, stage_params, stage_parser
 
 

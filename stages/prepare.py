@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import BUILTIN_DATASET
-from pipeline.data import build_digits, prepare_folder
+from pipeline.data.dataset import build_digits, prepare_folder
 from pipeline.runtime import building_dir, stage_main, stage_params, stage_parser, write_json_atomic
 
 

@@ -11,20 +11,20 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-import pipeline.data
-import pipeline.diffusion
-import pipeline.model_flags
-import pipeline.schedule
-import pipeline.train_ddpm
-import pipeline.unet
-from pipeline.data import load_unlabeled
-from pipeline.diffusers_unet import import_diffusers_folder
-from pipeline.diffusion import Diffusion
-from pipeline.live import log_step, open_curves, write_curves
+import pipeline.data.dataset
+import pipeline.diffusion.gaussian
+import pipeline.diffusion.flags
+import pipeline.diffusion.schedule
+import pipeline.diffusion.train
+import pipeline.diffusion.unet
+from pipeline.data.dataset import load_unlabeled
+from pipeline.diffusion.diffusers_unet import import_diffusers_folder
+from pipeline.diffusion.gaussian import Diffusion
+from pipeline.outputs.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
-from pipeline.store import file_sha256
-from pipeline.train_ddpm import save_checkpoint, train_ddpm
-from pipeline.unet import create_unet, load_guided_diffusion
+from pipeline.features.store import file_sha256
+from pipeline.diffusion.train import save_checkpoint, train_ddpm
+from pipeline.diffusion.unet import create_unet, load_guided_diffusion
 
 
 # The default ddpm.checkpoint: a placeholder file meaning "train, import nothing". dvc.yaml depends on
@@ -94,8 +94,8 @@ def run_fingerprint(ddpm, model_flags: dict, images) -> str:
     digest = hashlib.sha256(json.dumps({"train": train, "model": model_flags, "steps": ddpm.diffusion_steps,
                                         "schedule": ddpm.noise_schedule, "rescale": ddpm.rescale_timesteps},
                                        sort_keys=True, default=str).encode())
-    for module in (pipeline.train_ddpm, pipeline.unet, pipeline.model_flags, pipeline.diffusion, pipeline.schedule,
-                   pipeline.data):
+    for module in (pipeline.diffusion.train, pipeline.diffusion.unet, pipeline.diffusion.flags, pipeline.diffusion.gaussian, pipeline.diffusion.schedule,
+                   pipeline.data.dataset):
         digest.update(Path(module.__file__).read_bytes())
     for path in images.paths:
         digest.update(path.name.encode())

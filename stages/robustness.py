@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.corruptions import corrupt
-from pipeline.data import Split, list_examples, read_rgb
-from pipeline.ensemble import load_ensemble
-from pipeline.evaluation import score
-from pipeline.extraction import loaded_model, worker_device
-from pipeline.report import write_csv_atomic
-from pipeline.robustness import split_prediction
+from pipeline.analysis.corruptions import corrupt
+from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.ensemble.fit import load_ensemble
+from pipeline.ensemble.evaluation import score
+from pipeline.features.extraction import loaded_model, worker_device
+from pipeline.outputs.figures import write_csv_atomic
+from pipeline.analysis.robustness import split_prediction
 from pipeline.runtime import atomic_file, pick_device, stage_main, stage_params, stage_parser, write_json_atomic
-from pipeline.store import file_sha256, fit_record
+from pipeline.features.store import file_sha256, fit_record
 
 
 @stage_main

@@ -12,11 +12,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.api import PreparedImage, Segmenter, prepare_image
-from pipeline.data import list_images
+from pipeline.data.dataset import list_images
 from pipeline.errors import DatasetError, PipelineError
-from pipeline.report import palette, write_csv_atomic
+from pipeline.outputs.figures import palette, write_csv_atomic
 from pipeline.runtime import stage_main, stage_params, stage_parser
-from pipeline.segment_outputs import summary_row, write_outputs
+from pipeline.outputs.segment import summary_row, write_outputs
 
 
 def readable(paths: list[Path], segmenter: Segmenter, bad: dict[Path, str]) -> Iterator[PreparedImage]:

@@ -15,7 +15,7 @@ LOCAL_PACKAGES = ("pipeline", "stages")
 
 
 def module_file(root: Path, name: str) -> Path | None:
-    """``pipeline.store`` -> ``pipeline/store.py`` (or a package's ``__init__.py``); None if not ours."""
+    """``pipeline.features.store`` -> ``pipeline/features/store.py`` (or a package's ``__init__.py``); None if not ours."""
     if name.split(".")[0] not in LOCAL_PACKAGES:
         return None
     base = root.joinpath(*name.split("."))

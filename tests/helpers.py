@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from pipeline.config import params_from_dict
-from pipeline.diffusion import Diffusion
-from pipeline.train_ddpm import save_checkpoint
-from pipeline.unet import create_unet
+from pipeline.diffusion.gaussian import Diffusion
+from pipeline.diffusion.train import save_checkpoint
+from pipeline.diffusion.unet import create_unet
 from tests.conftest import REPO
 
 TINY_PARAMS = {

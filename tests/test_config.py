@@ -88,7 +88,7 @@ def test_model_flag_lists_are_yaml_lists_and_unset_is_null():
 def test_loading_params_imports_no_torch():
     """Config is a leaf: params load and are checked without the network, the diffusion maths or torch."""
     code = ("import sys; from pipeline.config import load_params; load_params('params.yaml'); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in ('pipeline.unet', 'pipeline.diffusion')))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in ('pipeline.diffusion.unet', 'pipeline.diffusion.gaussian')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
 

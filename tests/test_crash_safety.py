@@ -98,8 +98,8 @@ def test_fit_gives_the_same_weights_whatever_thread_count_the_process_is_given(p
     change its weights. The control: the same fit in this process with two threads against one differs,
     so the first check could fail."""
     from pipeline.config import load_params
-    from pipeline.ensemble import fit_ensemble
-    from pipeline.store import lazy_matrix, open_store
+    from pipeline.ensemble.fit import fit_ensemble
+    from pipeline.features.store import lazy_matrix, open_store
 
     store = tmp_path / "t50.zarr"
     assert subprocess.run(extract_command(project, store), env=ENV, cwd=REPO, capture_output=True).returncode == 0

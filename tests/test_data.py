@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DatasetConfig, NonSquarePolicy
-from pipeline.data import (DatasetError, Split, build_digits, compose_canvas, drop_small_classes, list_examples,
+from pipeline.data.dataset import (DatasetError, Split, build_digits, compose_canvas, drop_small_classes, list_examples,
                            load_mnist_5k, prepare_folder, split_digit_pools, to_model_input)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.store import StoreRecord, create_or_resume, set_aside_unused_stores
+from pipeline.features.store import StoreRecord, create_or_resume, set_aside_unused_stores
 from tests.conftest import REPO
 from tests.dvc_deps import import_closure, missing_and_extra
 
@@ -24,10 +24,10 @@ def test_the_closure_check_names_a_file_removed_from_a_stage(tmp_path):
     for folder in ("pipeline", "stages"):
         shutil.copytree(REPO / folder, tmp_path / folder)
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    dvc_yaml["stages"]["extract"]["do"]["deps"].remove("pipeline/diffusion.py")
+    dvc_yaml["stages"]["extract"]["do"]["deps"].remove("pipeline/diffusion/gaussian.py")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
     missing, extra = missing_and_extra(tmp_path)["extract"]
-    assert missing == {"pipeline/diffusion.py"} and not extra
+    assert missing == {"pipeline/diffusion/gaussian.py"} and not extra
 
 
 def test_lazy_imports_inside_functions_count(tmp_path):

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.diffusion import Diffusion
-from pipeline.extraction import loaded_model
-from pipeline.features import feature_maps, iter_pixel_features, upsample_concat
-from pipeline.train_ddpm import save_checkpoint
-from pipeline.unet import GroupNorm32, for_inference, load_guided_diffusion
+from pipeline.diffusion.gaussian import Diffusion
+from pipeline.features.extraction import loaded_model
+from pipeline.features.activations import feature_maps, iter_pixel_features, upsample_concat
+from pipeline.diffusion.train import save_checkpoint
+from pipeline.diffusion.unet import GroupNorm32, for_inference, load_guided_diffusion
 
 # Tolerance of a float16 forward against the float32 reference, relative to each block's scale. float16
 # keeps 11 significant bits (spacing 2^-10 of a value's magnitude), and every conv of the ~30 layers rounds

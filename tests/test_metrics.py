@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import (confusion_matrix, iou_per_class, iou_per_class_paper, jensen_shannon, label_counts,
+from pipeline.ensemble.metrics import (confusion_matrix, iou_per_class, iou_per_class_paper, jensen_shannon, label_counts,
                               majority_vote, mean_iou, mean_iou_paper, strict_confusion,
                               pixel_accuracy, top_decile_mean)
 
@@ -80,7 +80,7 @@ def test_paper_protocol_skips_an_ignore_label_that_is_a_class_index():
 
 
 def test_score_reports_both_protocols_and_the_uncertainty_per_image():
-    from pipeline.evaluation import score
+    from pipeline.ensemble.evaluation import score
 
     truth = np.array([0, 0, 255, 1], np.uint8)
     prediction = np.array([0, 1, 1, 1], np.uint8)

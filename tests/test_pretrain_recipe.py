@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pipeline.config import LossWeighting, LrSchedule, TrainConfig
-from pipeline.diffusion import Diffusion
-from pipeline.train_ddpm import batch_at, lr_at, mse_weights, train_ddpm
-from pipeline.unet import create_unet
+from pipeline.diffusion.gaussian import Diffusion
+from pipeline.diffusion.train import batch_at, lr_at, mse_weights, train_ddpm
+from pipeline.diffusion.unet import create_unet
 from tests.conftest import REPO
 from tests.helpers import exit_code_2_stderr, full_disk_save, make_project
 

@@ -9,11 +9,11 @@ from PIL import Image
 
 from pipeline.api import Segmenter
 from pipeline.config import load_params
-from pipeline.data import compose_digit_split, load_mnist_5k, split_digit_pools
-from pipeline.ensemble import EnsembleMLP, save_ensemble
-from pipeline.features import feature_dim
-from pipeline.store import file_sha256, fit_record
-from pipeline.train_ddpm import load_checkpoint
+from pipeline.data.dataset import compose_digit_split, load_mnist_5k, split_digit_pools
+from pipeline.ensemble.fit import EnsembleMLP, save_ensemble
+from pipeline.features.activations import feature_dim
+from pipeline.features.store import file_sha256, fit_record
+from pipeline.diffusion.train import load_checkpoint
 from tests.helpers import make_project, run_stage, write_params
 
 

@@ -286,7 +286,7 @@ def test_interrupted_store_is_refused(project, tmp_path):
 
 def test_disk_full_while_writing_keeps_nothing_half_written(project, tmp_path, monkeypatch, capsys):
     import stages.extract
-    from pipeline import store
+    from pipeline.features import store
 
     calls = {"count": 0}
     original = store.StoreWriter.write

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train_ddpm import load_checkpoint, save_checkpoint
+from pipeline.diffusion.train import load_checkpoint, save_checkpoint
 from tests.helpers import exit_code_2_stderr, full_disk_save, make_project, run_stage, write_params
 
 
@@ -81,7 +81,7 @@ def test_extract_stops_at_non_finite_or_float16_overflowing_features(project, tm
                                             (float("-inf"), "has NaN or infinite values")])
 def test_store_writer_refuses_values_float16_cannot_hold(tmp_path, value, message):
     from pipeline.errors import NumericsError
-    from pipeline.store import StoreRecord, create_or_resume
+    from pipeline.features.store import StoreRecord, create_or_resume
 
     record = StoreRecord(t=1, blocks=(1,), upsample="bilinear", noise_seed=0, stochastic_noise=False,
                          checkpoint_sha256="x", image_size=2, feature_dim=3)
@@ -98,7 +98,7 @@ def test_store_writer_refuses_values_float16_cannot_hold(tmp_path, value, messag
                                             (-1e6, "image 3 gave features up to 1e\\+06, beyond the 65504")])
 def test_feature_check_names_the_image_of_the_batch_that_went_wrong(value, message):
     from pipeline.errors import NumericsError
-    from pipeline.features import check_feature_values
+    from pipeline.features.activations import check_feature_values
 
     maps = torch.zeros(3, 4, 2, 2)
     maps[1, 2, 1, 0] = value

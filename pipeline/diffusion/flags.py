@@ -1,7 +1,7 @@
 """Model flags without the model: guided-diffusion's flag names parsed into a ``UNetConfig``.
 
 No torch here, so params can be loaded and checked (``pipeline.config``) without importing the network;
-``pipeline.unet`` builds the network from a ``UNetConfig``.
+``pipeline.diffusion.unet`` builds the network from a ``UNetConfig``.
 """
 from __future__ import annotations
 

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from pipeline.enums import Autocast
-from pipeline.ensemble import EnsembleMLP, fit_ensemble, predict_chunks
+from pipeline.ensemble.fit import EnsembleMLP, fit_ensemble, predict_chunks
 from pipeline.errors import NumericsError
-from pipeline.metrics import (iou_per_class, iou_per_class_paper, jensen_shannon, label_counts, majority_vote,
+from pipeline.ensemble.metrics import (iou_per_class, iou_per_class_paper, jensen_shannon, label_counts, majority_vote,
                               mean_iou, mean_iou_paper, pixel_accuracy, strict_confusion, top_decile_mean)
-from pipeline.store import FeatureStore, lazy_matrix
+from pipeline.features.store import FeatureStore, lazy_matrix
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError, ModelFlagsError, check_decoder_blocks
-from pipeline.model_flags import UNetConfig, config_from_flags
+from pipeline.diffusion.flags import UNetConfig, config_from_flags
 
 
 # ---------------------------------------------------------------------------------------------

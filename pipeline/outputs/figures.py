@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.metrics import iou_per_class, iou_per_class_paper, strict_confusion
+from pipeline.ensemble.metrics import iou_per_class, iou_per_class_paper, strict_confusion
 from pipeline.runtime import atomic_file
 
 

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.enums import NoiseSchedule
 from pipeline.errors import ConfigError
-from pipeline.schedule import betas_for_schedule
+from pipeline.diffusion.schedule import betas_for_schedule
 
 
 class Diffusion:

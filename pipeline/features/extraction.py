@@ -17,14 +17,14 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.data import read_rgb, to_model_input
-from pipeline.diffusion import Diffusion
+from pipeline.data.dataset import read_rgb, to_model_input
+from pipeline.diffusion.gaussian import Diffusion
 from pipeline.errors import ConfigError
-from pipeline.features import feature_dim, images_per_batch, iter_block_maps, iter_pixel_features, make_noise
+from pipeline.features.activations import feature_dim, images_per_batch, iter_block_maps, iter_pixel_features, make_noise
 from pipeline.runtime import AUTOCAST_DTYPES, pick_device
-from pipeline.store import StoreWriter, background_writes
-from pipeline.train_ddpm import load_checkpoint
-from pipeline.unet import UNetModel, for_inference
+from pipeline.features.store import StoreWriter, background_writes
+from pipeline.diffusion.train import load_checkpoint
+from pipeline.diffusion.unet import UNetModel, for_inference
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ExtractJob:
     """Everything a worker needs to extract and write images of one step (plain, picklable values)."""
 
     checkpoint: str
-    store: str  # the final store path or URL; workers write into its staging location (pipeline.store.staging)
+    store: str  # the final store path or URL; workers write into its staging location (pipeline.features.store.staging)
     t: int
     blocks: tuple[int, ...]  # the blocks the store holds (features.store_blocks)
     upsample: str
@@ -90,7 +90,7 @@ def loaded_model(checkpoint: str, device: str) -> tuple[UNetModel, Diffusion]:
     """Each process (the stage, or a dask worker) loads a checkpoint once, then reuses it for every task.
 
     A ``use_fp16`` model runs in float16 on CUDA and in float32, with one warning, on a CPU
-    (``pipeline.unet.for_inference``)."""
+    (``pipeline.diffusion.unet.for_inference``)."""
     model, diffusion, _ = load_checkpoint(checkpoint)
     return for_inference(model, device), diffusion
 
@@ -103,7 +103,7 @@ def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Ca
     writer = StoreWriter.reopen(job.store)
     images, masks = job.image_paths[split], job.mask_paths[split]
     # features.batch_size is an upper bound: at 256² the paper's blocks give 0.74 GB of float32 maps per
-    # image, so the batch is cut to fit pipeline.features.FEATURE_BATCH_BYTES (2 images there).
+    # image, so the batch is cut to fit pipeline.features.activations.FEATURE_BATCH_BYTES (2 images there).
     batch_size = images_per_batch(job.batch_size, size, feature_dim(model, job.blocks))
 
     def batches() -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:

@@ -13,7 +13,7 @@ Layout of ``features/t<t>.zarr``::
     <split> attrs: image_ids (stems, in row order), pixels_per_image
 
 Either layout reads back as the same lazy ``[N*H*W, D]`` float16 matrix (``FeatureStore.features``): a
-native store upsamples each row-chunk when it is read (``pipeline.features.upsample_rows``), which equals
+native store upsamples each row-chunk when it is read (``pipeline.features.activations.upsample_rows``), which equals
 the pixels layout to float16 rounding of the maps. A store may hold more blocks than an experiment uses;
 readers select ``blocks`` among the record's.
 
@@ -49,7 +49,7 @@ import zarr.codecs
 from zarr.core.sync import sync
 
 from pipeline.errors import NumericsError, PipelineError, StoreError
-from pipeline.features import upsample_rows
+from pipeline.features.activations import upsample_rows
 from pipeline.runtime import replace_dir
 
 FORMAT = "ddpm-segmentation-features/1"

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.api import Segmentation
-from pipeline.data import read_rgb
+from pipeline.data.dataset import read_rgb
 from pipeline.runtime import atomic_file
 
 

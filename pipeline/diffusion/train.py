@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.data import ImageFiles, to_model_input
-from pipeline.diffusion import Diffusion
+from pipeline.data.dataset import ImageFiles, to_model_input
+from pipeline.diffusion.gaussian import Diffusion
 from pipeline.enums import LossWeighting, LrSchedule, NoiseSchedule
 from pipeline.errors import DatasetError, ModelFlagsError, NumericsError
-from pipeline.model_flags import UNetConfig, config_from_flags
+from pipeline.diffusion.flags import UNetConfig, config_from_flags
 from pipeline.runtime import save_torch_atomic
-from pipeline.unet import UNetModel, check_state_dict, create_unet
+from pipeline.diffusion.unet import UNetModel, check_state_dict, create_unet
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"
 STATE_FORMAT = "ddpm-segmentation-pretrain-state/1"
@@ -234,7 +234,7 @@ def build_model(payload: dict, path: Path) -> nn.Module:
     """The checkpoint's network with its weights: a guided-diffusion UNet, or a diffusers UNet2DModel
     (imported by the pretrain stage; needs the diffusers extra)."""
     if payload.get("architecture", GUIDED_DIFFUSION) != GUIDED_DIFFUSION:
-        from pipeline.diffusers_unet import build_unet
+        from pipeline.diffusion.diffusers_unet import build_unet
 
         model = build_unet(payload["model_flags"]["diffusers"])
         model.load_state_dict(payload["state_dict"])

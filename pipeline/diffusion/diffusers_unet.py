@@ -1,4 +1,4 @@
-"""diffusers ``UNet2DModel`` checkpoints behind the feature interface of ``pipeline.unet.UNetModel``.
+"""diffusers ``UNet2DModel`` checkpoints behind the feature interface of ``pipeline.diffusion.unet.UNetModel``.
 
 ``ddpm.checkpoint`` may name a local diffusers folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``
 of a ``UNet2DModel`` (e.g. the unconditional DDPM models of LSUN bedroom, cat, church and CelebA-HQ at
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.diffusion import Diffusion
+from pipeline.diffusion.gaussian import Diffusion
 from pipeline.enums import NoiseSchedule
 from pipeline.errors import ConfigError, ModelFlagsError, check_decoder_blocks
-from pipeline.store import file_sha256
+from pipeline.features.store import file_sha256
 
 ARCHITECTURE = "diffusers.UNet2DModel"
 WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -1,6 +1,6 @@
 """Predictions for images that have no store (the robustness analysis' corrupted test images): features made
 batch by batch exactly as extract makes them (``iter_pixel_features``, the test split's noise of
-``batch_noise``), voted on by the ensemble as evaluate votes (``pipeline.evaluation.vote``)."""
+``batch_noise``), voted on by the ensemble as evaluate votes (``pipeline.ensemble.evaluation.vote``)."""
 from __future__ import annotations
 
 import dask.array as da
@@ -8,15 +8,15 @@ import numpy as np
 import torch
 
 from pipeline.config import Params
-from pipeline.data import to_model_input
-from pipeline.diffusion import Diffusion
-from pipeline.ensemble import EnsembleMLP
-from pipeline.evaluation import vote
-from pipeline.extraction import batch_noise
-from pipeline.features import iter_pixel_features
+from pipeline.data.dataset import to_model_input
+from pipeline.diffusion.gaussian import Diffusion
+from pipeline.ensemble.fit import EnsembleMLP
+from pipeline.ensemble.evaluation import vote
+from pipeline.features.extraction import batch_noise
+from pipeline.features.activations import iter_pixel_features
 from pipeline.runtime import AUTOCAST_DTYPES
-from pipeline.store import rows_per_chunk
-from pipeline.unet import UNetModel
+from pipeline.features.store import rows_per_chunk
+from pipeline.diffusion.unet import UNetModel
 
 
 def split_prediction(model: UNetModel, diffusion: Diffusion, ensemble: EnsembleMLP, params: Params,
