@@ -255,9 +255,12 @@ def tiled_canvases(pool: np.ndarray, count: int, seed: int) -> list[tuple[np.nda
 
 
 def build_paper_like(work: Path, checkpoint: Path, train_images: int, val_images: int) -> str:
-    from pipeline.data.dataset import split_digit_pools, to_model_input
-    from pipeline.features.activations import feature_dim, iter_pixel_features, make_noise
-    from pipeline.features.store import StoreRecord, create_or_resume, file_sha256
+    from pipeline.config import FeaturesConfig
+    from pipeline.data.dataset import split_digit_pools
+    from pipeline.features.activations import feature_dim
+    from pipeline.features.compute import features_for_images
+    from pipeline.features.store import StoreRecord, create_or_resume
+    from pipeline.hashing import file_sha256
     from pipeline.diffusion.train import load_checkpoint
 
     folder = work / f"paper_like_{train_images}_{val_images}"
@@ -270,7 +273,7 @@ def build_paper_like(work: Path, checkpoint: Path, train_images: int, val_images
     # val digits come from the digits' unlabeled pool: disjoint from the train pool, never from test.
     splits = {"train": tiled_canvases(pools["train"], train_images, 1), "val": tiled_canvases(pools["unlabeled"], val_images, 2)}
     size, sha = PAPER_LIKE["size"], file_sha256(checkpoint)
-    noise = make_noise(0, size)
+    options = FeaturesConfig(batch_size=4)  # noise seed 0, bilinear: the extract stage's defaults
     for t in PAPER_LIKE["t_steps"]:
         record = StoreRecord(t=t, blocks=PAPER_LIKE["blocks"], upsample="bilinear", noise_seed=0, stochastic_noise=False,
                              checkpoint_sha256=sha, image_size=size, feature_dim=dim)
@@ -278,11 +281,8 @@ def build_paper_like(work: Path, checkpoint: Path, train_images: int, val_images
         writer = create_or_resume(pattern.format(t=t), record, ids, chunk_pixels=PAPER_LIKE["chunk_pixels"],
                                   codec="zstd", clevel=3)
         for split, items in splits.items():
-            batches = ((list(range(first, min(first + 4, len(items)))),
-                        to_model_input(np.stack([image for image, _ in items[first : first + 4]])), noise)
-                       for first in range(0, len(items), 4))
-            for index, rows in iter_pixel_features(model, diffusion, batches, t_steps=[t], blocks=PAPER_LIKE["blocks"],
-                                                   upsample="bilinear"):
+            for index, rows in features_for_images(model, diffusion, [image for image, _ in items], options=options,
+                                                   t_steps=[t], blocks=PAPER_LIKE["blocks"], split=split):
                 writer.write(split, index, rows.numpy(), items[index][1].reshape(-1))
         writer.finish()
     return pattern

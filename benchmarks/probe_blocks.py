@@ -19,22 +19,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import load_params
-from pipeline.data.dataset import Split, load_split, to_model_input
+from pipeline.data.dataset import Split, load_split
 from pipeline.ensemble.evaluation import fit_and_score
-from pipeline.features.activations import iter_pixel_features, make_noise
+from pipeline.config import FeaturesConfig
+from pipeline.features.compute import features_for_images
 from pipeline.diffusion.train import load_checkpoint
 
 
-def block_rows(model, diffusion, images, t, noise, batch=25) -> list[np.ndarray]:
+def block_rows(model, diffusion, images, t, noise_seed=0, batch=25) -> list[np.ndarray]:
     """Per decoder block, the ``[N*H*W, C_b] float16`` pixel rows of ``images`` at step ``t`` (image-major),
-    made as the extract stage makes them (``pipeline.features.activations.iter_pixel_features``)."""
-    def batches():
-        for start in range(0, len(images), batch):
-            x0 = to_model_input(images[start : start + batch])
-            yield list(range(start, start + len(x0))), x0, noise
-
-    return [np.concatenate([rows.numpy() for _, rows in iter_pixel_features(
-                model, diffusion, batches(), t_steps=[t], blocks=[block], upsample="bilinear")])
+    made by the one feature path the extract stage writes with (``features_for_images``)."""
+    options = FeaturesConfig(noise_seed=noise_seed, batch_size=batch)
+    return [np.concatenate([rows.numpy() for _, rows in features_for_images(
+                model, diffusion, list(images), options=options, t_steps=[t], blocks=[block], split="train")])
             for block in range(model.num_decoder_blocks)]
 
 
@@ -53,10 +50,9 @@ def main() -> None:
     _, train_images, train_masks = load_split(args.data, Split.TRAIN)
     _, val_images, val_masks = load_split(args.data, Split.VAL)
     params = load_params(args.params)
-    noise = make_noise(0, model.config.image_size)
     features = {}
     for t in args.steps:
-        features[t] = (block_rows(model, diffusion, train_images, t, noise), block_rows(model, diffusion, val_images, t, noise))
+        features[t] = (block_rows(model, diffusion, train_images, t), block_rows(model, diffusion, val_images, t))
     config = params.ensemble if args.members is None else params.ensemble.model_copy(update={"members": args.members})
     step_sets = [tuple(int(s) for s in spec.split(",")) for spec in args.step_sets] if args.step_sets else [tuple(args.steps)]
     results = []

@@ -19,8 +19,9 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from pipeline.data.dataset import Split, load_split, to_model_input
-from pipeline.features.activations import iter_pixel_features, make_noise
+from pipeline.data.dataset import Split, load_split
+from pipeline.config import FeaturesConfig
+from pipeline.features.compute import features_for_images
 from pipeline.diffusion.train import load_checkpoint
 
 CODECS = {
@@ -47,9 +48,8 @@ def main() -> None:
     model, diffusion, _ = load_checkpoint(args.checkpoint)
     blocks = args.blocks or list(range(model.num_decoder_blocks))
     images = load_split(args.data, Split.TRAIN)[1][: args.images]
-    batch = [(list(range(len(images))), to_model_input(images), make_noise(0, model.config.image_size))]
-    features = np.concatenate([rows.numpy() for _, rows in iter_pixel_features(  # the extract stage's rows
-        model, diffusion, batch, t_steps=args.steps, blocks=blocks, upsample="bilinear")])
+    features = np.concatenate([rows.numpy() for _, rows in features_for_images(  # the extract stage's rows
+        model, diffusion, list(images), options=FeaturesConfig(), t_steps=args.steps, blocks=blocks, split="train")])
     megabytes = features.nbytes / 2**20
     print(f"{features.shape[0]} pixels x {features.shape[1]} features = {megabytes:.0f} MB float16")
     results = []

@@ -24,7 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def measure(folder: Path, mode: str, batch_size: int, batches: int) -> dict:
-    import torch
 
     from pipeline.data.dataset import load_unlabeled
     from pipeline.diffusion.train import batch_at

@@ -6,8 +6,8 @@
     results[0].mask, results[0].uncertainty      # [H, W] uint8 classes, [H, W] float32 nats
 
 An image goes through prepare's rule (``dataset.non_square``: an error, or a centre crop; then a bicubic
-resize to ``dataset.image_size``), its features are the extract stage's (``pipeline.features.activations``: same
-shared noise, steps, blocks and upsampling, same float16 rows and batch size), and the ensemble votes
+resize to ``dataset.image_size``), its features come from the one feature path extract writes its stores with
+(``pipeline.features.compute.features_for_images``: same noise, steps, blocks, upsampling and float16 rows), and the ensemble votes
 through ``pipeline.ensemble.evaluation.vote``, the function evaluate scores with, row-chunk by row-chunk as
 evaluate reads them from a store. So on the test images ``mask`` equals evaluate's predictions.
 Results are mapped back to the input's own size (nearest); pixels a centre crop cut away get the
@@ -21,19 +21,19 @@ from typing import Iterable, Iterator, Sequence
 
 import dask.array as da
 import numpy as np
-import torch
 from PIL import Image
 
 from pipeline.config import Params, load_params
-from pipeline.data.dataset import _crop_square, read_rgb, to_model_input
+from pipeline.data.dataset import _crop_square, read_rgb
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.ensemble.fit import EnsembleMLP, load_ensemble
-from pipeline.enums import NonSquarePolicy, Representation
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.enums import NonSquarePolicy
+from pipeline.errors import PipelineError
 from pipeline.ensemble.evaluation import vote
-from pipeline.features.activations import feature_dim, images_per_batch, iter_pixel_features, make_noise
-from pipeline.runtime import AUTOCAST_DTYPES, pick_device
-from pipeline.features.store import file_sha256, fit_record, rows_per_chunk
+from pipeline.features.compute import features_for_images
+from pipeline.runtime import pick_device
+from pipeline.features.store import fit_record, rows_per_chunk
+from pipeline.hashing import file_sha256
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.diffusion.unet import UNetModel, for_inference
 
@@ -112,9 +112,7 @@ class Segmenter:
         self.device = pick_device(params.runtime.device)
         self.ensemble = ensemble.to(self.device)
         size = params.dataset.image_size
-        self.noise = make_noise(params.features.noise_seed, size)
-        # extract's batch size (one step's features per batch), so the UNet sees the batches it saw there
-        self.batch_size = images_per_batch(params.features.batch_size, size, feature_dim(model, params.blocks))
+        self.batch_size = params.features.batch_size  # images read at once; the feature path may cut it further
         self.chunk_rows = rows_per_chunk(params.features.chunk_pixels, size * size)  # a store's row chunk
 
     @classmethod
@@ -155,23 +153,15 @@ class Segmenter:
 
     def _segment_batch(self, batch: list[PreparedImage]) -> list[Segmentation]:
         params = self.params
-        if params.features.stochastic_noise:  # refused here, not on loading: a run may have nothing to segment
-            raise ConfigError("features.stochastic_noise: true draws noise per stored image index, which new images "
-                              "do not have; segment runs with the shared noise only (set it to false)")
-        if params.features.representation is not Representation.DDPM or params.features.noise_draws != 1:
-            raise ConfigError(f"features.representation={params.features.representation.value}, noise_draws="
-                              f"{params.features.noise_draws}: segment runs the method's features only (the analyses' "
-                              f"variants are for fit and evaluate); set representation: ddpm and noise_draws: 1")
         size = params.dataset.image_size
-        x0 = to_model_input(np.stack([item.square for item in batch])).to(next(self.model.parameters()).device)
-        batches = iter([(list(range(len(batch))), x0, self.noise.to(x0.device))])
-        rows = [r for _, r in iter_pixel_features(
-            self.model, self.diffusion, batches, t_steps=params.t_steps, blocks=params.blocks,
-            upsample=params.features.upsample, autocast_dtype=AUTOCAST_DTYPES[params.features.autocast])]
-        matrix = da.from_array(torch.cat(rows).numpy(), chunks=(self.chunk_rows, -1))
-        prediction, disagreement = vote(self.ensemble, matrix, batch_pixels=params.evaluate.batch_pixels,
-                                        device=self.device, precision=params.ensemble.autocast)
-        shape = (len(batch), size, size)
-        prediction, disagreement = prediction.reshape(shape), disagreement.reshape(shape)
-        return [back_to_input_size(item, prediction[i], disagreement[i], params.dataset.ignore_label)
-                for i, item in enumerate(batch)]
+        features = features_for_images(self.model, self.diffusion, [item.square for item in batch],
+                                       options=params.features, t_steps=params.t_steps, blocks=params.blocks,
+                                       name_of=lambda index: batch[index].name)
+        results = []
+        for index, rows in features:
+            prediction, disagreement = vote(self.ensemble, da.from_array(rows.numpy(), chunks=(self.chunk_rows, -1)),
+                                            batch_pixels=params.evaluate.batch_pixels, device=self.device,
+                                            precision=params.ensemble.autocast)
+            results.append(back_to_input_size(batch[index], prediction.reshape(size, size),
+                                              disagreement.reshape(size, size), params.dataset.ignore_label))
+        return results

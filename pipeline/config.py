@@ -6,8 +6,10 @@ the file, the key (``ensemble.lr``), the value and what to do, so a typo in ``dv
 loudly instead of being ignored. The defaults here are the ones params.yaml lists (a test keeps them
 equal); ``null`` in params.yaml means "the preset's value".
 
-No torch and no network code is imported here: checks that need torch (the UNet builds, the device
-exists) run in ``pipeline.runtime.stage_params``.
+No torch and no network code is imported here: checks that need torch run where torch is at hand (the
+device exists: ``pipeline.runtime.stage_params``; the UNet builds: each stage that builds one, with
+``pipeline.diffusion.unet.check_model_builds``). Model widths are checked here, torch-free
+(``flags.check_widths``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from pipeline.enums import (Autocast, Codec, Corruption, LossWeighting, LrSchedule, ModelPreset, NoiseSchedule,
                             NonSquarePolicy, Representation, Stopping, StoreLayout, UpsampleMode)
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
-from pipeline.diffusion.flags import DIFFUSION_FLAGS, UNetConfig, config_from_flags
+from pipeline.diffusion.flags import DIFFUSION_FLAGS, UNetConfig, check_widths, config_from_flags
 from pipeline.presets import MODEL_PRESETS, PRESETS
 from pipeline.diffusion.schedule import betas_for_schedule
 
@@ -480,7 +482,7 @@ def _validate(params: Params) -> None:
                           f"dataset.train_images={dataset.train_images}]")
     check_timesteps(params.kmeans.t_steps, params.ddpm.diffusion_steps)
     _validate_tls(features)
-    params.unet_config()  # the flags parse (torch-free); whether they build a UNet: runtime.stage_params
+    check_widths(params.unet_config())  # torch-free; the stages that build a UNet also build it on the meta device
 
 
 def _validate_store_blocks(params: Params) -> None:

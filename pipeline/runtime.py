@@ -1,22 +1,21 @@
-"""Effects at the edges: devices, threads, atomic writes, and turning bad input into exit code 2."""
+"""Effects at the edges: devices, threads, autocast, and a stage's command line (its params, and bad input
+turned into exit code 2). Atomic writes live in ``pipeline.atomic``; model flags are checked by the stages
+that build a UNet (``pipeline.diffusion.unet.check_model_builds``), so stages that build none do not
+depend on the UNet's code."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import functools
-import json
 import os
-import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from pipeline.config import Params, load_params
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.diffusion.unet import check_model_builds
 
 # features.autocast / ensemble.autocast (values of config.Autocast, a str enum) -> the dtype autocast runs in.
 AUTOCAST_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,82 +90,16 @@ def stage_parser(description: str | None) -> argparse.ArgumentParser:
 
 def stage_params(path: str | Path, *, one_thread: bool = False) -> Params:
     """params.yaml as a stage reads it: ``load_params``, then what needs torch (runtime.device exists on
-    this machine, unless a dask cluster's workers resolve it; the model flags build a UNet), and torch's
-    thread count: ``runtime.threads`` or ``DDPM_SEG_THREADS``, or one thread for the ensemble's stages
-    (``one_thread``: each pass computes on one thread, so results do not depend on the core count)."""
+    this machine, unless a dask cluster's workers resolve it), and torch's thread count: ``runtime.threads``
+    or ``DDPM_SEG_THREADS``, or one thread for the ensemble's stages (``one_thread``: each pass computes on
+    one thread, so results do not depend on the core count)."""
     params = load_params(path)
     if params.features.scheduler is None:
         check_device(params.runtime.device)
-    check_model_builds(params.unet_config())
     threads = 1 if one_thread else int(os.environ.get(THREADS_ENV) or 0) or params.runtime.threads
     if threads:
         torch.set_num_threads(threads)
     return params
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield ``<path>.tmp`` to write; it replaces ``path`` only if the block succeeds, else it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        yield temporary
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    temporary.replace(path)
-
-
-# torch's zip writer turns ENOSPC into a bare RuntimeError with this text (caffe2 inline_container.cc).
-TORCH_WRITE_FAILED = ("file write failed", "failed writing file")
-
-
-def save_torch_atomic(payload: object, path: Path) -> None:
-    """``torch.save`` to ``<path>.tmp`` then rename; a failed write (disk full) leaves ``path`` as it was and
-    is raised as ``OSError(ENOSPC)``, which ``stage_main`` reports in one line."""
-    with atomic_file(path) as temporary:
-        try:
-            torch.save(payload, temporary)
-        except RuntimeError as error:
-            if not any(text in str(error) for text in TORCH_WRITE_FAILED):
-                raise
-            raise OSError(errno.ENOSPC, f"torch.save could not write its file ({error})", str(path)) from None
-
-
-def write_json_atomic(data: dict, path: Path) -> None:
-    with atomic_file(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")  # NaN is no JSON
-
-
-@contextlib.contextmanager
-def building_dir(path: Path) -> Iterator[Path]:
-    """Build a folder output in ``<path>.tmp`` and move it into place only if the block succeeds.
-
-    On any error the temporary folder is removed and an existing ``path`` is left untouched.
-    """
-    temporary = path.with_name(path.name + ".tmp")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    try:
-        yield temporary
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    replace_dir(temporary, path)
-
-
-def replace_dir(temporary: Path, path: Path) -> None:
-    """Move a finished folder into place; the old one is removed only once the new one is in place."""
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        path.rename(old)
-        temporary.rename(path)
-        shutil.rmtree(old)
-    else:
-        temporary.rename(path)
 
 
 def stage_main(function: Callable[[], None]) -> Callable[[], None]:

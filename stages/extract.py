@@ -11,8 +11,10 @@ from pipeline.enums import Representation
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
 from pipeline.features.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
 from pipeline.features.activations import feature_dim, representation_dim
+from pipeline.diffusion.unet import check_model_builds
 from pipeline.runtime import stage_main, stage_params, stage_parser
-from pipeline.features.store import StoreRecord, create_or_resume, file_sha256, inputs_sha256, params_record
+from pipeline.features.store import StoreRecord, create_or_resume, inputs_sha256, params_record
+from pipeline.hashing import file_sha256
 from pipeline.diffusion.train import load_checkpoint
 
 
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="zarr store to write: a path, or an fsspec URL (s3://bucket/t50.zarr)")
     args = parser.parse_args()
     params = stage_params(args.params)
+    check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
     options = params.features
     # Validate the checkpoint, t and blocks up front. In process, this load is the one extraction reuses.
     if options.workers or options.scheduler:
@@ -57,13 +60,10 @@ def main() -> None:
         writer = create_or_resume(args.out, record, {s: [e.stem for e in ex] for s, ex in examples.items()},
                                   chunk_pixels=options.chunk_pixels, codec=options.codec.value, clevel=options.clevel)
         job = ExtractJob(
-            checkpoint=str(args.checkpoint), store=str(args.out), t=args.t, blocks=tuple(blocks),
-            upsample=options.upsample.value, noise_seed=options.noise_seed, stochastic_noise=options.stochastic_noise,
-            batch_size=options.batch_size, autocast=options.autocast.value, device=params.runtime.device,
+            checkpoint=str(args.checkpoint), store=str(args.out), t=args.t, blocks=tuple(blocks), features=options,
+            device=params.runtime.device,
             image_paths={s: tuple(str(e.image_path) for e in ex) for s, ex in examples.items()},
             mask_paths={s: tuple(str(e.mask_path) for e in ex) for s, ex in examples.items()},
-            representation=options.representation.value, patch_size=options.patch_size, noise_draws=options.noise_draws,
-            layout=options.layout.value,
         )
         pending = {split: writer.pending(split) for split in examples}
         start = time.perf_counter()

@@ -8,11 +8,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pipeline.data.dataset import Split, list_examples, read_rgb, to_model_input
-from pipeline.features.extraction import batch_noise, loaded_model, worker_device
-from pipeline.features.activations import feature_maps
+from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.features.compute import features_for_images
+from pipeline.features.extraction import loaded_model, worker_device
 from pipeline.analysis.kmeans import kmeans
-from pipeline.runtime import building_dir, stage_main, stage_params, stage_parser
+from pipeline.diffusion.unet import check_model_builds
+from pipeline.runtime import stage_main, stage_params, stage_parser
+from pipeline.atomic import building_dir
 
 
 @stage_main
@@ -23,21 +25,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder of cluster-map figures, one per image")
     args = parser.parse_args()
     params = stage_params(args.params)
+    check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
     config, options = params.kmeans, params.features
     model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)))
     examples = list_examples(args.data, Split.TEST)[: config.images]
     images = np.stack([read_rgb(example.image_path) for example in examples])
-    x0 = to_model_input(images).to(next(model.parameters()).device)
-    size, indices = images.shape[1], list(range(len(images)))
+    size = images.shape[1]
     views = [(t, block) for t in config.t_steps for block in config.blocks]
     maps = {}
-    for t in config.t_steps:  # the features extract makes at t (same noise), one block at a time
-        noise = batch_noise(options.noise_seed, options.noise_draws, options.stochastic_noise, "test", indices, t, size)
-        for block in config.blocks:
-            features = feature_maps(model, diffusion, x0, t_steps=[t], blocks=[block], noise=noise.to(x0.device),
-                                    upsample=options.upsample).cpu()
-            maps[t, block] = [kmeans(f.flatten(1).T, config.k, config.iterations, config.seed).reshape(size, size)
-                              for f in features]
+    for t, block in views:  # the features extract makes at t (the one feature path, the test split's noise)
+        rows = features_for_images(model, diffusion, list(images), options=options, t_steps=[t], blocks=[block],
+                                   split="test")
+        maps[t, block] = [kmeans(values.float(), config.k, config.iterations, config.seed).reshape(size, size)
+                          for _, values in rows]
     with building_dir(args.out) as temporary:
         for index, example in enumerate(examples):
             figure, axes = plt.subplots(1, 1 + len(views), figsize=(1.6 * (1 + len(views)), 1.9))

@@ -22,9 +22,9 @@ from pipeline.diffusion.diffusers_unet import import_diffusers_folder
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.outputs.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
-from pipeline.features.store import file_sha256
+from pipeline.hashing import file_sha256
 from pipeline.diffusion.train import save_checkpoint, train_ddpm
-from pipeline.diffusion.unet import create_unet, load_guided_diffusion
+from pipeline.diffusion.unet import check_model_builds, create_unet, load_guided_diffusion
 
 
 # The default ddpm.checkpoint: a placeholder file meaning "train, import nothing". dvc.yaml depends on
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--curves", type=Path, required=True, help="dvclive folder for the loss curves")
     args = parser.parse_args()
     params = stage_params(args.params)
+    check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
     ddpm = params.ddpm
     diffusion = Diffusion(ddpm.noise_schedule, ddpm.diffusion_steps, ddpm.rescale_timesteps)
     live = open_curves(args.curves)

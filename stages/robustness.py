@@ -16,9 +16,12 @@ from pipeline.ensemble.fit import load_ensemble
 from pipeline.ensemble.evaluation import score
 from pipeline.features.extraction import loaded_model, worker_device
 from pipeline.outputs.figures import write_csv_atomic
-from pipeline.analysis.robustness import split_prediction
-from pipeline.runtime import atomic_file, pick_device, stage_main, stage_params, stage_parser, write_json_atomic
-from pipeline.features.store import file_sha256, fit_record
+from pipeline.analysis.robustness import vote_on_images
+from pipeline.diffusion.unet import check_model_builds
+from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
+from pipeline.atomic import atomic_file, write_json_atomic
+from pipeline.features.store import fit_record
+from pipeline.hashing import file_sha256
 
 
 @stage_main
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("--examples", type=Path, required=True, help="PNG: the first test image under each corruption")
     args = parser.parse_args()
     params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit and evaluate
+    check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
     model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)))
     ensemble = load_ensemble(args.ensemble, fit_record(params, file_sha256(args.checkpoint)))
     ensemble.to(pick_device(params.runtime.device))
@@ -45,7 +49,7 @@ def main() -> None:
         rng = np.random.default_rng([config.seed, severity])
         images = clean if severity == 0 else [corrupt(image, corruption, severity, rng) for image in clean]
         shown.append(images[0])
-        prediction = split_prediction(model, diffusion, ensemble, params, np.stack(images))
+        prediction = vote_on_images(model, diffusion, ensemble, params, np.stack(images))
         metrics = score(masks.reshape(-1), prediction, params.dataset.names(), params.dataset.ignore_label)
         rows.append({"corruption": corruption, "severity": severity, "miou": metrics["miou"]})
         print(f"robustness: {corruption} severity {severity}: test mIoU {metrics['miou']:.4f}", flush=True)

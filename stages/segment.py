@@ -15,6 +15,7 @@ from pipeline.api import PreparedImage, Segmenter, prepare_image
 from pipeline.data.dataset import list_images
 from pipeline.errors import DatasetError, PipelineError
 from pipeline.outputs.figures import palette, write_csv_atomic
+from pipeline.diffusion.unet import check_model_builds
 from pipeline.runtime import stage_main, stage_params, stage_parser
 from pipeline.outputs.segment import summary_row, write_outputs
 
@@ -40,6 +41,7 @@ def main() -> None:
     if not args.images.is_dir():
         raise DatasetError(f"--images {args.images} is not a folder; give a folder of .png/.jpg images")
     params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit and evaluate
+    check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
     segmenter = Segmenter.load(params, args.checkpoint, args.ensemble)
     paths = list_images(args.images)
     stems = [path.stem for path in paths]

@@ -14,7 +14,7 @@ import yaml
 import zarr
 
 from tests.conftest import REPO
-from tests.helpers import make_project, run_stage
+from tests.helpers import make_project
 
 pytestmark = pytest.mark.slow
 

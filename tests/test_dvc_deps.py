@@ -9,7 +9,7 @@ import yaml
 
 from pipeline.features.store import StoreRecord, create_or_resume, set_aside_unused_stores
 from tests.conftest import REPO
-from tests.dvc_deps import import_closure, missing_and_extra
+from tests.dvc_deps import import_closure, imported_modules, missing_and_extra, module_file, stage_code_deps
 
 
 def test_every_stage_depends_on_exactly_the_code_it_imports():
@@ -71,3 +71,74 @@ def test_stores_of_removed_steps_are_set_aside_and_nothing_else_moves(tmp_path):
 def test_dvcignore_covers_temporaries_and_set_aside_stores():
     patterns = (REPO / ".dvcignore").read_text().split()
     assert {"*.partial", "*.tmp", "*.old", "/features/unused", "/features/.gitignore"} <= set(patterns)
+
+
+# The pipeline's layers, bottom up: a module may import from its own layer and the layers below it, never
+# from above (docs/layout.md draws it). Listed by path prefix under pipeline/.
+LAYERS = [
+    ("errors.py", "enums.py", "hashing.py", "atomic.py"),
+    ("diffusion/flags.py", "diffusion/schedule.py", "presets.py"),
+    ("config.py",),
+    ("runtime.py", "outputs/live.py"),
+    ("data/",),
+    ("diffusion/",),
+    ("features/",),
+    ("ensemble/",),
+    ("analysis/", "outputs/", "api.py"),
+]
+
+
+def layer_of(path: str) -> int:
+    relative = path.removeprefix("pipeline/")
+    matches = [(len(prefix), index) for index, layer in enumerate(LAYERS) for prefix in layer
+               if relative == prefix or (prefix.endswith("/") and relative.startswith(prefix))]
+    assert matches, f"{path} is in no layer of LAYERS: add it"
+    return max(matches)[1]  # the longest prefix decides: diffusion/flags.py sits below diffusion/
+
+
+def test_pipeline_imports_point_down_the_layers():
+    upward = []
+    for path in sorted(REPO.glob("pipeline/**/*.py")):
+        if path.name == "__init__.py":
+            assert not imported_modules(path) - {"os"}, f"{path} imports: package __init__ files stay empty"
+            continue
+        relative = path.relative_to(REPO).as_posix()
+        for name in imported_modules(path):
+            target = module_file(REPO, name)
+            if target is None or target.name == "__init__.py":
+                continue
+            target_path = target.relative_to(REPO).as_posix()
+            if layer_of(target_path) > layer_of(relative):
+                upward.append(f"{relative} -> {target_path}")
+    assert not upward, f"imports that point up the layers: {upward}"
+
+
+# What each stage may run, beyond the bottom layers every stage shares: editing extraction or store code
+# never reruns pretraining, and prepare and fit never depend on the UNet.
+SHARED = {"pipeline/errors.py", "pipeline/enums.py", "pipeline/hashing.py", "pipeline/atomic.py", "pipeline/config.py",
+          "pipeline/presets.py", "pipeline/runtime.py", "pipeline/diffusion/flags.py", "pipeline/diffusion/schedule.py"}
+MAY_IMPORT = {
+    "prepare": {"pipeline/data/"},
+    "pretrain": {"pipeline/data/", "pipeline/diffusion/", "pipeline/outputs/live.py"},
+    "extract": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/"},
+    "fit": {"pipeline/features/store.py", "pipeline/features/upsample.py", "pipeline/ensemble/fit.py",
+            "pipeline/outputs/live.py"},
+    "evaluate": {"pipeline/data/", "pipeline/features/store.py", "pipeline/features/upsample.py", "pipeline/ensemble/",
+                 "pipeline/outputs/figures.py"},
+    "robustness": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/",
+                   "pipeline/analysis/corruptions.py", "pipeline/analysis/robustness.py", "pipeline/outputs/figures.py"},
+    "kmeans": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/analysis/kmeans.py"},
+    "segment": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/", "pipeline/api.py",
+                "pipeline/outputs/"},
+}
+
+
+def test_each_stage_imports_only_the_pipeline_modules_it_may():
+    stages = stage_code_deps(REPO)
+    assert set(MAY_IMPORT) == set(stages), "a stage was added or removed: say what it may import"
+    for stage, (module, _) in stages.items():
+        allowed = SHARED | MAY_IMPORT[stage]
+        extra = sorted(path for path in import_closure(REPO, module)
+                       if path.startswith("pipeline/") and not path.endswith("__init__.py")
+                       and not any(path == rule or (rule.endswith("/") and path.startswith(rule)) for rule in allowed))
+        assert not extra, f"stage {stage} runs {extra}, outside what it may import"

@@ -13,7 +13,11 @@ from torch import nn
 
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.features.extraction import loaded_model
-from pipeline.features.activations import feature_maps, iter_pixel_features, upsample_concat
+from pipeline.config import FeaturesConfig
+from pipeline.data.dataset import to_model_input
+from pipeline.features.activations import feature_maps, make_noise
+from pipeline.features.compute import features_for_images
+from pipeline.features.upsample import upsample_concat
 from pipeline.diffusion.train import save_checkpoint
 from pipeline.diffusion.unet import GroupNorm32, for_inference, load_guided_diffusion
 
@@ -135,8 +139,12 @@ def test_features_of_the_fp16_model_reach_the_store_as_float16_rows(tiny):
     x0, noise = torch.from_numpy(arrays["x0"][:1]), torch.from_numpy(arrays["noise"])
     half_maps = [torch.ones(1, 4, 8, 8, dtype=torch.float16)]
     assert upsample_concat(half_maps, 32, "bilinear").dtype == torch.float32  # float16 activations upsample in float32
-    ((index, rows),) = iter_pixel_features(fp16, diffusion, iter([([7], x0, noise)]), t_steps=[50], blocks=[2, 5, 8],
-                                           upsample="bilinear")
+    image = ((x0[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()  # x0 as an image file holds it
+    x0 = to_model_input(image[None])
+    options = FeaturesConfig(noise_seed=0)
+    ((index, rows),) = features_for_images(fp16, diffusion, [image], options=options, t_steps=[50], blocks=[2, 5, 8],
+                                           split="test", indices=[7])
+    noise = make_noise(0, 32)
     assert index == 7 and rows.dtype == torch.float16 and rows.shape == (32 * 32, 64 + 64 + 32)
     expected = feature_maps(fp32, diffusion, x0, t_steps=[50], blocks=[2, 5, 8], noise=noise)
     max_error, l2_error = relative_errors(rows, expected.permute(0, 2, 3, 1).reshape(32 * 32, -1))

@@ -12,7 +12,8 @@ from pipeline.config import load_params
 from pipeline.data.dataset import compose_digit_split, load_mnist_5k, split_digit_pools
 from pipeline.ensemble.fit import EnsembleMLP, save_ensemble
 from pipeline.features.activations import feature_dim
-from pipeline.features.store import file_sha256, fit_record
+from pipeline.features.store import fit_record
+from pipeline.hashing import file_sha256
 from pipeline.diffusion.train import load_checkpoint
 from tests.helpers import make_project, run_stage, write_params
 

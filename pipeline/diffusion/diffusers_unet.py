@@ -26,7 +26,7 @@ from torch import nn
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.enums import NoiseSchedule
 from pipeline.errors import ConfigError, ModelFlagsError, check_decoder_blocks
-from pipeline.features.store import file_sha256
+from pipeline.hashing import file_sha256
 
 ARCHITECTURE = "diffusers.UNet2DModel"
 WEIGHTS = "diffusion_pytorch_model.safetensors"

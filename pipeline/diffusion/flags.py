@@ -153,3 +153,23 @@ def config_from_flags(model_flags: dict[str, Any]) -> UNetConfig:
             f"(channel_mult has {levels} levels); choose a size such as {2 ** (levels - 1) * 8}"
         )
     return config
+
+
+GROUP_NORM_GROUPS = 32  # guided-diffusion's normalization(): GroupNorm with 32 groups
+
+
+def check_widths(config: UNetConfig) -> None:
+    """The torch-free part of ``unet.check_model_builds``: every level's width (num_channels x channel_mult)
+    must split into the 32 group-norm groups and into attention heads of num_head_channels, so params that
+    cannot build a UNet fail at load time, in every stage, without importing the model code."""
+    for mult in config.resolved_channel_mult:
+        width = int(config.num_channels * mult)
+        problem = None
+        if width % GROUP_NORM_GROUPS:
+            problem = f"num_channels ({width}) must be divisible by num_groups ({GROUP_NORM_GROUPS})"
+        elif config.num_head_channels and width % config.num_head_channels:
+            problem = f"channels ({width}) must be divisible by num_head_channels ({config.num_head_channels})"
+        if problem:
+            raise ModelFlagsError(f"ddpm.model flags do not build a UNet ({problem}); channel counts (num_channels x each "
+                                  f"channel_mult) must be divisible by the 32 group-norm groups and by num_head_channels")
+

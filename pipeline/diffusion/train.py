@@ -25,7 +25,7 @@ from pipeline.diffusion.gaussian import Diffusion
 from pipeline.enums import LossWeighting, LrSchedule, NoiseSchedule
 from pipeline.errors import DatasetError, ModelFlagsError, NumericsError
 from pipeline.diffusion.flags import UNetConfig, config_from_flags
-from pipeline.runtime import save_torch_atomic
+from pipeline.atomic import save_torch_atomic
 from pipeline.diffusion.unet import UNetModel, check_state_dict, create_unet
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"

@@ -33,7 +33,8 @@ from torch import nn
 from pipeline.config import EnsembleConfig
 from pipeline.enums import Autocast, Stopping
 from pipeline.errors import DatasetError, EnsembleError, NumericsError
-from pipeline.runtime import AUTOCAST_DTYPES, autocast, save_torch_atomic
+from pipeline.runtime import AUTOCAST_DTYPES, autocast
+from pipeline.atomic import save_torch_atomic
 
 
 def hidden_widths(num_classes: int) -> tuple[int, int]:

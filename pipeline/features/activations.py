@@ -7,8 +7,7 @@ pixels.
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.enums import NoiseSchedule, Representation, UpsampleMode
 from pipeline.errors import NumericsError, check_decoder_blocks, check_timesteps
+from pipeline.features.upsample import upsample_concat
 from pipeline.diffusion.unet import UNetModel
 
 
@@ -62,39 +62,6 @@ def images_per_batch(requested: int, image_size: int, dim: int, budget_bytes: in
     fit in ``budget_bytes`` (at least 1 image)."""
     per_image = image_size * image_size * dim * 4
     return max(1, min(requested, budget_bytes // per_image))
-
-
-def upsample_concat(activations: Sequence[torch.Tensor], size: int, mode: UpsampleMode | str) -> torch.Tensor:
-    """``[N, C_i, h_i, w_i]`` maps -> ``[N, sum C_i, size, size]``; bilinear uses align_corners=False."""
-    mode = UpsampleMode(mode)
-    options = {"align_corners": False} if mode is UpsampleMode.BILINEAR else {}
-    return torch.cat([F.interpolate(a.float(), size=(size, size), mode=mode.value, **options) for a in activations], dim=1)
-
-
-@functools.lru_cache(maxsize=64)
-def interpolation_weights(size_in: int, size_out: int, mode: UpsampleMode | str) -> torch.Tensor:
-    """``[size_out, size_in] float32``: 1-D resampling as ``upsample_concat`` does it along one axis (for
-    bilinear, linear with align_corners=False), so that 2-D upsampling is ``W @ map @ W.T``. Built by
-    resampling the identity with ``F.interpolate`` itself."""
-    mode = UpsampleMode(mode)
-    options = {"mode": "linear", "align_corners": False} if mode is UpsampleMode.BILINEAR else {"mode": "nearest"}
-    impulses = torch.eye(size_in).unsqueeze(1)  # [size_in, 1, size_in]: one unit impulse per input position
-    return F.interpolate(impulses, size=size_out, **options)[:, 0, :].T.contiguous()
-
-
-def upsample_rows(maps: Sequence[torch.Tensor], size: int, first_row: int, stop_row: int,
-                  mode: UpsampleMode | str) -> torch.Tensor:
-    """Rows ``first_row:stop_row`` of ``upsample_concat`` of one image, as pixel rows ``[(stop-first)*size,
-    sum C_i] float32``: ``maps`` are ``[C_i, h_i, w_i]``. Only the needed output rows are computed (separable
-    weights), so a reader can make a chunk of rows without upsampling the whole image. Equal to
-    ``upsample_concat`` up to float32 rounding (the sums run in another order)."""
-    parts = []
-    for block in maps:
-        rows = interpolation_weights(block.shape[-2], size, mode)[first_row:stop_row]
-        columns = interpolation_weights(block.shape[-1], size, mode)
-        strip = torch.matmul(torch.matmul(rows, block.float()), columns.T)  # [C, stop-first, size]
-        parts.append(strip.permute(1, 2, 0).reshape(-1, block.shape[0]))
-    return torch.cat(parts, dim=1)
 
 
 def decoder_activations(
@@ -165,62 +132,6 @@ def pixel_features(
         model, Diffusion(noise_schedule, diffusion_steps, rescale_timesteps), x0, t_steps=t_steps, blocks=blocks, noise=noise, upsample=upsample
     )
     return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
-
-
-def iter_pixel_features(
-    model: UNetModel,
-    diffusion: Diffusion,
-    batches: Iterator[tuple[list[int], torch.Tensor, torch.Tensor]],
-    *,
-    t_steps: Sequence[int],
-    blocks: Sequence[int],
-    upsample: UpsampleMode | str,
-    autocast_dtype: torch.dtype | None = None,
-    name_of: Callable[[int], str] = lambda index: f"image {index}",
-    representation: Representation | str = Representation.DDPM,
-    patch_size: int = 1,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """For batches of ``(image indices, x0 [B,3,H,W], noise [1 or B,3,H,W] or [draws,1 or B,3,H,W])`` yield,
-    image by image, ``(index, [H*W, D] float16 on the CPU)`` ready to be written as that image's rows: the
-    DDPM's features, or with ``representation`` rgb / rgb_patch the pixels' colours (``rgb_maps``; no UNet
-    runs). Non-finite values, or values float16 cannot hold, raise ``NumericsError`` naming
-    ``name_of(index)`` and the steps."""
-    representation = Representation(representation)
-    for indices, x0, noise in batches:
-        if representation is Representation.DDPM:
-            maps = feature_maps(model, diffusion, x0, t_steps=t_steps, blocks=blocks, noise=noise, upsample=upsample,
-                                autocast_dtype=autocast_dtype)
-        else:
-            maps = rgb_maps(x0, patch_size if representation is Representation.RGB_PATCH else 1)
-        check_feature_values(maps, indices, t_steps, name_of)
-        rows = maps.permute(0, 2, 3, 1).reshape(maps.shape[0], -1, maps.shape[1]).to(torch.float16).cpu()
-        for position, index in enumerate(indices):
-            yield index, rows[position]
-
-
-@torch.no_grad()
-def iter_block_maps(
-    model: UNetModel,
-    diffusion: Diffusion,
-    batches: Iterator[tuple[list[int], torch.Tensor, torch.Tensor]],
-    *,
-    t: int,
-    blocks: Sequence[int],
-    autocast_dtype: torch.dtype | None = None,
-    name_of: Callable[[int], str] = lambda index: f"image {index}",
-) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """The native layout's counterpart of ``iter_pixel_features``: image by image, ``(index, [C_b, h_b, w_b]
-    float16 on the CPU for each block)``, the maps at the resolution the UNet made them (noise as there). Checked as there
-    (upsampling only averages values, so a map within float16's range stays within it)."""
-    check_timesteps([t], diffusion.num_timesteps)
-    feature_dim(model, blocks)
-    for indices, x0, noise in batches:
-        activations = decoder_activations(model, diffusion, x0, t, blocks, noise, autocast_dtype)
-        for block in activations:
-            check_feature_values(block, indices, [t], name_of)
-        maps = [block.to(torch.float16).cpu() for block in activations]
-        for position, index in enumerate(indices):
-            yield index, [block[position] for block in maps]
 
 
 FLOAT16_MAX = 65504.0  # the largest finite float16: stores keep features as float16

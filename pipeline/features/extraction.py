@@ -17,14 +17,14 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.data.dataset import read_rgb, to_model_input
+from pipeline.config import FeaturesConfig
 from pipeline.diffusion.gaussian import Diffusion
-from pipeline.errors import ConfigError
-from pipeline.features.activations import feature_dim, images_per_batch, iter_block_maps, iter_pixel_features, make_noise
-from pipeline.runtime import AUTOCAST_DTYPES, pick_device
-from pipeline.features.store import StoreWriter, background_writes
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.diffusion.unet import UNetModel, for_inference
+from pipeline.errors import ConfigError
+from pipeline.features.compute import features_for_images
+from pipeline.features.store import StoreWriter, background_writes
+from pipeline.runtime import pick_device
 
 
 @dataclass(frozen=True)
@@ -35,39 +35,10 @@ class ExtractJob:
     store: str  # the final store path or URL; workers write into its staging location (pipeline.features.store.staging)
     t: int
     blocks: tuple[int, ...]  # the blocks the store holds (features.store_blocks)
-    upsample: str
-    noise_seed: int
-    stochastic_noise: bool
-    batch_size: int
-    autocast: str
+    features: FeaturesConfig  # the features section: noise, upsample, autocast, representation, batch size, layout
     device: str
     image_paths: dict[str, tuple[str, ...]]  # split -> image files in store order
     mask_paths: dict[str, tuple[str, ...]]
-    representation: str = "ddpm"  # features.representation: ddpm, rgb or rgb_patch (patch_size)
-    patch_size: int = 1
-    noise_draws: int = 1
-    layout: str = "pixels"  # pipeline.config.StoreLayout's value: what the writer is given per image
-
-
-def noise_for(seed: int, split: str, index: int, t: int, image_size: int) -> torch.Tensor:
-    """Per-image noise of the stochastic variant, reproducible from (seed, split, image, t)."""
-    stream = {"train": 0, "test": 1, "val": 2}[split]  # train and test keep the streams they had before val
-    state = np.random.SeedSequence([seed, stream, index, t]).generate_state(1)[0]
-    return make_noise(int(state), image_size)
-
-
-def batch_noise(seed: int, draws: int, stochastic: bool, split: str, indices: list[int], t: int,
-                image_size: int) -> torch.Tensor:
-    """The noise of one batch: ``[1, 3, S, S]`` shared (``make_noise(seed)``) or ``[B, 3, S, S]`` per image
-    (``noise_for``); with ``draws`` > 1 the draws stacked, ``[draws, 1 or B, 3, S, S]``, draw j from seed + j."""
-    def draw(draw_seed: int) -> torch.Tensor:
-        if stochastic:
-            return torch.cat([noise_for(draw_seed, split, i, t, image_size) for i in indices])
-        return make_noise(draw_seed, image_size)
-
-    if draws == 1:
-        return draw(seed)
-    return torch.stack([draw(seed + j) for j in range(draws)])
 
 
 def worker_device(name: str) -> torch.device:
@@ -96,37 +67,19 @@ def loaded_model(checkpoint: str, device: str) -> tuple[UNetModel, Diffusion]:
 
 
 def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Callable[[], None] | None = None) -> int:
-    """Extract and write images ``indices`` of ``split``; returns how many were written."""
+    """Extract and write images ``indices`` of ``split`` (through ``features_for_images``, the one feature
+    path); returns how many were written."""
     device = worker_device(job.device)
     model, diffusion = loaded_model(job.checkpoint, str(device))
-    size = model.config.image_size
     writer = StoreWriter.reopen(job.store)
     images, masks = job.image_paths[split], job.mask_paths[split]
-    # features.batch_size is an upper bound: at 256² the paper's blocks give 0.74 GB of float32 maps per
-    # image, so the batch is cut to fit pipeline.features.activations.FEATURE_BATCH_BYTES (2 images there).
-    batch_size = images_per_batch(job.batch_size, size, feature_dim(model, job.blocks))
-
-    def batches() -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        for first in range(0, len(indices), batch_size):
-            batch = indices[first : first + batch_size]
-            x0 = to_model_input(np.stack([read_rgb(images[i]) for i in batch]))
-            noise = batch_noise(job.noise_seed, job.noise_draws, job.stochastic_noise, split, batch, job.t, size)
-            if device.type == "cuda":  # page-locked host memory lets the copy overlap the previous batch
-                x0 = x0.pin_memory()
-            yield batch, x0.to(device, non_blocking=True), noise.to(device)
-
-    options = {"blocks": job.blocks, "autocast_dtype": AUTOCAST_DTYPES[job.autocast],
-               "name_of": lambda index: f"{split} image {images[index]}"}
-    if job.layout == "native":  # each block's maps as the UNet made them (features.representation ddpm); readers upsample
-        features = ((index, [block.numpy() for block in maps])
-                    for index, maps in iter_block_maps(model, diffusion, batches(), t=job.t, **options))
-    else:
-        features = ((index, rows.numpy()) for index, rows in
-                    iter_pixel_features(model, diffusion, batches(), t_steps=[job.t], upsample=job.upsample,
-                                        representation=job.representation, patch_size=job.patch_size, **options))
+    features = features_for_images(model, diffusion, [images[i] for i in indices], options=job.features,
+                                   t_steps=[job.t], blocks=job.blocks, split=split, indices=indices,
+                                   layout=job.features.layout, name_of=lambda index: f"{split} image {images[index]}")
     written = 0
     with background_writes(writer) as submit:
         for index, values in features:
+            values = [block.numpy() for block in values] if isinstance(values, list) else values.numpy()
             submit(split, index, values, np.load(masks[index]).reshape(-1))
             written += 1
             if on_image is not None:
@@ -190,8 +143,9 @@ def extraction_runner(workers: int, scheduler: str | None,
     with dask_client(workers, scheduler, tls_files) as client:
 
         def run_on_cluster(job: ExtractJob, pending: dict[str, list[int]], on_images: Callable[[int], None]) -> None:
-            futures = [client.submit(extract_images, job, split, indices[first : first + job.batch_size], pure=False)
-                       for split, indices in pending.items() for first in range(0, len(indices), job.batch_size)]
+            futures = [client.submit(extract_images, job, split, indices[first : first + job.features.batch_size], pure=False)
+                       for split, indices in pending.items()
+                       for first in range(0, len(indices), job.features.batch_size)]
             for future in as_completed(futures):
                 on_images(future.result())  # a worker's error (bad image, disk full) is raised here
 

@@ -49,8 +49,9 @@ import zarr.codecs
 from zarr.core.sync import sync
 
 from pipeline.errors import NumericsError, PipelineError, StoreError
-from pipeline.features.activations import upsample_rows
-from pipeline.runtime import replace_dir
+from pipeline.features.upsample import upsample_rows
+from pipeline.hashing import file_sha256
+from pipeline.atomic import replace_dir
 
 FORMAT = "ddpm-segmentation-features/1"
 SPLITS = ("train", "val", "test")
@@ -206,14 +207,6 @@ def check_ours_or_absent(location: Location) -> bool:
         return True
     raise StoreError(f"{location} exists but is not a feature store of this pipeline (its zarr.json has no format "
                      f"{FORMAT!r}); nothing was deleted: move it away, or give the stage another --out")
-
-
-def file_sha256(path: str | Path, block_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def rows_per_chunk(chunk_pixels: int, pixels_per_image: int) -> int:

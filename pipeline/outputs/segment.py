@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.api import Segmentation
 from pipeline.data.dataset import read_rgb
-from pipeline.runtime import atomic_file
+from pipeline.atomic import atomic_file
 
 
 def save_png(picture: Image.Image, path: Path) -> None:

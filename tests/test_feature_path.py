@@ -1,0 +1,133 @@
+"""One feature path: every caller that makes features of images without a store (segment and the API,
+robustness, kmeans) gets exactly the bytes the extract stage stores for the same images."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.config import load_params
+from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.ensemble.fit import EnsembleMLP
+from pipeline.features.compute import features_for_images
+from pipeline.features.extraction import loaded_model
+from pipeline.features.store import lazy_matrix, open_store, params_record
+from tests.helpers import make_project, run_stage, write_params
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The stages run on one torch thread here (tests.helpers.run_stage); the UNet's float32 sums depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("feature_path")
+    paths = make_project(root, {"kmeans.t_steps": [50], "kmeans.blocks": [1, 3], "kmeans.images": 3})
+    for t in (50, 150):
+        result = run_stage("extract", "--params", paths["params"], "--t", t, "--data", paths["data"],
+                           "--checkpoint", paths["checkpoint"], "--out", root / f"t{t}.zarr")
+        assert result.returncode == 0, result.stderr
+    paths["native_params"] = write_params(root / "native.yaml", {"features.layout": "native"})
+    result = run_stage("extract", "--params", paths["native_params"], "--t", 150, "--data", paths["data"],
+                       "--checkpoint", paths["checkpoint"], "--out", root / "native150.zarr")
+    assert result.returncode == 0, result.stderr
+    paths["root"] = root
+    return paths
+
+
+def stored_test_rows(project, blocks=None) -> np.ndarray:
+    params = load_params(project["params"])
+    stores = [open_store(project["root"] / f"t{t}.zarr", params_record(params, t)) for t in params.t_steps]
+    matrix, _ = lazy_matrix(stores, "test", params.blocks if blocks is None else blocks)
+    return matrix.compute()
+
+
+def capture_votes(monkeypatch, module) -> list[np.ndarray]:
+    """Replace ``module.vote`` by one that keeps the feature rows it is given (and votes class 0)."""
+    seen = []
+
+    def keep(model, matrix, **options):
+        seen.append(np.asarray(matrix.compute()))
+        return np.zeros(matrix.shape[0], np.uint8), np.zeros(matrix.shape[0], np.float32)
+
+    monkeypatch.setattr(module, "vote", keep)
+    return seen
+
+
+def test_segment_and_the_api_vote_on_the_bytes_extract_stored(project, monkeypatch):
+    import pipeline.api
+    from pipeline.api import Segmenter
+
+    params = load_params(project["params"])
+    model, diffusion = loaded_model(str(project["checkpoint"]), "cpu")
+    stored = stored_test_rows(project)
+    segmenter = Segmenter(params, model, diffusion, EnsembleMLP(2, stored.shape[1], 11, seed=0))
+    seen = capture_votes(monkeypatch, pipeline.api)
+    files = [example.image_path for example in list_examples(project["data"], Split.TEST)]
+    assert len(segmenter.predict(files)) == len(files) == 4
+    assert np.concatenate(seen).tobytes() == stored.tobytes()
+
+
+def test_robustness_votes_on_the_bytes_extract_stored(project, monkeypatch):
+    import pipeline.analysis.robustness as robustness
+
+    params = load_params(project["params"])
+    model, diffusion = loaded_model(str(project["checkpoint"]), "cpu")
+    stored = stored_test_rows(project)
+    seen = capture_votes(monkeypatch, robustness)
+    images = np.stack([read_rgb(e.image_path) for e in list_examples(project["data"], Split.TEST)])
+    robustness.vote_on_images(model, diffusion, EnsembleMLP(2, stored.shape[1], 11, seed=0), params, images)
+    assert np.concatenate(seen).tobytes() == stored.tobytes()
+
+
+def test_kmeans_clusters_the_bytes_extract_stored(project, monkeypatch, tmp_path):
+    import stages.kmeans
+
+    seen = {}
+    real_kmeans = stages.kmeans.kmeans
+
+    def keep(points, k, iterations, seed):
+        seen.setdefault("points", []).append(points.clone())
+        return real_kmeans(points, k, iterations, seed)
+
+    monkeypatch.setattr(stages.kmeans, "kmeans", keep)
+    monkeypatch.setattr(sys, "argv", ["kmeans", "--params", str(project["params"]), "--checkpoint",
+                                      str(project["checkpoint"]), "--data", str(project["data"]), "--out", str(tmp_path / "k")])
+    stages.kmeans.main()
+    pixels = 32 * 32
+    for position, block in enumerate((1, 3)):  # kmeans.t_steps [50] x blocks [1, 3], 3 images each
+        stored = stored_test_rows(project, [block])[:, : stored_test_rows(project, [block]).shape[1] // 2]  # t = 50
+        points = torch.cat(seen["points"][position * 3 : position * 3 + 3]).numpy()
+        assert np.array_equal(points, stored[: 3 * pixels].astype(np.float32)), block
+
+
+def test_native_maps_are_the_bytes_of_a_native_store(project):
+    params = load_params(project["native_params"])
+    model, diffusion = loaded_model(str(project["checkpoint"]), "cpu")
+    files = [example.image_path for example in list_examples(project["data"], Split.TEST)]
+    group = zarr.open_group(str(project["root"] / "native150.zarr"), mode="r")
+    blocks = params.features.store_blocks
+    for index, maps in features_for_images(model, diffusion, files, options=params.features, t_steps=[150],
+                                           blocks=blocks, split="test", layout=params.features.layout):
+        for block, values in zip(blocks, maps):
+            assert values.numpy().tobytes() == np.asarray(group[f"test/block{block}"][index]).tobytes()
+
+
+def test_new_images_refuse_the_stochastic_noise_and_stored_ones_take_theirs(project):
+    params = load_params(write_params(project["root"] / "stochastic.yaml", {"features.stochastic_noise": True}))
+    model, diffusion = loaded_model(str(project["checkpoint"]), "cpu")
+    image = read_rgb(list_examples(project["data"], Split.TEST)[0].image_path)
+    options = dict(options=params.features, t_steps=[50], blocks=[1])
+    with pytest.raises(Exception, match="features.stochastic_noise: true"):
+        next(features_for_images(model, diffusion, [image], **options))
+    (_, first), = features_for_images(model, diffusion, [image], split="test", indices=[0], **options)
+    (_, second), = features_for_images(model, diffusion, [image], split="test", indices=[1], **options)
+    assert not torch.equal(first, second)  # each stored image index has its own noise
