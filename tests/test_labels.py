@@ -244,3 +244,38 @@ def test_label_params_are_checked_against_the_classes(dataset, message):
     base = {"name": "custom", "root": "x", "image_size": 32, "num_classes": 3, "train_images": 1, "test_images": 1}
     with pytest.raises(ConfigError, match=message):
         params_from_dict({"dataset": base | dataset})
+
+
+def test_the_prepare_stage_reads_coco_from_params_yaml_and_refuses_an_unmapped_category(tmp_path, monkeypatch, capsys):
+    from stages.prepare import main
+    from tests.helpers import exit_code_2_stderr, write_params
+
+    root = _write_coco(tmp_path / "coco")
+    settings = {"dataset.name": "mine", "dataset.root": str(root), "dataset.image_size": 8, "dataset.num_classes": 3,
+                "dataset.train_images": 2, "dataset.val_images": 0, "dataset.test_images": 2,
+                "dataset.labels": "coco", "dataset.coco_categories": {1: 1, 2: 2, 9: IGNORE},
+                "ddpm.model.channel_mult": [1, 2]}
+    params = write_params(tmp_path / "params.yaml", settings)
+    assert "coco_categories:\n    1: 1\n" in params.read_text()  # a YAML mapping with integer keys
+    monkeypatch.setattr("sys.argv", ["prepare", "--params", str(params), "--out", str(tmp_path / "prepared")])
+    main()
+    assert np.array_equal(np.load(tmp_path / "prepared/real/train/a.npy"), _masks()[("train", "a")])
+    params = write_params(tmp_path / "bad.yaml", settings | {"dataset.coco_categories": {1: 1, 2: 2}})
+    err = exit_code_2_stderr(main, ["prepare", "--params", params, "--out", tmp_path / "again"], monkeypatch, capsys)
+    assert "uses category id(s) 9 ('unsure', 1 annotations) that dataset.coco_categories does not map" in err
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("breaker, message", [
+    (lambda path: path.unlink(), r"COCO file .*real/train/annotations.json does not exist; put it there or set "
+                                 r"dataset.coco_file"),
+    (lambda path: path.write_text("{not json"), r"COCO file .*annotations.json is not readable JSON"),
+    (lambda path: path.write_text(json.dumps({"images": [{"id": 3, "file_name": "a.png", "width": 8}],
+                                              "annotations": []})),
+     r"COCO file .*annotations.json: image a.png has no valid 'height' \(got None\); it does not follow the COCO format"),
+])
+def test_a_coco_file_that_is_missing_or_not_coco_is_named(tmp_path, breaker, message):
+    root = _write_coco(tmp_path / "coco")
+    breaker(root / "real/train/annotations.json")
+    with pytest.raises(DatasetError, match=message):
+        prepare_folder(config(**COCO), root, tmp_path / "out")

@@ -79,7 +79,7 @@ def list_examples(root: Path, split: Split | str, *, with_masks: bool = True, al
     empty folder (a prepared dataset's val split may hold no images). A mask is ``<stem>.npy`` (the
     prepared layout), ``masks/<stem>.png`` (``labels`` png) or ``coco_file`` (coco; its entries are
     checked against the folder by ``coco_files``)."""
-    folder = split_dir(root, split)
+    folder, labels = split_dir(root, split), LabelFormat(labels)
     if allow_empty and not folder.is_dir():
         return []
     if not folder.is_dir():
@@ -90,11 +90,13 @@ def list_examples(root: Path, split: Split | str, *, with_masks: bool = True, al
     examples = []
     for image_path in list_images(folder):
         mask_path = {LabelFormat.NPY: image_path.with_suffix(".npy"), LabelFormat.PNG: png_mask_path(image_path),
-                     LabelFormat.COCO: coco_file}[LabelFormat(labels)]
-        if with_masks and (mask_path is None or not mask_path.is_file()):
-            what = f"COCO file {mask_path}" if labels is LabelFormat.COCO else f"mask {mask_path.relative_to(folder)}"
+                     LabelFormat.COCO: coco_file}[labels]
+        if with_masks and labels is LabelFormat.COCO and not (coco_file and coco_file.is_file()):
+            raise DatasetError(f"COCO file {coco_file} does not exist; put it there or set dataset.coco_file (relative "
+                               f"to dataset.root, {{split}} for one file per split): the masks of {folder}'s images")
+        if with_masks and not mask_path.is_file():
             raise DatasetError(
-                f"image {image_path} has no {what}; add it or remove the image from {folder}"
+                f"image {image_path} has no mask {mask_path.relative_to(folder)}; add it or remove the image from {folder}"
             )
         examples.append(Example(image_path.stem, image_path, mask_path if with_masks else None))
     if not examples and not allow_empty:
