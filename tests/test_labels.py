@@ -279,3 +279,11 @@ def test_a_coco_file_that_is_missing_or_not_coco_is_named(tmp_path, breaker, mes
     breaker(root / "real/train/annotations.json")
     with pytest.raises(DatasetError, match=message):
         prepare_folder(config(**COCO), root, tmp_path / "out")
+
+
+def test_one_coco_file_for_all_splits_refuses_a_file_name_in_two_splits(tmp_path):
+    root = _write_coco(tmp_path / "coco", per_split=False)
+    Image.open(root / "real/train/a.png").save(root / "real/test/a.png")
+    with pytest.raises(DatasetError, match=r"real/train/a.png and .*real/test/a.png share a file name, so one COCO file "
+                                           r".*labels.json cannot tell them apart"):
+        prepare_folder(config(**COCO, coco_file="labels.json"), root, tmp_path / "out")

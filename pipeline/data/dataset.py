@@ -463,7 +463,13 @@ def coco_files(config: DatasetConfig, root: Path) -> dict[Path, CocoFile]:
     files = {}
     for path, covered in folders.items():
         coco = files[path] = read_coco(path, config.coco_categories)
-        on_disk = {image.name: image for folder in covered for image in list_images(folder)}
+        on_disk: dict[str, Path] = {}
+        for image in (image for folder in covered for image in list_images(folder)):
+            if image.name in on_disk:
+                raise DatasetError(f"{on_disk[image.name]} and {image} share a file name, so one COCO file {path} "
+                                   f"cannot tell them apart; rename one, or use a COCO file per split "
+                                   f"(dataset.coco_file: real/{{split}}/annotations.json)")
+            on_disk[image.name] = image
         missing = sorted(set(on_disk) - set(coco.images))
         if missing:
             raise DatasetError(f"image(s) {', '.join(str(on_disk[name]) for name in missing[:5])} have no entry in COCO "

@@ -72,7 +72,7 @@ def read_png_mask(path: Path, class_colors: Sequence[Sequence[int]] | None = Non
     except FileNotFoundError:
         raise DatasetError(f"mask {path} does not exist; add it (masks of dataset.labels: png are "
                            f"real/<split>/{MASK_FOLDER}/<stem>.png) or remove its image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         raise DatasetError(f"mask {path} cannot be read as a PNG ({error}); re-save it as a PNG") from None
     if image.format != "PNG":
         raise DatasetError(f"mask {path} is a {image.format} file, not a PNG; lossy formats change the class values "
@@ -136,6 +136,9 @@ def read_coco(path: Path, categories: Mapping[int, int]) -> CocoFile:
         if base in images:
             raise DatasetError(f"COCO file {path} lists two images named {base} ({images[base].file_name} and {name}); "
                                f"images are matched to the split folders by file name: rename one")
+        if image_id in by_id:
+            raise DatasetError(f"COCO file {path} gives image id {image_id} to {by_id[image_id].file_name} and {name}; "
+                               f"image ids must be unique: re-export the file")
         height = _field(record, "height", int, path, f"image {name}")
         width = _field(record, "width", int, path, f"image {name}")
         images[base] = by_id[image_id] = CocoImage(name, height, width, ())
