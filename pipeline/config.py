@@ -20,7 +20,7 @@ from typing import Annotated, Any, Optional, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from pipeline.enums import (Autocast, Codec, Corruption, LossWeighting, LrSchedule, ModelPreset, NoiseSchedule,
+from pipeline.enums import (Autocast, Codec, Corruption, LabelFormat, LossWeighting, LrSchedule, ModelPreset, NoiseSchedule,
                             NonSquarePolicy, Representation, Stopping, StoreLayout, UpsampleMode)
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
 from pipeline.diffusion.flags import DIFFUSION_FLAGS, UNetConfig, check_widths, config_from_flags
@@ -28,7 +28,7 @@ from pipeline.presets import MODEL_PRESETS, PRESETS
 from pipeline.diffusion.schedule import betas_for_schedule
 
 __all__ = ["Autocast", "Codec", "ConfigError", "Corruption", "DatasetConfig", "DDPMConfig", "EnsembleConfig", "EvaluateConfig",
-           "FeaturesConfig", "LossWeighting", "LrSchedule", "ModelFlags", "ModelPreset", "NoiseSchedule",
+           "FeaturesConfig", "LabelFormat", "LossWeighting", "LrSchedule", "ModelFlags", "ModelPreset", "NoiseSchedule",
            "NonSquarePolicy", "Params", "Representation", "RuntimeConfig", "Stopping", "StoreLayout", "TrainConfig", "UpsampleMode", "load_params",
            "params_from_dict"]
 
@@ -52,6 +52,8 @@ NonNegative = Annotated[StrictInt, Field(ge=0)]
 Seed = Annotated[StrictInt, Field(ge=0, lt=2**63, description="seeds must be in [0, 2**63): numpy and torch "
                                                               "refuse negative seeds")]
 Rate = Annotated[float, Field(gt=0)]
+Byte = Annotated[StrictInt, Field(ge=0, le=255, description="a colour channel in [0, 255]")]
+Colour = Annotated[tuple[Byte, Byte, Byte], Field(strict=False)]
 
 
 class Section(BaseModel):
@@ -78,6 +80,22 @@ class DatasetConfig(Section):
     # The paper's rule: a class covering fewer pixels than this in a training mask becomes ignore (0 = off).
     min_class_pixels: Optional[NonNegative] = None
     non_square: Choice[NonSquarePolicy] = NonSquarePolicy.ERROR
+    # The masks' format (pipeline/data/labels.py), converted once by prepare into the prepared layout's .npy masks:
+    # npy = <stem>.npy beside each image; png = real/<split>/masks/<stem>.png, indexed (P) or greyscale (L) with
+    # value = class, or colour masks read through class_colors; coco = the COCO JSON file coco_file.
+    labels: Choice[LabelFormat] = LabelFormat.NPY
+    # png only: [r, g, b] of each class, in class order (null = masks hold class indices). When given, every PNG
+    # mask is read by colour, and a colour that is not listed (nor ignore_color) is an error.
+    class_colors: Optional[Annotated[tuple[Colour, ...], Field(strict=False)]] = None
+    ignore_color: Optional[Colour] = None  # png with class_colors: the colour that means ignore_label (VOC: [224, 224, 192])
+    # coco only: the COCO file, relative to root; {split} is replaced by train, val and test (one file per split),
+    # a path without it is one file for every split. Its images are matched to the split folders by file name.
+    coco_file: StrictStr = "real/{split}/annotations.json"
+    # coco only: COCO category_id -> class index (or ignore_label); a category used by an annotation but missing
+    # here is an error. Where annotations overlap the smaller one wins (ties: the later one in the file).
+    coco_categories: Optional[Annotated[dict[StrictInt, StrictInt], Field(strict=False)]] = None
+    # coco only: the class of pixels no annotation covers (0 = background, or ignore_label).
+    coco_background: NonNegative = 0
     # Built-in set only: unlabeled canvases for DDPM pretraining, digit height in pixels, split seed.
     unlabeled_images: Positive = 4000
     digit_size: StrictInt = 24
@@ -462,6 +480,7 @@ def _validate(params: Params) -> None:
             f"dataset.class_names has {len(dataset.class_names)} names but dataset.num_classes is "
             f"{dataset.num_classes}; give one name per class or null"
         )
+    _validate_labels(dataset)
     if dataset.name == BUILTIN_DATASET:
         if not 8 <= dataset.digit_size <= dataset.image_size:
             raise ConfigError(
@@ -483,6 +502,41 @@ def _validate(params: Params) -> None:
     check_timesteps(params.kmeans.t_steps, params.ddpm.diffusion_steps)
     _validate_tls(features)
     check_widths(params.unet_config())  # torch-free; the stages that build a UNet also build it on the meta device
+
+
+def _validate_labels(dataset: DatasetConfig) -> None:
+    """The label-format keys against the class count: every colour or category lands on a class or on ignore."""
+    def is_label(value: int) -> bool:
+        return 0 <= value < dataset.num_classes or value == dataset.ignore_label
+
+    if dataset.class_colors is not None:
+        colours = [list(colour) for colour in dataset.class_colors]
+        if len(colours) != dataset.num_classes:
+            raise ConfigError(f"dataset.class_colors has {len(colours)} colours but dataset.num_classes is "
+                              f"{dataset.num_classes}; give one [r, g, b] per class, in class order")
+        repeated = sorted({str(c) for c in colours if colours.count(c) > 1})
+        if repeated or (dataset.ignore_color is not None and list(dataset.ignore_color) in colours):
+            shown = repeated or [str(list(dataset.ignore_color)) + " (also dataset.ignore_color)"]
+            raise ConfigError(f"dataset.class_colors gives colour(s) {', '.join(shown)} to more than one class; "
+                              f"each class needs its own colour")
+    if dataset.labels is not LabelFormat.COCO:
+        return
+    if not dataset.coco_categories:
+        raise ConfigError("dataset.labels is coco but dataset.coco_categories is null; map each COCO category_id "
+                          "to a class index, e.g. coco_categories: {1: 1, 2: 2}")
+    bad = {key: value for key, value in dataset.coco_categories.items() if not is_label(value)}
+    if bad:
+        raise ConfigError(f"dataset.coco_categories maps category id(s) {bad} outside the classes [0, "
+                          f"{dataset.num_classes}) and the ignore label {dataset.ignore_label}; fix the mapping or "
+                          f"dataset.num_classes")
+    if not is_label(dataset.coco_background):
+        raise ConfigError(f"dataset.coco_background={dataset.coco_background} is neither a class in [0, "
+                          f"{dataset.num_classes}) nor the ignore label {dataset.ignore_label}")
+    file = Path(dataset.coco_file)
+    if file.is_absolute() or ".." in file.parts:
+        # Inside root, the prepare stage's ${dataset.root} dep tracks it; a file elsewhere would not be tracked.
+        raise ConfigError(f"dataset.coco_file={dataset.coco_file!r} must be a path inside dataset.root, relative to "
+                          f"it (e.g. real/{{split}}/annotations.json); move the file into the dataset folder")
 
 
 def _validate_store_blocks(params: Params) -> None:

@@ -17,6 +17,10 @@ UpsampleMode = _choice("UpsampleMode", "features.upsample", "bilinear", "nearest
 # as the paper's code holds it; native = each block's map at the resolution the UNet made it, upsampled when read.
 StoreLayout = _choice("StoreLayout", "features.layout", "pixels", "native")
 NonSquarePolicy = _choice("NonSquarePolicy", "dataset.non_square", "error", "center_crop")
+# How a user dataset's masks come (pipeline/data/labels.py; docs/paper.md, "Your own data"): npy = <stem>.npy beside
+# each image; png = masks/<stem>.png (indexed, greyscale, or colours with dataset.class_colors); coco = a COCO JSON
+# file (dataset.coco_file) of polygons and RLE. prepare turns each into the prepared layout's .npy masks.
+LabelFormat = _choice("LabelFormat", "dataset.labels", "npy", "png", "coco")
 # Model flags and default blocks of pipeline/presets.py MODEL_PRESETS: the built-in 32-channel UNet for the
 # digits (image_size = dataset.image_size); the paper's 256x256 guided-diffusion checkpoints (lsun_*.pt, ffhq.pt).
 ModelPreset = _choice("ModelPreset", "ddpm.preset", "digits", "adm256")

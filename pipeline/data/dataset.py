@@ -3,6 +3,7 @@
 Layout (as ddpm-segmentation's ``datasets.tar.gz``)::
 
     <root>/real/train/<stem>.png|jpg   + <stem>.npy  (H x W integer mask, 255 = ignore)
+                                         (or masks/<stem>.png, or a COCO file: ``dataset.labels``, pipeline/data/labels.py)
     <root>/real/val/...     (optional: validation images; else ``dataset.val_images`` are held out of train)
     <root>/real/test/...
     <root>/unlabeled/<stem>.png|jpg    (optional: images for DDPM pretraining)
@@ -27,7 +28,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import DatasetConfig
-from pipeline.enums import NonSquarePolicy
+from pipeline.data.labels import CocoFile, coco_mask, png_mask_path, read_coco, read_png_mask
+from pipeline.enums import LabelFormat, NonSquarePolicy
 from pipeline.errors import DatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -71,10 +73,13 @@ def list_images(folder: Path) -> list[Path]:
     return paths
 
 
-def list_examples(root: Path, split: Split | str, *, with_masks: bool = True, allow_empty: bool = False) -> list[Example]:
+def list_examples(root: Path, split: Split | str, *, with_masks: bool = True, allow_empty: bool = False,
+                  labels: LabelFormat = LabelFormat.NPY, coco_file: Path | None = None) -> list[Example]:
     """The images of a split (sorted by name) with their masks; ``allow_empty`` accepts a missing or
-    empty folder (a prepared dataset's val split may hold no images)."""
-    folder = split_dir(root, split)
+    empty folder (a prepared dataset's val split may hold no images). A mask is ``<stem>.npy`` (the
+    prepared layout), ``masks/<stem>.png`` (``labels`` png) or ``coco_file`` (coco; its entries are
+    checked against the folder by ``coco_files``)."""
+    folder, labels = split_dir(root, split), LabelFormat(labels)
     if allow_empty and not folder.is_dir():
         return []
     if not folder.is_dir():
@@ -84,10 +89,14 @@ def list_examples(root: Path, split: Split | str, *, with_masks: bool = True, al
         )
     examples = []
     for image_path in list_images(folder):
-        mask_path = image_path.with_suffix(".npy")
+        mask_path = {LabelFormat.NPY: image_path.with_suffix(".npy"), LabelFormat.PNG: png_mask_path(image_path),
+                     LabelFormat.COCO: coco_file}[labels]
+        if with_masks and labels is LabelFormat.COCO and not (coco_file and coco_file.is_file()):
+            raise DatasetError(f"COCO file {coco_file} does not exist; put it there or set dataset.coco_file (relative "
+                               f"to dataset.root, {{split}} for one file per split): the masks of {folder}'s images")
         if with_masks and not mask_path.is_file():
             raise DatasetError(
-                f"image {image_path} has no mask {mask_path.name}; add it or remove the image from {folder}"
+                f"image {image_path} has no mask {mask_path.relative_to(folder)}; add it or remove the image from {folder}"
             )
         examples.append(Example(image_path.stem, image_path, mask_path if with_masks else None))
     if not examples and not allow_empty:
@@ -243,7 +252,15 @@ def load_mask(
 ) -> np.ndarray:
     """Read a ``.npy`` mask as ``[image_size, image_size] uint8``; checks its size (against the image as
     displayed, EXIF orientation applied) and class values."""
-    mask = _mask_values(read_npy(path), path)
+    return fit_mask(_mask_values(read_npy(path), path), path, image_path, image_size, num_classes, ignore_label,
+                    non_square)
+
+
+def fit_mask(mask: np.ndarray, path: Path | str, image_path: Path, image_size: int, num_classes: int,
+             ignore_label: int, non_square: NonSquarePolicy = NonSquarePolicy.ERROR) -> np.ndarray:
+    """An ``[H, W]`` integer mask of any format -> ``[image_size, image_size] uint8``: checks its size against
+    the image as displayed (EXIF orientation applied) and its class values, naming ``path``; crops and resizes
+    it as the image (nearest neighbour)."""
     width, height, orientation = displayed_size(image_path)
     if mask.shape != (height, width):
         stored = mask.shape == (width, height) and orientation in TRANSPOSING_ORIENTATIONS
@@ -403,13 +420,23 @@ def build_digits(config: DatasetConfig, out_root: Path) -> dict[str, int]:
     return counts
 
 
+def coco_path(config: DatasetConfig, root: Path, split: Split) -> Path:
+    """The COCO file of a split: ``dataset.coco_file`` under ``root``, ``{split}`` replaced by the split's name."""
+    return Path(root) / config.coco_file.replace("{split}", split.value)
+
+
+def _source_examples(config: DatasetConfig, root: Path, split: Split) -> list[Example]:
+    return list_examples(root, split, labels=config.labels,
+                         coco_file=coco_path(config, root, split) if config.labels is LabelFormat.COCO else None)
+
+
 def select_examples(config: DatasetConfig, root: Path) -> dict[Split, list[Example]]:
     """Which source images make each split: the first ``train_images`` / ``test_images`` (sorted by name)
     of real/train and real/test; val is the first ``val_images`` of real/val when that folder exists,
     else the ``val_images`` train images that follow the training ones (held out, never trained on)."""
-    train, test = list_examples(root, Split.TRAIN), list_examples(root, Split.TEST)
+    train, test = _source_examples(config, root, Split.TRAIN), _source_examples(config, root, Split.TEST)
     has_val_folder = split_dir(root, Split.VAL).is_dir()
-    val_source = list_examples(root, Split.VAL) if has_val_folder else train[config.train_images :]
+    val_source = _source_examples(config, root, Split.VAL) if has_val_folder else train[config.train_images :]
     wanted = {Split.TRAIN: (train, config.train_images, "dataset.train_images"),
               Split.TEST: (test, config.test_images, "dataset.test_images")}
     for split, (examples, count, key) in wanted.items():
@@ -425,19 +452,66 @@ def select_examples(config: DatasetConfig, root: Path) -> dict[Split, list[Examp
             Split.TEST: test[: config.test_images]}
 
 
+def coco_files(config: DatasetConfig, root: Path) -> dict[Path, CocoFile]:
+    """Each COCO file of the dataset's split folders, read once, checked against the folders it covers (one
+    per split with ``{split}`` in ``dataset.coco_file``, else all): an image on disk without an entry, or an
+    entry without an image on disk, is a ``DatasetError`` naming both."""
+    folders: dict[Path, list[Path]] = {}
+    for split in Split:
+        if split_dir(root, split).is_dir():
+            folders.setdefault(coco_path(config, root, split), []).append(split_dir(root, split))
+    files = {}
+    for path, covered in folders.items():
+        coco = files[path] = read_coco(path, config.coco_categories)
+        on_disk: dict[str, Path] = {}
+        for image in (image for folder in covered for image in list_images(folder)):
+            if image.name in on_disk:
+                raise DatasetError(f"{on_disk[image.name]} and {image} share a file name, so one COCO file {path} "
+                                   f"cannot tell them apart; rename one, or use a COCO file per split "
+                                   f"(dataset.coco_file: real/{{split}}/annotations.json)")
+            on_disk[image.name] = image
+        missing = sorted(set(on_disk) - set(coco.images))
+        if missing:
+            raise DatasetError(f"image(s) {', '.join(str(on_disk[name]) for name in missing[:5])} have no entry in COCO "
+                               f"file {path} ({len(missing)} in all); annotate them there or remove them from "
+                               f"{', '.join(str(folder) for folder in covered)}")
+        absent = sorted(set(coco.images) - set(on_disk))
+        if absent:
+            raise DatasetError(f"COCO file {path} lists image(s) {', '.join(coco.images[name].file_name for name in absent[:5])} "
+                               f"({len(absent)} in all) that are not in {', '.join(str(folder) for folder in covered)}; "
+                               f"add the images there, or use a COCO file (dataset.coco_file) of these images only")
+    return files
+
+
+def read_source_mask(config: DatasetConfig, example: Example, cocos: dict[Path, CocoFile]) -> np.ndarray:
+    """The ``[image_size, image_size] uint8`` mask of a source image in any ``dataset.labels`` format, checked
+    against its image as ``fit_mask`` checks it."""
+    checks = (example.image_path, config.image_size, config.num_classes, config.ignore_label, config.non_square)
+    if config.labels is LabelFormat.NPY:
+        return load_mask(example.mask_path, *checks)
+    if config.labels is LabelFormat.PNG:
+        mask = read_png_mask(example.mask_path, config.class_colors, config.ignore_color, config.ignore_label)
+        return fit_mask(mask, example.mask_path, *checks)
+    name = example.image_path.name
+    mask = coco_mask(cocos[example.mask_path], name, config.coco_categories, config.coco_background)
+    return fit_mask(mask, f"{example.mask_path} (entry {cocos[example.mask_path].images[name].file_name})", *checks)
+
+
 def prepare_folder(config: DatasetConfig, root: Path, out_root: Path) -> dict[str, int]:
     """Validate a dataset in the paper's layout and write the splits of ``select_examples`` and any
-    unlabeled images to ``out_root`` in canonical form (square, resized PNG + uint8 mask, small classes
-    dropped to ignore in training masks when ``min_class_pixels`` > 0)."""
+    unlabeled images to ``out_root`` in canonical form (square, resized PNG + uint8 ``.npy`` mask whatever
+    ``dataset.labels`` the source has, small classes dropped to ignore in training masks when
+    ``min_class_pixels`` > 0)."""
     if not root.is_dir():
         raise DatasetError(f"dataset.root {root} is not a folder; point it at a dataset in the paper's layout")
     counts = {}
-    for split, examples in select_examples(config, root).items():
+    selected = select_examples(config, root)
+    cocos = coco_files(config, root) if config.labels is LabelFormat.COCO else {}
+    for split, examples in selected.items():
         split_dir(out_root, split).mkdir(parents=True, exist_ok=True)
         for example in examples:
             image = load_image(example.image_path, config.image_size, config.non_square)
-            mask = load_mask(example.mask_path, example.image_path, config.image_size, config.num_classes,
-                             config.ignore_label, config.non_square)
+            mask = read_source_mask(config, example, cocos)
             if split is Split.TRAIN:  # the paper filters training masks only; test masks are scored as given
                 mask = drop_small_classes(mask, config.min_class_pixels, config.ignore_label)
             write_example(split_dir(out_root, split), example.stem, image, mask)
