@@ -72,7 +72,7 @@ def in_ram(folder: Path, images: int, steps: int) -> dict:
     import zarr
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.ensemble.fit import EnsembleMLP
+    from pipeline.ensemble.model import EnsembleMLP
 
     dim = PER_STEP * len(STEPS)
     start = time.perf_counter()

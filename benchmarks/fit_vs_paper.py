@@ -144,7 +144,7 @@ def score_val(predict, matrix, labels, num_classes: int, ignore_label: int) -> f
             votes.append(majority_vote(predict(torch.from_numpy(rows.astype(np.float32))), num_classes).numpy())
             truths.append(truth)
     # evaluate's metrics (pipeline.ensemble.evaluation.score); the vote is here because the paper's members are not
-    # an EnsembleMLP that pipeline.ensemble.evaluation.vote could run.
+    # an EnsembleMLP that pipeline.ensemble.predict.vote could run.
     return score(np.concatenate(truths), np.concatenate(votes), [str(c) for c in range(num_classes)], ignore_label)["miou"]
 
 
@@ -257,11 +257,11 @@ def tiled_canvases(pool: np.ndarray, count: int, seed: int) -> list[tuple[np.nda
 def build_paper_like(work: Path, checkpoint: Path, train_images: int, val_images: int) -> str:
     from pipeline.config import FeaturesConfig
     from pipeline.data.dataset import split_digit_pools
+    from pipeline.diffusion.train import load_checkpoint
     from pipeline.features.activations import feature_dim
     from pipeline.features.compute import features_for_images
     from pipeline.features.store import StoreRecord, create_or_resume
     from pipeline.hashing import file_sha256
-    from pipeline.diffusion.train import load_checkpoint
 
     folder = work / f"paper_like_{train_images}_{val_images}"
     pattern = str(folder / "t{t}.zarr")

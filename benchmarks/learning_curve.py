@@ -28,10 +28,10 @@ import yaml
 from pipeline.config import LrSchedule, Params, params_from_dict
 from pipeline.data.dataset import Split, load_split, load_unlabeled, to_model_input
 from pipeline.diffusion.gaussian import Diffusion
-from pipeline.ensemble.evaluation import fit_and_score
-from pipeline.features.activations import make_noise, pixel_features
 from pipeline.diffusion.train import train_ddpm
 from pipeline.diffusion.unet import create_unet
+from pipeline.ensemble.evaluation import fit_and_score
+from pipeline.features.activations import make_noise, pixel_features
 
 
 def parse_recipe(spec: str) -> tuple[str, dict]:

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import load_params
+from pipeline.config import FeaturesConfig, load_params
 from pipeline.data.dataset import Split, load_split
-from pipeline.ensemble.evaluation import fit_and_score
-from pipeline.config import FeaturesConfig
-from pipeline.features.compute import features_for_images
 from pipeline.diffusion.train import load_checkpoint
+from pipeline.ensemble.evaluation import fit_and_score
+from pipeline.features.compute import features_for_images
 
 
 def block_rows(model, diffusion, images, t, noise_seed=0, batch=25) -> list[np.ndarray]:

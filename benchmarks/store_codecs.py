@@ -19,10 +19,10 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from pipeline.data.dataset import Split, load_split
 from pipeline.config import FeaturesConfig
-from pipeline.features.compute import features_for_images
+from pipeline.data.dataset import Split, load_split
 from pipeline.diffusion.train import load_checkpoint
+from pipeline.features.compute import features_for_images
 
 CODECS = {
     "none": lambda: [],

@@ -109,8 +109,8 @@ def paper_checkpoint(path: Path) -> int:
     """A random-weights guided-diffusion state dict of the paper's 256 model, checked against the paper's shapes."""
     import torch
 
-    from pipeline.presets import MODEL_PRESETS
     from pipeline.diffusion.unet import config_from_flags, create_unet
+    from pipeline.presets import MODEL_PRESETS
 
     torch.manual_seed(0)
     model = create_unet(config_from_flags(dict(MODEL_PRESETS["adm256"]["model"], image_size=256)))

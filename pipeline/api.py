@@ -8,7 +8,7 @@
 An image goes through prepare's rule (``dataset.non_square``: an error, or a centre crop; then a bicubic
 resize to ``dataset.image_size``), its features come from the one feature path extract writes its stores with
 (``pipeline.features.compute.features_for_images``: same noise, steps, blocks, upsampling and float16 rows), and the ensemble votes
-through ``pipeline.ensemble.evaluation.vote``, the function evaluate scores with, row-chunk by row-chunk as
+through ``pipeline.ensemble.predict.vote``, the function evaluate scores with, row-chunk by row-chunk as
 evaluate reads them from a store. So on the test images ``mask`` equals evaluate's predictions.
 Results are mapped back to the input's own size (nearest); pixels a centre crop cut away get the
 ignore label and NaN uncertainty. Memory is set by one batch of images, never by how many are given.
@@ -26,16 +26,17 @@ from PIL import Image
 from pipeline.config import Params, load_params
 from pipeline.data.dataset import _crop_square, read_rgb
 from pipeline.diffusion.gaussian import Diffusion
-from pipeline.ensemble.fit import EnsembleMLP, load_ensemble
-from pipeline.enums import NonSquarePolicy
-from pipeline.errors import PipelineError
-from pipeline.ensemble.evaluation import vote
-from pipeline.features.compute import features_for_images
-from pipeline.runtime import pick_device
-from pipeline.features.store import fit_record, rows_per_chunk
-from pipeline.hashing import file_sha256
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.diffusion.unet import UNetModel, for_inference
+from pipeline.ensemble.files import load_ensemble
+from pipeline.ensemble.model import EnsembleMLP
+from pipeline.ensemble.predict import vote
+from pipeline.enums import NonSquarePolicy
+from pipeline.errors import PipelineError
+from pipeline.features.compute import features_for_images
+from pipeline.features.store import fit_record, rows_per_chunk
+from pipeline.hashing import file_sha256
+from pipeline.runtime import pick_device
 
 ImageInput = str | Path | np.ndarray  # a file, or an [H, W, 3] uint8 array
 

@@ -20,12 +20,30 @@ from typing import Annotated, Any, Optional, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from pipeline.enums import (Autocast, Codec, Corruption, LabelFormat, LossWeighting, LrSchedule, ModelPreset, NoiseSchedule,
-                            NonSquarePolicy, Representation, Stopping, StoreLayout, UpsampleMode)
-from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
-from pipeline.diffusion.flags import DIFFUSION_FLAGS, UNetConfig, check_widths, config_from_flags
-from pipeline.presets import MODEL_PRESETS, PRESETS
+from pipeline.diffusion.flags import (
+    DIFFUSION_FLAGS,
+    UNetConfig,
+    check_widths,
+    config_from_flags,
+)
 from pipeline.diffusion.schedule import betas_for_schedule
+from pipeline.enums import (
+    Autocast,
+    Codec,
+    Corruption,
+    LabelFormat,
+    LossWeighting,
+    LrSchedule,
+    ModelPreset,
+    NoiseSchedule,
+    NonSquarePolicy,
+    Representation,
+    Stopping,
+    StoreLayout,
+    UpsampleMode,
+)
+from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
+from pipeline.presets import MODEL_PRESETS, PRESETS
 
 __all__ = ["Autocast", "Codec", "ConfigError", "Corruption", "DatasetConfig", "DDPMConfig", "EnsembleConfig", "EvaluateConfig",
            "FeaturesConfig", "LabelFormat", "LossWeighting", "LrSchedule", "ModelFlags", "ModelPreset", "NoiseSchedule",

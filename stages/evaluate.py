@@ -4,14 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data.dataset import Split, list_examples, read_rgb
-from pipeline.ensemble.fit import load_ensemble
-from pipeline.ensemble.evaluation import check_finite_metrics, predict_split, score
-from pipeline.ensemble.metrics import label_counts
-from pipeline.outputs.figures import confusion_rows, overlay, palette, per_class_table, write_csv_atomic, write_prediction
-from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 from pipeline.atomic import building_dir, write_json_atomic
-from pipeline.features.store import fit_record, open_store, params_record, set_aside_unused_stores
+from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.ensemble.evaluation import check_finite_metrics, predict_split, score
+from pipeline.ensemble.files import load_ensemble
+from pipeline.ensemble.metrics import label_counts
+from pipeline.features.store import (
+    fit_record,
+    open_store,
+    params_record,
+    set_aside_unused_stores,
+)
+from pipeline.outputs.figures import (
+    confusion_rows,
+    overlay,
+    palette,
+    per_class_table,
+    write_csv_atomic,
+    write_prediction,
+)
+from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 
 
 @stage_main

@@ -7,15 +7,25 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.data.dataset import Split, list_examples
+from pipeline.diffusion.train import load_checkpoint
+from pipeline.diffusion.unet import check_model_builds
 from pipeline.enums import Representation
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
-from pipeline.features.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
 from pipeline.features.activations import feature_dim, representation_dim
-from pipeline.diffusion.unet import check_model_builds
-from pipeline.runtime import stage_main, stage_params, stage_parser
-from pipeline.features.store import StoreRecord, create_or_resume, inputs_sha256, params_record
+from pipeline.features.extraction import (
+    ExtractJob,
+    extraction_runner,
+    loaded_model,
+    worker_device,
+)
+from pipeline.features.store import (
+    StoreRecord,
+    create_or_resume,
+    inputs_sha256,
+    params_record,
+)
 from pipeline.hashing import file_sha256
-from pipeline.diffusion.train import load_checkpoint
+from pipeline.runtime import stage_main, stage_params, stage_parser
 
 
 @stage_main

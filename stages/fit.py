@@ -5,10 +5,23 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.ensemble.fit import EpochStats, fit_ensemble, image_rows, member_passes, save_ensemble, train_subset
+from pipeline.ensemble.files import save_ensemble
+from pipeline.ensemble.fit import (
+    EpochStats,
+    fit_ensemble,
+    image_rows,
+    member_passes,
+    train_subset,
+)
+from pipeline.features.store import (
+    fit_record,
+    lazy_matrix,
+    open_store,
+    params_record,
+    set_aside_unused_stores,
+)
 from pipeline.outputs.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
-from pipeline.features.store import fit_record, lazy_matrix, open_store, params_record, set_aside_unused_stores
 
 
 @stage_main

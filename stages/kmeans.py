@@ -8,13 +8,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from pipeline.analysis.kmeans import kmeans
+from pipeline.atomic import building_dir
 from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.diffusion.unet import check_model_builds
 from pipeline.features.compute import features_for_images
 from pipeline.features.extraction import loaded_model, worker_device
-from pipeline.analysis.kmeans import kmeans
-from pipeline.diffusion.unet import check_model_builds
 from pipeline.runtime import stage_main, stage_params, stage_parser
-from pipeline.atomic import building_dir
 
 
 @stage_main

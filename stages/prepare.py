@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.atomic import building_dir, write_json_atomic
 from pipeline.config import BUILTIN_DATASET
 from pipeline.data.dataset import build_digits, prepare_folder
 from pipeline.runtime import stage_main, stage_params, stage_parser
-from pipeline.atomic import building_dir, write_json_atomic
 
 
 @stage_main

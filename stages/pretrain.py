@@ -12,20 +12,23 @@ import torch
 from tqdm import tqdm
 
 import pipeline.data.dataset
-import pipeline.diffusion.gaussian
 import pipeline.diffusion.flags
+import pipeline.diffusion.gaussian
 import pipeline.diffusion.schedule
 import pipeline.diffusion.train
 import pipeline.diffusion.unet
 from pipeline.data.dataset import load_unlabeled
 from pipeline.diffusion.diffusers_unet import import_diffusers_folder
 from pipeline.diffusion.gaussian import Diffusion
+from pipeline.diffusion.train import save_checkpoint, train_ddpm
+from pipeline.diffusion.unet import (
+    check_model_builds,
+    create_unet,
+    load_guided_diffusion,
+)
+from pipeline.hashing import file_sha256
 from pipeline.outputs.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
-from pipeline.hashing import file_sha256
-from pipeline.diffusion.train import save_checkpoint, train_ddpm
-from pipeline.diffusion.unet import check_model_builds, create_unet, load_guided_diffusion
-
 
 # The default ddpm.checkpoint: a placeholder file meaning "train, import nothing". dvc.yaml depends on
 # ${ddpm.checkpoint}, and DVC cannot depend on a null path, so "no checkpoint" has to be a real file.

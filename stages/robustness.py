@@ -11,17 +11,17 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.analysis.corruptions import corrupt
-from pipeline.data.dataset import Split, list_examples, read_rgb
-from pipeline.ensemble.fit import load_ensemble
-from pipeline.ensemble.evaluation import score
-from pipeline.features.extraction import loaded_model, worker_device
-from pipeline.outputs.figures import write_csv_atomic
 from pipeline.analysis.robustness import vote_on_images
-from pipeline.diffusion.unet import check_model_builds
-from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 from pipeline.atomic import atomic_file, write_json_atomic
+from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.diffusion.unet import check_model_builds
+from pipeline.ensemble.evaluation import score
+from pipeline.ensemble.files import load_ensemble
+from pipeline.features.extraction import loaded_model, worker_device
 from pipeline.features.store import fit_record
 from pipeline.hashing import file_sha256
+from pipeline.outputs.figures import write_csv_atomic
+from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 
 
 @stage_main

@@ -13,11 +13,11 @@ from tqdm import tqdm
 
 from pipeline.api import PreparedImage, Segmenter, prepare_image
 from pipeline.data.dataset import list_images
+from pipeline.diffusion.unet import check_model_builds
 from pipeline.errors import DatasetError, PipelineError
 from pipeline.outputs.figures import palette, write_csv_atomic
-from pipeline.diffusion.unet import check_model_builds
-from pipeline.runtime import stage_main, stage_params, stage_parser
 from pipeline.outputs.segment import summary_row, write_outputs
+from pipeline.runtime import stage_main, stage_params, stage_parser
 
 
 def readable(paths: list[Path], segmenter: Segmenter, bad: dict[Path, str]) -> Iterator[PreparedImage]:

@@ -18,17 +18,17 @@ from PIL import Image
 from analyses.experiments import ANALYSES
 from analyses.report import build_report
 from analyses.results import experiment_rows, sample_efficiency_table
+from pipeline.analysis.corruptions import corrupt
+from pipeline.analysis.kmeans import kmeans
 from pipeline.api import Segmenter
 from pipeline.config import ConfigError, Corruption, load_params, params_from_dict
-from pipeline.analysis.corruptions import corrupt
 from pipeline.data.dataset import Split, list_examples, read_rgb, to_model_input
 from pipeline.diffusion.gaussian import Diffusion
+from pipeline.diffusion.unet import create_unet
 from pipeline.ensemble.fit import image_rows, train_subset
 from pipeline.errors import DatasetError
-from pipeline.features.compute import batch_noise
 from pipeline.features.activations import feature_maps, make_noise, rgb_maps
-from pipeline.analysis.kmeans import kmeans
-from pipeline.diffusion.unet import create_unet
+from pipeline.features.compute import batch_noise
 from tests.conftest import REPO
 from tests.helpers import TINY_PARAMS, make_project, run_stage, write_params
 from tests.test_segment import new_canvases, save_random_ensemble

@@ -5,8 +5,18 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DatasetConfig, NonSquarePolicy
-from pipeline.data.dataset import (DatasetError, Split, build_digits, compose_canvas, drop_small_classes, list_examples,
-                           load_mnist_5k, prepare_folder, split_digit_pools, to_model_input)
+from pipeline.data.dataset import (
+    DatasetError,
+    Split,
+    build_digits,
+    compose_canvas,
+    drop_small_classes,
+    list_examples,
+    load_mnist_5k,
+    prepare_folder,
+    split_digit_pools,
+    to_model_input,
+)
 
 
 def test_mnist_ships_5000_real_digits():

@@ -11,10 +11,10 @@ import torch
 from pipeline.config import load_params
 from pipeline.diffusion.diffusers_unet import diffusion_for, load_diffusers_unet
 from pipeline.diffusion.gaussian import Diffusion
+from pipeline.diffusion.train import load_checkpoint, save_checkpoint
 from pipeline.errors import ModelFlagsError
 from pipeline.features.activations import feature_maps, make_noise
 from pipeline.features.store import open_store
-from pipeline.diffusion.train import load_checkpoint, save_checkpoint
 from tests.helpers import make_project, run_stage
 from tests.test_segment import save_random_ensemble
 

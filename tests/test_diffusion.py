@@ -5,12 +5,17 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.config import TrainConfig
 from pipeline.data.dataset import ImageFiles, load_unlabeled
 from pipeline.diffusion.gaussian import Diffusion, betas_for_schedule
-from pipeline.diffusion.train import ema_rate_at, load_checkpoint, save_checkpoint, train_ddpm
-from pipeline.config import TrainConfig
-from pipeline.errors import DatasetError, check_timesteps
+from pipeline.diffusion.train import (
+    ema_rate_at,
+    load_checkpoint,
+    save_checkpoint,
+    train_ddpm,
+)
 from pipeline.diffusion.unet import create_unet
+from pipeline.errors import DatasetError, check_timesteps
 
 TINY = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2],
         "attention_resolutions": [8], "num_head_channels": 32}

@@ -7,7 +7,10 @@ import torch
 from torch import nn
 
 from pipeline.config import EnsembleConfig, Stopping
-from pipeline.ensemble.fit import EnsembleMLP, ShufflePool, fit_ensemble, hidden_widths, predict_chunks
+from pipeline.ensemble.fit import fit_ensemble
+from pipeline.ensemble.model import EnsembleMLP, hidden_widths
+from pipeline.ensemble.pool import ShufflePool
+from pipeline.ensemble.predict import predict_chunks
 
 
 def paper_member(model: EnsembleMLP, member: int) -> nn.Sequential:
@@ -225,7 +228,7 @@ def test_parallel_passes_give_the_weights_of_passes_run_one_after_another():
 
 
 def test_prediction_is_the_same_whatever_the_number_of_chunks_predicted_at_once():
-    from pipeline.ensemble.evaluation import vote
+    from pipeline.ensemble.predict import vote
 
     rng = np.random.default_rng(4)
     matrix = da.from_array(rng.standard_normal((1000, 12)).astype(np.float16), chunks=(96, -1))
@@ -248,7 +251,7 @@ def test_prediction_is_the_same_whatever_the_number_of_chunks_predicted_at_once(
 
 def test_bfloat16_autocast_trains_in_bf16_keeps_float32_weights_and_repeats_bit_for_bit():
     from pipeline.config import Autocast
-    from pipeline.ensemble.evaluation import vote
+    from pipeline.ensemble.predict import vote
 
     x, y = toy()
     config = EnsembleConfig(**{**SMALL, "parallel_passes": 2}, members=4, epochs=3, buffer_rows=1024,
@@ -312,7 +315,7 @@ def test_an_ensemble_file_round_trips_and_other_files_are_refused_by_name(tmp_pa
     import pytest
 
     from pipeline.config import params_from_dict
-    from pipeline.ensemble.fit import load_ensemble, save_ensemble
+    from pipeline.ensemble.files import load_ensemble, save_ensemble
     from pipeline.errors import EnsembleError
     from pipeline.features.store import fit_record
 
@@ -349,7 +352,7 @@ def test_every_reader_refuses_an_ensemble_fit_on_other_features_naming_the_key(t
     """segment, robustness and the API took an ensemble fit with another noise seed, upsample mode, noise
     draws or representation, and made wrong masks without a word; the file now carries the whole record."""
     from pipeline.config import params_from_dict
-    from pipeline.ensemble.fit import load_ensemble, save_ensemble
+    from pipeline.ensemble.files import load_ensemble, save_ensemble
     from pipeline.errors import EnsembleError
     from pipeline.features.store import fit_record
 
@@ -388,7 +391,7 @@ def test_prediction_counts_cores_where_the_os_has_no_cpu_affinity(monkeypatch):
     """macOS and Windows have no os.sched_getaffinity; evaluate, segment and robustness crashed there."""
     import os
 
-    from pipeline.ensemble.evaluation import prediction_workers, vote
+    from pipeline.ensemble.predict import prediction_workers, vote
 
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 3)

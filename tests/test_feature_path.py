@@ -11,7 +11,7 @@ import zarr
 
 from pipeline.config import load_params
 from pipeline.data.dataset import Split, list_examples, read_rgb
-from pipeline.ensemble.fit import EnsembleMLP
+from pipeline.ensemble.model import EnsembleMLP
 from pipeline.features.compute import features_for_images
 from pipeline.features.extraction import loaded_model
 from pipeline.features.store import lazy_matrix, open_store, params_record

@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.diffusion.gaussian import Diffusion
-from pipeline.features.extraction import loaded_model
 from pipeline.config import FeaturesConfig
 from pipeline.data.dataset import to_model_input
-from pipeline.features.activations import feature_maps, make_noise
-from pipeline.features.compute import features_for_images
-from pipeline.features.upsample import upsample_concat
+from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import save_checkpoint
 from pipeline.diffusion.unet import GroupNorm32, for_inference, load_guided_diffusion
+from pipeline.features.activations import feature_maps, make_noise
+from pipeline.features.compute import features_for_images
+from pipeline.features.extraction import loaded_model
+from pipeline.features.upsample import upsample_concat
 
 # Tolerance of a float16 forward against the float32 reference, relative to each block's scale. float16
 # keeps 11 significant bits (spacing 2^-10 of a value's magnitude), and every conv of the ~30 layers rounds

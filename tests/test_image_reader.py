@@ -17,7 +17,14 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from pipeline.data import dataset as data
-from pipeline.data.dataset import DatasetError, list_images, load_mask, read_npy, read_rgb, rgb_array
+from pipeline.data.dataset import (
+    DatasetError,
+    list_images,
+    load_mask,
+    read_npy,
+    read_rgb,
+    rgb_array,
+)
 
 SIZES = st.tuples(st.integers(1, 9), st.integers(1, 9))  # (height, width)
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

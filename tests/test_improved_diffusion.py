@@ -13,8 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.diffusion.gaussian import Diffusion
+from pipeline.diffusion.unet import (
+    AttentionBlock,
+    ModelFlagsError,
+    config_from_flags,
+    create_unet,
+    load_guided_diffusion,
+)
 from pipeline.features.activations import feature_maps
-from pipeline.diffusion.unet import AttentionBlock, ModelFlagsError, config_from_flags, create_unet, load_guided_diffusion
 
 # improved-diffusion's CIFAR-10 MODEL_FLAGS (its README), in the dict form its scripts build.
 CIFAR10_FLAGS = {"image_size": 32, "num_channels": 128, "num_res_blocks": 3, "learn_sigma": True, "dropout": 0.3,

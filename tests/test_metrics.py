@@ -4,9 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.ensemble.metrics import (confusion_matrix, iou_per_class, iou_per_class_paper, jensen_shannon, label_counts,
-                              majority_vote, mean_iou, mean_iou_paper, strict_confusion,
-                              pixel_accuracy, top_decile_mean)
+from pipeline.ensemble.metrics import (
+    confusion_matrix,
+    iou_per_class,
+    iou_per_class_paper,
+    jensen_shannon,
+    label_counts,
+    majority_vote,
+    mean_iou,
+    mean_iou_paper,
+    pixel_accuracy,
+    strict_confusion,
+    top_decile_mean,
+)
 
 
 def test_iou_from_summed_confusion_excludes_ignore_pixels():

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.features.store import StoreError, StoreRecord, create_or_resume, lazy_matrix, open_store, staging
+from pipeline.features.store import (
+    StoreError,
+    StoreRecord,
+    create_or_resume,
+    lazy_matrix,
+    open_store,
+    staging,
+)
 
 PIXELS = 16 * 16
 

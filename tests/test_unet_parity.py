@@ -10,9 +10,15 @@ import torch
 
 from pipeline.config import params_from_dict
 from pipeline.diffusion.gaussian import Diffusion
+from pipeline.diffusion.unet import (
+    ModelFlagsError,
+    check_state_dict,
+    config_from_flags,
+    create_unet,
+    load_guided_diffusion,
+)
 from pipeline.features.activations import feature_dim, images_per_batch, pixel_features
 from pipeline.presets import PAPER_BLOCKS, PAPER_T_STEPS
-from pipeline.diffusion.unet import ModelFlagsError, check_state_dict, config_from_flags, create_unet, load_guided_diffusion
 
 TOLERANCE = 1e-4
 

@@ -1,6 +1,6 @@
 """Predictions for images that have no store (the robustness analysis' corrupted test images): their
 features through the one feature path (``pipeline.features.compute.features_for_images``, the test split's
-noise), voted on image by image as evaluate votes (``pipeline.ensemble.evaluation.vote``)."""
+noise), voted on image by image as evaluate votes (``pipeline.ensemble.predict.vote``)."""
 from __future__ import annotations
 
 import dask.array as da
@@ -9,8 +9,8 @@ import numpy as np
 from pipeline.config import Params
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.unet import UNetModel
-from pipeline.ensemble.evaluation import vote
-from pipeline.ensemble.fit import EnsembleMLP
+from pipeline.ensemble.model import EnsembleMLP
+from pipeline.ensemble.predict import vote
 from pipeline.features.compute import features_for_images
 from pipeline.features.store import rows_per_chunk
 

@@ -28,7 +28,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import DatasetConfig
-from pipeline.data.labels import CocoFile, coco_mask, png_mask_path, read_coco, read_png_mask
+from pipeline.data.labels import (
+    CocoFile,
+    coco_mask,
+    png_mask_path,
+    read_coco,
+    read_png_mask,
+)
 from pipeline.enums import LabelFormat, NonSquarePolicy
 from pipeline.errors import DatasetError
 

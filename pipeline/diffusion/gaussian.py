@@ -10,9 +10,9 @@ import math
 import numpy as np
 import torch
 
+from pipeline.diffusion.schedule import betas_for_schedule
 from pipeline.enums import NoiseSchedule
 from pipeline.errors import ConfigError
-from pipeline.diffusion.schedule import betas_for_schedule
 
 
 class Diffusion:

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.atomic import save_torch_atomic
 from pipeline.config import TrainConfig
 from pipeline.data.dataset import ImageFiles, to_model_input
+from pipeline.diffusion.flags import UNetConfig, config_from_flags
 from pipeline.diffusion.gaussian import Diffusion
+from pipeline.diffusion.unet import UNetModel, check_state_dict, create_unet
 from pipeline.enums import LossWeighting, LrSchedule, NoiseSchedule
 from pipeline.errors import DatasetError, ModelFlagsError, NumericsError
-from pipeline.diffusion.flags import UNetConfig, config_from_flags
-from pipeline.atomic import save_torch_atomic
-from pipeline.diffusion.unet import UNetModel, check_state_dict, create_unet
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"
 STATE_FORMAT = "ddpm-segmentation-pretrain-state/1"

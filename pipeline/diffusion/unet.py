@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import ConfigError, ModelFlagsError, check_decoder_blocks
 from pipeline.diffusion.flags import UNetConfig, config_from_flags
+from pipeline.errors import ConfigError, ModelFlagsError, check_decoder_blocks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ mean) as ``miou_strict``.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,11 +16,21 @@ import dask.array as da
 import numpy as np
 import torch
 
+from pipeline.ensemble.fit import fit_ensemble
+from pipeline.ensemble.metrics import (
+    iou_per_class,
+    iou_per_class_paper,
+    label_counts,
+    mean_iou,
+    mean_iou_paper,
+    pixel_accuracy,
+    strict_confusion,
+    top_decile_mean,
+)
+from pipeline.ensemble.model import EnsembleMLP
+from pipeline.ensemble.predict import vote
 from pipeline.enums import Autocast
-from pipeline.ensemble.fit import EnsembleMLP, fit_ensemble, predict_chunks
 from pipeline.errors import NumericsError
-from pipeline.ensemble.metrics import (iou_per_class, iou_per_class_paper, jensen_shannon, label_counts, majority_vote,
-                              mean_iou, mean_iou_paper, pixel_accuracy, strict_confusion, top_decile_mean)
 from pipeline.features.store import FeatureStore, lazy_matrix
 
 
@@ -41,37 +50,6 @@ class SplitPrediction:
         rows = slice(index * pixels, (index + 1) * pixels)
         shape = (self.image_size, self.image_size)
         return self.truth[rows].reshape(shape), self.prediction[rows].reshape(shape), self.disagreement[rows].reshape(shape)
-
-
-def prediction_workers() -> int:
-    """Row-chunks predicted at once: every core when torch runs one thread per op (as the evaluate and
-    segment stages set it), so the cores share the work while each chunk's arithmetic stays on one thread and the
-    results stay the same on any core count; else 1 (torch already uses the cores inside each op)."""
-    return usable_cores() if torch.get_num_threads() == 1 else 1
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity where the OS has one (Linux), else every core
-    (``os.sched_getaffinity`` exists only on Linux; macOS and Windows have no per-process affinity here)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def vote(model: EnsembleMLP, matrix: da.Array, *, batch_pixels: int, device: torch.device,
-         workers: int | None = None, precision: Autocast = Autocast.NONE) -> tuple[np.ndarray, np.ndarray]:
-    """``[P, D]`` lazy features -> ``([P] uint8`` majority vote, ``[P] float32`` Jensen-Shannon disagreement),
-    row-chunk by row-chunk, ``workers`` chunks at once (null: ``prediction_workers()``), the MLPs' products
-    in ``precision`` (``ensemble.autocast``)."""
-    prediction = np.zeros(matrix.shape[0], dtype=np.uint8)
-    disagreement = np.zeros(matrix.shape[0], dtype=np.float32)
-    workers = prediction_workers() if workers is None else workers
-    for first, classes, probabilities in predict_chunks(model, matrix, batch_pixels=batch_pixels, device=device,
-                                                        workers=workers, precision=precision):
-        rows = slice(first, first + classes.shape[1])
-        prediction[rows] = majority_vote(classes, model.num_classes).numpy()
-        disagreement[rows] = jensen_shannon(probabilities).numpy()
-    return prediction, disagreement
 
 
 def predict_split(model: EnsembleMLP, stores: Sequence[FeatureStore], split: str, *, batch_pixels: int,

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.diffusion.gaussian import Diffusion
+from pipeline.diffusion.unet import UNetModel
 from pipeline.enums import NoiseSchedule, Representation, UpsampleMode
 from pipeline.errors import NumericsError, check_decoder_blocks, check_timesteps
 from pipeline.features.upsample import upsample_concat
-from pipeline.diffusion.unet import UNetModel
 
 
 def make_noise(seed: int, image_size: int, channels: int = 3) -> torch.Tensor:

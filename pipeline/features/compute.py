@@ -21,8 +21,15 @@ from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.unet import UNetModel
 from pipeline.enums import Representation, StoreLayout
 from pipeline.errors import ConfigError, check_timesteps
-from pipeline.features.activations import (check_feature_values, decoder_activations, feature_maps, images_per_batch,
-                                            make_noise, representation_dim, rgb_maps)
+from pipeline.features.activations import (
+    check_feature_values,
+    decoder_activations,
+    feature_maps,
+    images_per_batch,
+    make_noise,
+    representation_dim,
+    rgb_maps,
+)
 from pipeline.runtime import AUTOCAST_DTYPES
 
 ImageSource = str | Path | np.ndarray  # an image file, or an [S, S, 3] uint8 array at the model's size

@@ -48,10 +48,10 @@ import zarr
 import zarr.codecs
 from zarr.core.sync import sync
 
+from pipeline.atomic import replace_dir
 from pipeline.errors import NumericsError, PipelineError, StoreError
 from pipeline.features.upsample import upsample_rows
 from pipeline.hashing import file_sha256
-from pipeline.atomic import replace_dir
 
 FORMAT = "ddpm-segmentation-features/1"
 SPLITS = ("train", "val", "test")

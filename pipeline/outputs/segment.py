@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.api import Segmentation
-from pipeline.data.dataset import read_rgb
 from pipeline.atomic import atomic_file
+from pipeline.data.dataset import read_rgb
 
 
 def save_png(picture: Image.Image, path: Path) -> None:
