@@ -64,3 +64,11 @@ def test_corruption_strip_names_each_corruption_and_severity_under_its_image(tmp
     assert Image.open(tmp_path / "corruptions.png").format == "PNG"
     with pytest.raises(ValueError, match="2 images but 3"):
         corruption_figure([image, image], levels)
+
+
+def test_blend_draws_the_prediction_over_the_image():
+    image, _, prediction, disagreement = masks()
+    colours = palette(len(NAMES), IGNORE)
+    figure = overlay_figure(image, None, prediction, disagreement, colours, NAMES, IGNORE, blend=0.5)
+    painted = figure.axes[1].get_images()[0].get_array()
+    assert np.array_equal(painted, (0.5 * image + 0.5 * colours[prediction]).round().astype(np.uint8))

@@ -63,13 +63,16 @@ UNCERTAINTY_MAX = math.log(2)
 
 
 def overlay_figure(image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray, disagreement: np.ndarray,
-                   colours: np.ndarray, class_names: Sequence[str], ignore_label: int, title: str = ""):
+                   colours: np.ndarray, class_names: Sequence[str], ignore_label: int, title: str = "",
+                   blend: float = 1.0):
     """Panels ``image | ground truth | prediction | uncertainty`` (``truth`` None: no ground-truth panel), a
     legend of the class names in their colours (the classes shown, plus ``ignore`` where a mask has it) and a
     colour bar of the per-pixel Jensen-Shannon disagreement of the members (nats, 0 to ln 2 and above).
 
     ``image`` ``[S, S, 3] uint8``; ``truth``, ``prediction`` ``[S, S]`` class indices; ``disagreement``
-    ``[S, S] float32`` (NaN where nothing was predicted). Returns a ``matplotlib.figure.Figure``.
+    ``[S, S] float32`` (NaN where nothing was predicted). ``blend`` < 1 draws the prediction's colours over
+    the image at that opacity (segment: new images have no ground truth to compare with, so the prediction is
+    shown on the picture). Returns a ``matplotlib.figure.Figure``.
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -77,7 +80,8 @@ def overlay_figure(image: np.ndarray, truth: np.ndarray | None, prediction: np.n
     panels = [("image", image)]
     if truth is not None:
         panels.append(("ground truth", colours[truth]))
-    panels.append(("prediction", colours[prediction]))
+    painted = colours[prediction] if blend >= 1 else ((1 - blend) * image + blend * colours[prediction]).round().astype(np.uint8)
+    panels.append(("prediction", painted))
     figure = Figure(figsize=(2.2 * (len(panels) + 1) + 0.6, 3.1), layout="constrained")
     axes = figure.subplots(1, len(panels) + 1)
     for axis, (name, picture) in zip(axes, panels):
