@@ -2,6 +2,7 @@
 by ``python -m analyses.run``), with its figures beside it:
 
     python -m analyses.report --results analyses/results --out docs/analyses/report.md [--kmeans plots/kmeans]
+    python -m analyses.report --run .    # instead: one self-contained HTML page of a run (analyses/run_page.py)
 
 Tables: the baselines (val and test mIoU), mIoU against the number of labeled images (mean and std over the
 subset seeds), the noise variants, test mIoU per corruption and severity; figures: sample efficiency,
@@ -20,6 +21,7 @@ import pandas as pd
 
 from analyses.experiments import ANALYSES
 from analyses.results import robustness_table, sample_efficiency_table, split_table
+from analyses.run_page import build_run_page
 
 
 def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
@@ -142,11 +144,22 @@ def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=Path("analyses/results"))
-    parser.add_argument("--out", type=Path, default=Path("docs/analyses/report.md"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default docs/analyses/report.md; with --run, <run>/report.html")
     parser.add_argument("--kmeans", type=Path, default=None, help="the kmeans stage's folder (plots/kmeans)")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="instead: one self-contained HTML page of this run folder (analyses/run_page.py)")
     args = parser.parse_args()
-    build_report(args.results, args.out, args.kmeans)
-    print(f"report -> {args.out}")
+    if args.run is not None:
+        out = args.out or args.run / "report.html"
+        page = build_run_page(args.run)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page, encoding="utf-8")
+        print(f"run page -> {out}")
+        return
+    out = args.out or Path("docs/analyses/report.md")
+    build_report(args.results, out, args.kmeans)
+    print(f"report -> {out}")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,10 @@ class DatasetConfig(Section):
     unlabeled_images: Positive = 4000
     digit_size: StrictInt = 24
     seed: Seed = 0
+    # Images prepare puts in its demo folder for the segment stage to show (0 = none): digits composes new
+    # canvases from the unlabeled digits (never a train, val or test digit); a folder dataset gives the first
+    # of its unlabeled/ images.
+    demo_images: NonNegative = 6
 
     def names(self) -> list[str]:
         if self.class_names is not None:
@@ -325,6 +329,13 @@ class KMeansConfig(Section):
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
 
 
+class SegmentConfig(Section):
+    """Stage segment: the folder it segments (read by dvc.yaml's templating, not by Python). The default is
+    prepare's demo folder (``dataset.demo_images`` canvases); set it to your own folder of images."""
+
+    images: Annotated[StrictStr, Field(min_length=1)] = "data/demo"
+
+
 class RuntimeConfig(Section):
     """Where and on how many threads every stage computes; results do not depend on it except as noted."""
 
@@ -350,6 +361,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     robustness: RobustnessConfig = RobustnessConfig()
     kmeans: KMeansConfig = KMeansConfig()
+    segment: SegmentConfig = SegmentConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     def unet_config(self) -> UNetConfig:

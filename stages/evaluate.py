@@ -1,5 +1,6 @@
 """Stage evaluate: ensemble majority vote on the val and test pixels -> metrics JSON, tables, plots,
-overlays and each test image's predicted mask and uncertainty map."""
+overlays (image | ground truth | prediction | uncertainty, with the class legend) and each test image's
+predicted mask and uncertainty map."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,9 +18,10 @@ from pipeline.features.store import (
 )
 from pipeline.outputs.figures import (
     confusion_rows,
-    overlay,
+    overlay_figure,
     palette,
     per_class_table,
+    save_figure,
     write_csv_atomic,
     write_prediction,
 )
@@ -75,10 +77,9 @@ def main() -> None:
     examples = {example.stem: example for example in list_examples(args.data, Split.TEST)}
     with building_dir(args.overlays) as temporary:
         for index, stem in enumerate(test.stems[: params.evaluate.overlays]):
-            truth, prediction, _ = test.image(index)
-            picture = overlay(read_rgb(examples[stem].image_path), truth, prediction, colours,
-                              scale=max(1, 256 // test.image_size))
-            picture.save(temporary / f"{stem}.png")
+            truth, prediction, disagreement = test.image(index)
+            save_figure(overlay_figure(read_rgb(examples[stem].image_path), truth, prediction, disagreement, colours,
+                                       names, dataset.ignore_label, title=f"test image {stem}"), temporary / f"{stem}.png")
     val_text = f"; val mIoU {val[1]['miou']:.4f}" if val else "; no val images"
     print(f"evaluate: test mIoU {metrics['miou']:.4f} (paper protocol; strict {metrics['miou_strict']:.4f}), "
           f"pixel accuracy {metrics['pixel_accuracy']:.4f}, uncertainty {metrics['uncertainty']:.4f} on "

@@ -1,11 +1,17 @@
-"""Stage prepare: compose the built-in digits, or validate a dataset in the paper's layout, into --out."""
+"""Stage prepare: compose the built-in digits, or validate a dataset in the paper's layout, into --out;
+a few images no split holds (dataset.demo_images) into --demo, for the segment stage to show."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.atomic import building_dir, write_json_atomic
 from pipeline.config import BUILTIN_DATASET
-from pipeline.data.dataset import build_digits, prepare_folder
+from pipeline.data.dataset import (
+    build_digit_demo,
+    build_digits,
+    folder_demo,
+    prepare_folder,
+)
 from pipeline.runtime import stage_main, stage_params, stage_parser
 
 
@@ -13,6 +19,8 @@ from pipeline.runtime import stage_main, stage_params, stage_parser
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder to write (paper layout)")
+    parser.add_argument("--demo", type=Path, help="folder for the demo images (omit: none); a folder of its own, so "
+                        "changing dataset.demo_images reruns no stage that reads --out")
     args = parser.parse_args()
     dataset = stage_params(args.params).dataset  # every params problem, before anything is written
     with building_dir(args.out) as temporary:
@@ -28,7 +36,15 @@ def main() -> None:
              "ignore_label": dataset.ignore_label, "counts": counts},
             temporary / "dataset.json",
         )
-    print(f"prepared {dataset.name}: {counts} -> {args.out}")
+    if args.demo is None:
+        print(f"prepared {dataset.name}: {counts} -> {args.out}")
+        return
+    with building_dir(args.demo) as temporary:
+        if dataset.name == BUILTIN_DATASET:
+            demo = build_digit_demo(dataset, temporary)
+        else:
+            demo = folder_demo(dataset, Path(dataset.root), temporary)
+    print(f"prepared {dataset.name}: {counts} -> {args.out}; {demo} demo images -> {args.demo}")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from pipeline.analysis.corruptions import corrupt
 from pipeline.analysis.robustness import vote_on_images
-from pipeline.atomic import atomic_file, write_json_atomic
+from pipeline.atomic import write_json_atomic
 from pipeline.data.dataset import Split, list_examples, read_rgb
 from pipeline.diffusion.unet import check_model_builds
 from pipeline.ensemble.evaluation import score
@@ -20,7 +19,7 @@ from pipeline.ensemble.files import load_ensemble
 from pipeline.features.extraction import loaded_model, worker_device
 from pipeline.features.store import fit_record
 from pipeline.hashing import file_sha256
-from pipeline.outputs.figures import write_csv_atomic
+from pipeline.outputs.figures import corruption_figure, save_figure, write_csv_atomic
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 
 
@@ -61,10 +60,7 @@ def main() -> None:
     table = pd.DataFrame(rows).pivot(index="severity", columns="corruption", values="miou")
     table = table.drop(columns="none").fillna(results["clean"]).reset_index()
     write_csv_atomic(table[["severity", *[c.value for c in config.corruptions]]], args.table)
-    strip = np.concatenate(shown, axis=1)  # clean, then each corruption's severities in order
-    picture = Image.fromarray(strip)
-    with atomic_file(args.examples) as temporary:
-        picture.resize((picture.width * 4, picture.height * 4), Image.NEAREST).save(temporary, format="PNG")
+    save_figure(corruption_figure(shown, levels), args.examples)  # clean, then each corruption's severities in order
     print(f"robustness: {len(levels)} levels on {len(examples)} test images -> {args.metrics}; "
           f"{json.dumps({k: v for k, v in results.items() if k == 'clean'})}")
 

@@ -1,6 +1,7 @@
 """Stage segment: the finished run applied to a folder of new images -> per image a class-index mask
-(<stem>.png), a colour overlay (<stem>.overlay.png), the members' Jensen-Shannon disagreement
-(<stem>.uncertainty.npy, and <stem>.uncertainty.png to look at), plus summary.csv. A bad image is
+(<stem>.png), a figure of the image, the prediction over it and the uncertainty with the class legend
+(<stem>.overlay.png), the members' Jensen-Shannon disagreement (<stem>.uncertainty.npy, and
+<stem>.uncertainty.png to look at), plus summary.csv. A bad image is
 reported at the end (exit code 2) and costs only its own outputs."""
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def main() -> None:
     by_stem = {path.stem: path for path in paths}
     for result in tqdm(segmenter.segment_prepared(readable(paths, segmenter, bad)), total=len(paths),
                        desc="segment", unit="img", mininterval=5):
-        write_outputs(args.out, result, by_stem[result.name], colours)
+        write_outputs(args.out, result, by_stem[result.name], colours, names, dataset.ignore_label)
         rows.append(summary_row(result, names))
     write_csv_atomic(pd.DataFrame(rows, columns=["image", "width", "height", "mean_uncertainty",
                                                  *[f"pixels_{name}" for name in names]]), args.out / "summary.csv")

@@ -95,7 +95,8 @@ def test_repro_writes_metrics_plots_and_stores(reproduced):
     root, env, output, _ = reproduced
     assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate",
                                   "robustness", "kmeans", "segment"]
-    assert pd.read_csv(root / "segmentations" / "summary.csv").empty  # data/segment holds only its README
+    # segment.images defaults to prepare's demo canvases (dataset.demo_images: 6)
+    assert sorted(pd.read_csv(root / "segmentations" / "summary.csv")["image"]) == [f"demo_{i:05d}" for i in range(6)]
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert set(metrics["per_class_iou"]) == {"background", *[f"digit_{d}" for d in range(10)]}
     assert metrics["split"] == "test" and metrics["images"] == 4 and metrics["uncertainty"] >= 0
@@ -226,7 +227,7 @@ def test_changed_diffusion_code_makes_every_extract_stage_stale(reproduced):
 
 
 # Each stage's outputs, in pipeline order; the training curves too, which must hold no wall-clock values.
-STAGE_OUTPUTS = {"prepare": ["data/prepared"], "pretrain": ["checkpoints/ddpm.pt", "dvclive/pretrain"],
+STAGE_OUTPUTS = {"prepare": ["data/prepared", "data/demo"], "pretrain": ["checkpoints/ddpm.pt", "dvclive/pretrain"],
                  **{f"extract@{t}": [f"features/t{t}.zarr"] for t in (50, 150, 250)},
                  "fit": ["ensemble/ensemble.pt", "dvclive/fit"],
                  "evaluate": ["metrics/eval.json", "metrics/val.json", "predictions", "plots/per_class_iou.csv",

@@ -93,7 +93,7 @@ def test_a_folder_of_new_images_with_bad_ones(project, tmp_path):
     for stem, size in (("small", 32), ("larger", 48)):
         assert np.asarray(Image.open(out / f"{stem}.png")).shape == (size, size)
         assert np.load(out / f"{stem}.uncertainty.npy").shape == (size, size)
-        assert Image.open(out / f"{stem}.overlay.png").mode == "RGB"
+        assert Image.open(out / f"{stem}.overlay.png").format == "PNG"  # image | prediction | uncertainty figure
         assert (out / f"{stem}.uncertainty.png").is_file()
     assert not list(out.glob("wide*")) and not list(out.glob("broken*")) and not list(out.glob("*.tmp"))
     summary = pd.read_csv(out / "summary.csv")

@@ -436,6 +436,29 @@ def _source_examples(config: DatasetConfig, root: Path, split: Split) -> list[Ex
                          coco_file=coco_path(config, root, split) if config.labels is LabelFormat.COCO else None)
 
 
+def build_digit_demo(config: DatasetConfig, out: Path) -> int:
+    """``config.demo_images`` new canvases (``<out>/demo_<i>.png``, no masks) for the segment stage, composed
+    from the unlabeled digit pool with a seed of their own: no train, val or test digit is on them (the
+    DDPM pretrained on these digits, on other canvases; the ensemble never saw them). Returns the count."""
+    digits, labels = load_mnist_5k()
+    pool = split_digit_pools(len(digits), config.seed)["unlabeled"]
+    canvases = compose_digit_split(digits, labels, pool, config.demo_images, config.image_size, config.digit_size,
+                                   config.seed * 1000 + 4)  # offsets 0-3 seed build_digits' splits
+    for index, (image, _) in enumerate(canvases):
+        write_example(out, f"demo_{index:05d}", image, None)
+    return len(canvases)
+
+
+def folder_demo(config: DatasetConfig, root: Path, out: Path) -> int:
+    """The first ``config.demo_images`` images (sorted by name) of ``<root>/unlabeled``, if it has any, as
+    prepare writes them (square, resized PNG) into ``out``: images no split scores. Returns the count."""
+    unlabeled = root / "unlabeled"
+    paths = (list_images(unlabeled) if unlabeled.is_dir() else [])[: config.demo_images]
+    for path in paths:
+        write_example(out, path.stem, load_image(path, config.image_size, config.non_square), None)
+    return len(paths)
+
+
 def select_examples(config: DatasetConfig, root: Path) -> dict[Split, list[Example]]:
     """Which source images make each split: the first ``train_images`` / ``test_images`` (sorted by name)
     of real/train and real/test; val is the first ``val_images`` of real/val when that folder exists,

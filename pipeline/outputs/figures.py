@@ -1,7 +1,13 @@
-"""Evaluation artifacts for DVC: per-class table, confusion rows, overlay images, prediction files."""
+"""Evaluation artifacts for DVC: per-class table, confusion rows, labelled figures, prediction files.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects (no pyplot state, no display backend), so a
+stage or a test can read their panel titles and legend texts back before they are saved.
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -55,11 +61,77 @@ def palette(num_classes: int, ignore_label: int) -> np.ndarray:
     return colours
 
 
-def overlay(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, colours: np.ndarray, scale: int) -> Image.Image:
-    """Image | ground truth | prediction side by side, each upscaled ``scale`` times (nearest)."""
-    strip = np.concatenate([image, colours[truth], colours[prediction]], axis=1)
-    picture = Image.fromarray(strip)
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+# Colour-bar top of the uncertainty panels: ln 2 nats is members split evenly between two classes; a fixed
+# scale keeps images comparable (pipeline/outputs/segment.py's grey maps use the same one).
+UNCERTAINTY_MAX = math.log(2)
+
+
+def overlay_figure(image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray, disagreement: np.ndarray,
+                   colours: np.ndarray, class_names: Sequence[str], ignore_label: int, title: str = "",
+                   blend: float = 1.0):
+    """Panels ``image | ground truth | prediction | uncertainty`` (``truth`` None: no ground-truth panel), a
+    legend of the class names in their colours (the classes shown, plus ``ignore`` where a mask has it) and a
+    colour bar of the per-pixel Jensen-Shannon disagreement of the members (nats, 0 to ln 2 and above).
+
+    ``image`` ``[S, S, 3] uint8``; ``truth``, ``prediction`` ``[S, S]`` class indices; ``disagreement``
+    ``[S, S] float32`` (NaN where nothing was predicted). ``blend`` < 1 draws the prediction's colours over
+    the image at that opacity (segment: new images have no ground truth to compare with, so the prediction is
+    shown on the picture). Returns a ``matplotlib.figure.Figure``.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    panels = [("image", image)]
+    if truth is not None:
+        panels.append(("ground truth", colours[truth]))
+    painted = colours[prediction] if blend >= 1 else ((1 - blend) * image + blend * colours[prediction]).round().astype(np.uint8)
+    panels.append(("prediction", painted))
+    figure = Figure(figsize=(2.2 * (len(panels) + 1) + 0.6, 3.1), layout="constrained")
+    axes = figure.subplots(1, len(panels) + 1)
+    for axis, (name, picture) in zip(axes, panels):
+        axis.imshow(picture, interpolation="nearest")
+        axis.set_title(name, fontsize=9)
+    shown = axes[-1].imshow(disagreement, cmap="magma", vmin=0.0, vmax=UNCERTAINTY_MAX, interpolation="nearest")
+    axes[-1].set_title("uncertainty", fontsize=9)
+    bar = figure.colorbar(shown, ax=axes[-1], fraction=0.046, pad=0.04, extend="max")
+    bar.set_label("members' disagreement (JS, nats)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    present = {int(value) for mask in (truth, prediction) if mask is not None for value in np.unique(mask)}
+    handles = [Patch(facecolor=colours[index] / 255, edgecolor="0.5", label=name)
+               for index, name in enumerate(class_names) if index in present]
+    if ignore_label in present:
+        handles.append(Patch(facecolor=colours[ignore_label] / 255, edgecolor="0.5", label="ignore"))
+    figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7), fontsize=7, frameon=False)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def corruption_figure(images: Sequence[np.ndarray], levels: Sequence[tuple[str, int]]):
+    """One panel per ``[S, S, 3] uint8`` image, its corruption name and severity written under it
+    (severity 0 reads ``clean``). Returns a ``matplotlib.figure.Figure``."""
+    from matplotlib.figure import Figure
+
+    if len(images) != len(levels):
+        raise ValueError(f"corruption_figure: {len(images)} images but {len(levels)} (corruption, severity) labels")
+    figure = Figure(figsize=(1.3 * len(images), 1.9), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(images)))
+    for axis, image, (corruption, severity) in zip(axes, images, levels):
+        axis.imshow(image, interpolation="nearest")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_xlabel("clean" if severity == 0 else f"{corruption.replace('_', ' ')}\nseverity {severity}", fontsize=7)
+    return figure
+
+
+def save_figure(figure, path: Path, dpi: int = 110) -> None:
+    """``figure`` as a PNG at ``path``, written to a temporary name and renamed (no version or date
+    metadata, so the same figure gives the same bytes)."""
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=dpi, metadata={"Software": None})
 
 
 def write_prediction(folder: Path, stem: str, prediction: np.ndarray, disagreement: np.ndarray) -> None:

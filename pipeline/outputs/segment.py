@@ -10,6 +10,7 @@ from PIL import Image
 from pipeline.api import Segmentation
 from pipeline.atomic import atomic_file
 from pipeline.data.dataset import read_rgb
+from pipeline.outputs.figures import overlay_figure, save_figure
 
 
 def save_png(picture: Image.Image, path: Path) -> None:
@@ -22,14 +23,6 @@ def save_npy(array: np.ndarray, path: Path) -> None:
         np.save(handle, array)
 
 
-def colour_overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """``[H, W, 3] uint8`` image with each pixel's class colour blended in, upscaled (nearest) to >= 256 px."""
-    blended = ((1 - alpha) * image + alpha * colours[mask]).round().astype(np.uint8)
-    picture = Image.fromarray(blended)
-    scale = max(1, 256 // max(image.shape[:2]))
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-
-
 def uncertainty_picture(uncertainty: np.ndarray) -> Image.Image:
     """Grey levels: 0 = the members agree, 255 = ln 2 nats or more (members split evenly between two
     classes; the built-in run's digit pixels sit near 0.1-0.4, which a ln(members) scale shows as near
@@ -38,11 +31,14 @@ def uncertainty_picture(uncertainty: np.ndarray) -> Image.Image:
     return Image.fromarray((grey * 255).round().astype(np.uint8), mode="L")
 
 
-def write_outputs(folder: Path, result: Segmentation, image_path: Path, colours: np.ndarray) -> None:
-    """``<stem>.png`` (classes, single channel), ``<stem>.overlay.png``, ``<stem>.uncertainty.npy``
+def write_outputs(folder: Path, result: Segmentation, image_path: Path, colours: np.ndarray, class_names: list[str],
+                  ignore_label: int) -> None:
+    """``<stem>.png`` (classes, single channel), ``<stem>.overlay.png`` (image | prediction over it |
+    uncertainty with its colour bar, the class names in their colours), ``<stem>.uncertainty.npy``
     (``[H, W] float32`` nats, as evaluate writes its predictions) and ``<stem>.uncertainty.png``."""
     save_png(Image.fromarray(result.mask, mode="L"), folder / f"{result.name}.png")
-    save_png(colour_overlay(read_rgb(image_path), result.mask, colours), folder / f"{result.name}.overlay.png")
+    save_figure(overlay_figure(read_rgb(image_path), None, result.mask, result.uncertainty, colours, class_names,
+                               ignore_label, title=result.name, blend=0.5), folder / f"{result.name}.overlay.png")
     save_npy(result.uncertainty, folder / f"{result.name}.uncertainty.npy")
     save_png(uncertainty_picture(result.uncertainty), folder / f"{result.name}.uncertainty.png")
 
