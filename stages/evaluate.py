@@ -6,16 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.atomic import building_dir, write_json_atomic
-from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.data.images import read_rgb
+from pipeline.data.layout import Split, list_examples
 from pipeline.ensemble.evaluation import check_finite_metrics, predict_split, score
 from pipeline.ensemble.files import load_ensemble
 from pipeline.ensemble.metrics import label_counts
-from pipeline.features.store import (
-    fit_record,
-    open_store,
-    params_record,
-    set_aside_unused_stores,
-)
+from pipeline.features.locations import set_aside_unused_stores
+from pipeline.features.record import fit_record, params_record
+from pipeline.features.store import open_store
 from pipeline.outputs.figures import (
     confusion_rows,
     overlay_figure,

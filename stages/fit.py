@@ -13,13 +13,9 @@ from pipeline.ensemble.fit import (
     member_passes,
     train_subset,
 )
-from pipeline.features.store import (
-    fit_record,
-    lazy_matrix,
-    open_store,
-    params_record,
-    set_aside_unused_stores,
-)
+from pipeline.features.locations import set_aside_unused_stores
+from pipeline.features.record import fit_record, params_record
+from pipeline.features.store import lazy_matrix, open_store
 from pipeline.outputs.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 

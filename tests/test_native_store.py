@@ -10,13 +10,12 @@ import yaml
 import zarr
 
 from pipeline.config import ConfigError, params_from_dict
+from pipeline.features.record import StoreRecord, params_record
 from pipeline.features.store import (
     StoreError,
-    StoreRecord,
     create_or_resume,
     lazy_matrix,
     open_store,
-    params_record,
 )
 from tests.helpers import make_project, run_stage
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.features.locations import staging
+from pipeline.features.record import StoreRecord
 from pipeline.features.store import (
     StoreError,
-    StoreRecord,
     create_or_resume,
     lazy_matrix,
     open_store,
-    staging,
 )
 
 PIXELS = 16 * 16
