@@ -22,11 +22,7 @@ from pipeline.data.layout import load_unlabeled
 from pipeline.diffusion.diffusers_unet import import_diffusers_folder
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import save_checkpoint, train_ddpm
-from pipeline.diffusion.unet import (
-    check_model_builds,
-    create_unet,
-    load_guided_diffusion,
-)
+from pipeline.diffusion.unet import check_model_builds, create_unet, load_guided_diffusion
 from pipeline.hashing import file_sha256
 from pipeline.outputs.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser

@@ -5,12 +5,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DatasetConfig, NonSquarePolicy
-from pipeline.data.digits import (
-    build_digits,
-    compose_canvas,
-    load_mnist_5k,
-    split_digit_pools,
-)
+from pipeline.data.digits import build_digits, compose_canvas, load_mnist_5k, split_digit_pools
 from pipeline.data.images import to_model_input
 from pipeline.data.layout import DatasetError, Split, list_examples
 from pipeline.data.masks import drop_small_classes

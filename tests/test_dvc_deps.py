@@ -11,13 +11,7 @@ from pipeline.features.locations import set_aside_unused_stores
 from pipeline.features.record import StoreRecord
 from pipeline.features.store import create_or_resume
 from tests.conftest import REPO
-from tests.dvc_deps import (
-    import_closure,
-    imported_modules,
-    missing_and_extra,
-    module_file,
-    stage_code_deps,
-)
+from tests.dvc_deps import import_closure, imported_modules, missing_and_extra, module_file, stage_code_deps
 
 
 def test_every_stage_depends_on_exactly_the_code_it_imports():

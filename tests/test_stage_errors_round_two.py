@@ -12,13 +12,7 @@ import pytest
 import torch
 
 from pipeline.diffusion.train import load_checkpoint, save_checkpoint
-from tests.helpers import (
-    exit_code_2_stderr,
-    full_disk_save,
-    make_project,
-    run_stage,
-    write_params,
-)
+from tests.helpers import exit_code_2_stderr, full_disk_save, make_project, run_stage, write_params
 
 
 @pytest.fixture(scope="module")

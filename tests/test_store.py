@@ -6,12 +6,7 @@ import zarr
 
 from pipeline.features.locations import staging
 from pipeline.features.record import StoreRecord
-from pipeline.features.store import (
-    StoreError,
-    create_or_resume,
-    lazy_matrix,
-    open_store,
-)
+from pipeline.features.store import StoreError, create_or_resume, lazy_matrix, open_store
 
 PIXELS = 16 * 16
 

@@ -8,20 +8,8 @@ import numpy as np
 
 from pipeline.config import DatasetConfig
 from pipeline.data.images import load_image
-from pipeline.data.labels import (
-    CocoFile,
-    coco_mask,
-    read_coco,
-    read_png_mask,
-)
-from pipeline.data.layout import (
-    Example,
-    Split,
-    list_examples,
-    list_images,
-    split_dir,
-    write_example,
-)
+from pipeline.data.labels import CocoFile, coco_mask, read_coco, read_png_mask
+from pipeline.data.layout import Example, Split, list_examples, list_images, split_dir, write_example
 from pipeline.data.masks import drop_small_classes, fit_mask, load_mask
 from pipeline.enums import LabelFormat
 from pipeline.errors import DatasetError

@@ -55,15 +55,10 @@ from pipeline.features.locations import (
     check_ours_or_absent,
     location_exists,
     remove_location,
+    set_aside_unused_stores,
     staging,
 )
-from pipeline.features.record import (
-    FORMAT,
-    LAYOUTS,
-    StoreRecord,
-    check_blocks_stored,
-    rows_per_chunk,
-)
+from pipeline.features.record import FORMAT, LAYOUTS, StoreRecord, check_blocks_stored, params_record, rows_per_chunk
 from pipeline.features.upsample import upsample_rows
 
 
@@ -390,6 +385,15 @@ def open_store(path: str | Path, expected: dict[str, Any]) -> FeatureStore:
                 f"rerun `dvc repro` so the extract stage rebuilds it"
             )
     return store
+
+
+def open_step_stores(pattern: str, params) -> list[FeatureStore]:
+    """The stores of ``params.t_steps`` at ``pattern`` (e.g. ``features/t{t}.zarr``), each checked against what
+    ``params`` ask of it (``params_record``): what fit and evaluate read. Stores of steps no longer in
+    ``t_steps`` are first set aside (``set_aside_unused_stores``), and each move is said."""
+    for moved in set_aside_unused_stores(pattern, params.t_steps):
+        print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
+    return [open_store(pattern.format(t=t), params_record(params, t)) for t in params.t_steps]
 
 
 def lazy_matrix(stores: Sequence[FeatureStore], split: str,
