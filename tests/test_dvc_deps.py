@@ -80,7 +80,7 @@ def test_dvcignore_covers_temporaries_and_set_aside_stores():
 LAYERS = [
     ("errors.py", "enums.py", "hashing.py", "atomic.py"),
     ("diffusion/flags.py", "diffusion/schedule.py", "presets.py"),
-    ("config.py",),
+    ("config.py", "config_messages.py"),
     ("runtime.py", "outputs/live.py"),
     ("data/",),
     ("diffusion/",),
@@ -118,6 +118,7 @@ def test_pipeline_imports_point_down_the_layers():
 # What each stage may run, beyond the bottom layers every stage shares: editing extraction or store code
 # never reruns pretraining, and prepare and fit never depend on the UNet.
 SHARED = {"pipeline/errors.py", "pipeline/enums.py", "pipeline/hashing.py", "pipeline/atomic.py", "pipeline/config.py",
+          "pipeline/config_messages.py",
           "pipeline/presets.py", "pipeline/runtime.py", "pipeline/diffusion/flags.py", "pipeline/diffusion/schedule.py"}
 MAY_IMPORT = {
     "prepare": {"pipeline/data/"},
