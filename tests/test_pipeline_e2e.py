@@ -94,7 +94,7 @@ def reproduced(workspace):
 def test_repro_writes_metrics_plots_and_stores(reproduced):
     root, env, output, _ = reproduced
     assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate",
-                                  "robustness", "kmeans", "segment"]
+                                  "robustness", "kmeans", "segment", "suggest"]
     # segment.images defaults to prepare's demo canvases (dataset.demo_images: 6)
     assert sorted(pd.read_csv(root / "segmentations" / "summary.csv")["image"]) == [f"demo_{i:05d}" for i in range(6)]
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
@@ -234,7 +234,7 @@ STAGE_OUTPUTS = {"prepare": ["data/prepared", "data/demo"], "pretrain": ["checkp
                               "plots/confusion.csv"],
                  "robustness": ["metrics/robustness.json", "plots/robustness.csv", "plots/corruptions.png"],
                  "kmeans": ["plots/kmeans"],
-                 "segment": ["segmentations"]}
+                 "segment": ["segmentations"], "suggest": ["suggestions", "plots/suggestions.png"]}
 
 
 def output_digests(root: Path) -> dict[str, str]:
@@ -354,7 +354,7 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
                 "t_steps=[50,150,250]"]
     output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
     assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate",
-                                  "robustness", "kmeans", "segment"]
+                                  "robustness", "kmeans", "segment", "suggest"]
     assert "imported models/mini.pt" in output
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert set(metrics["per_class_iou"]) == {"class_0", "class_1", "class_2"} and metrics["images"] == 2
