@@ -52,12 +52,14 @@ def main() -> None:
               f"dataset's unlabeled/ folder and rerun prepare", file=sys.stderr)
     paths = pool_sample(pool, config.pool_images, config.seed) if pool else []
     keep = config.candidates if config.diversity else config.count
-    candidates, scored = score_pool(model, diffusion, ensemble, params, paths, keep)
+    candidates, scored = score_pool(model, diffusion, ensemble, params, paths, keep,
+                                    pooled=config.diversity)
     suggestions = choose(candidates, config.count, config.diversity)
     with building_dir(args.out) as building:
         write_suggestions(building, suggestions, dataset.names(), dataset.ignore_label, args.image_url,
                           model_version=f"ensemble sha256 {file_sha256(args.ensemble)[:12]}")
-    write_figure(args.plot, suggestions, palette(dataset.num_classes, dataset.ignore_label), config.score.value)
+    write_figure(args.plot, suggestions, palette(dataset.num_classes, dataset.ignore_label), dataset.names(),
+                 config.score.value)
     print(f"suggest: {len(suggestions)} of {scored} unlabeled images (score {config.score.value}"
           f"{', k-center among the top ' + str(len(candidates)) if config.diversity else ''}) -> {args.out}")
 

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
-from pipeline.analysis.suggest import Scored, choose, image_score, k_center, pool_sample, rank_maps, ranked
-from pipeline.config import load_params
+from pipeline.analysis.suggest import Scored, choose, image_score, k_center, mean_row, pool_sample, rank_maps, ranked
+from pipeline.config import load_params, params_from_dict
 from pipeline.enums import SuggestScore
+from pipeline.errors import ConfigError
 from pipeline.outputs.suggestions import class_polygons, label_studio_task
 from tests.helpers import make_project, run_stage, write_params
 from tests.test_segment import save_random_ensemble
@@ -67,6 +69,17 @@ def test_k_center_ties_go_to_the_better_scored_row():
     points = np.array([[0.0], [1.0], [-1.0], [1.0]])
     assert k_center(points, 2) == [0, 1]
     assert k_center(np.zeros((3, 2)), 3) == [0, 1, 2]  # duplicates: still distinct rows, in score order
+
+
+def test_diversity_needs_at_least_count_candidates():
+    with pytest.raises(ConfigError, match="suggest.candidates=5 must be >= suggest.count=10"):
+        params_from_dict({"suggest": {"diversity": True, "candidates": 5, "count": 10}})
+    params_from_dict({"suggest": {"diversity": False, "candidates": 5, "count": 10}})  # candidates unused
+
+
+def test_the_mean_row_is_the_mean_in_chunks():
+    rows = torch.from_numpy(np.random.default_rng(0).normal(size=(1000, 5)).astype(np.float16))
+    np.testing.assert_allclose(mean_row(rows, chunk=64), rows.float().mean(0).numpy(), atol=1e-5)
 
 
 def test_the_pool_sample_is_seeded_and_in_name_order(tmp_path):

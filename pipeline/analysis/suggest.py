@@ -70,7 +70,7 @@ def k_center(points: np.ndarray, k: int) -> list[int]:
 @dataclass(frozen=True)
 class Scored:
     """One pool image's results: ``prediction`` ``[S, S] uint8`` classes (majority vote), ``disagreement``
-    ``[S, S] float32`` nats, ``pooled`` ``[D] float32`` its mean feature vector."""
+    ``[S, S] float32`` nats, ``pooled`` ``[D] float32`` its mean feature vector (``[0]`` when not asked for)."""
 
     name: str
     path: Path
@@ -89,10 +89,20 @@ def pool_sample(paths: Sequence[Path], count: int, seed: int) -> list[Path]:
     return [paths[int(i)] for i in sorted(chosen)]
 
 
+def mean_row(rows: torch.Tensor, chunk: int = 4096) -> np.ndarray:
+    """``[P, D] float16`` rows -> ``[D] float32`` their mean, summed ``chunk`` rows at a time in float32 (a
+    256² image of the paper's 8448 features would need 2.2 GB as one float32 copy)."""
+    total = torch.zeros(rows.shape[1], dtype=torch.float64)
+    for start in range(0, len(rows), chunk):
+        total += rows[start : start + chunk].float().sum(0, dtype=torch.float64)
+    return (total / max(1, len(rows))).float().numpy()
+
+
 def score_pool(model: UNetModel, diffusion: Diffusion, ensemble: EnsembleMLP, params: Params, paths: Sequence[Path],
-               keep: int) -> tuple[list[Scored], int]:
+               keep: int, pooled: bool = False) -> tuple[list[Scored], int]:
     """Vote on every image of ``paths`` and keep the ``keep`` best-scored (``suggest.score``), ranked as
-    ``ranked`` ranks them; returns them and how many images were scored.
+    ``ranked`` ranks them, with their mean feature vectors when ``pooled`` (else empty); returns them and how
+    many images were scored.
 
     Features come one batch of images at a time (the feature path's cap) and are dropped once voted on;
     at most ``2 * keep`` images' maps are held, so memory is flat in the pool size."""
@@ -110,7 +120,7 @@ def score_pool(model: UNetModel, diffusion: Diffusion, ensemble: EnsembleMLP, pa
         path = Path(paths[index])
         kept.append(Scored(path.name, path, image_score(disagreement, params.suggest.score),
                            prediction.reshape(size, size), disagreement.reshape(size, size),
-                           rows.float().mean(0).numpy()))
+                           mean_row(rows) if pooled else np.zeros(0, np.float32)))
         scored += 1
         if len(kept) >= 2 * keep:  # trim in batches of `keep`, so sorting costs O(log keep) per image
             kept = _best(kept, keep)

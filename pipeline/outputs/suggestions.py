@@ -102,10 +102,12 @@ def write_suggestions(folder: Path, suggestions: Sequence[Scored], class_names: 
     (folder / "label_studio_config.xml").write_text(labeling_config(class_names))
 
 
-def suggestions_figure(suggestions: Sequence[Scored], colours: np.ndarray, score_name: str):
+def suggestions_figure(suggestions: Sequence[Scored], colours: np.ndarray, class_names: Sequence[str], score_name: str):
     """Columns = suggestions in rank order; rows: the image (titled ``#rank score``), the predicted classes
-    over it, the members' disagreement (magma, 0 to ln 2 nats, one colour bar). A ``matplotlib`` Figure."""
+    over it (a legend of the classes shown), the members' disagreement (magma, 0 to ln 2 nats, one colour
+    bar). A ``matplotlib`` Figure."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     columns = max(1, len(suggestions))
     figure = Figure(figsize=(1.45 * columns + 1.0, 4.6), layout="constrained")
@@ -130,10 +132,16 @@ def suggestions_figure(suggestions: Sequence[Scored], colours: np.ndarray, score
         bar = figure.colorbar(shown, ax=axes[2, :].tolist(), fraction=0.05, pad=0.02, extend="max")
         bar.set_label("JS, nats", fontsize=7)
         bar.ax.tick_params(labelsize=7)
+    present = sorted({int(value) for item in suggestions for value in np.unique(item.prediction)})
+    handles = [Patch(facecolor=colours[index] / 255, edgecolor="0.5", label=class_names[index] if index < len(class_names)
+                     else "ignore") for index in present]
+    if handles:
+        figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
     figure.suptitle(f"images worth labeling next (score: {score_name} of the members' disagreement; "
                     f"ln 2 = {math.log(2):.2f})", fontsize=8)
     return figure
 
 
-def write_figure(path: Path, suggestions: Sequence[Scored], colours: np.ndarray, score_name: str) -> None:
-    save_figure(suggestions_figure(suggestions, colours, score_name), path)
+def write_figure(path: Path, suggestions: Sequence[Scored], colours: np.ndarray, class_names: Sequence[str],
+                 score_name: str) -> None:
+    save_figure(suggestions_figure(suggestions, colours, class_names, score_name), path)
