@@ -20,12 +20,7 @@ from typing import Annotated, Any, Optional, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from pipeline.diffusion.flags import (
-    DIFFUSION_FLAGS,
-    UNetConfig,
-    check_widths,
-    config_from_flags,
-)
+from pipeline.diffusion.flags import DIFFUSION_FLAGS, UNetConfig, check_widths, config_from_flags
 from pipeline.diffusion.schedule import betas_for_schedule
 from pipeline.enums import (
     Autocast,

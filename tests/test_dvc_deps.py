@@ -7,19 +7,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.features.store import (
-    StoreRecord,
-    create_or_resume,
-    set_aside_unused_stores,
-)
+from pipeline.features.locations import set_aside_unused_stores
+from pipeline.features.record import StoreRecord
+from pipeline.features.store import create_or_resume
 from tests.conftest import REPO
-from tests.dvc_deps import (
-    import_closure,
-    imported_modules,
-    missing_and_extra,
-    module_file,
-    stage_code_deps,
-)
+from tests.dvc_deps import import_closure, imported_modules, missing_and_extra, module_file, stage_code_deps
 
 
 def test_every_stage_depends_on_exactly_the_code_it_imports():
@@ -131,10 +123,12 @@ MAY_IMPORT = {
     "prepare": {"pipeline/data/"},
     "pretrain": {"pipeline/data/", "pipeline/diffusion/", "pipeline/outputs/live.py"},
     "extract": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/"},
-    "fit": {"pipeline/features/store.py", "pipeline/features/upsample.py", "pipeline/ensemble/fit.py",
+    "fit": {"pipeline/features/store.py", "pipeline/features/record.py", "pipeline/features/locations.py",
+            "pipeline/features/upsample.py", "pipeline/ensemble/fit.py",
             "pipeline/ensemble/model.py", "pipeline/ensemble/pool.py", "pipeline/ensemble/files.py",
             "pipeline/outputs/live.py"},
-    "evaluate": {"pipeline/data/", "pipeline/features/store.py", "pipeline/features/upsample.py", "pipeline/ensemble/",
+    "evaluate": {"pipeline/data/", "pipeline/features/store.py", "pipeline/features/record.py",
+                 "pipeline/features/locations.py", "pipeline/features/upsample.py", "pipeline/ensemble/",
                  "pipeline/outputs/figures.py"},
     "robustness": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/",
                    "pipeline/analysis/corruptions.py", "pipeline/analysis/robustness.py", "pipeline/outputs/figures.py"},

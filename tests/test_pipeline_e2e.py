@@ -17,13 +17,8 @@ import yaml
 import zarr
 from PIL import Image
 
-from pipeline.data.dataset import compose_digit_split, load_mnist_5k, split_digit_pools
-from pipeline.ensemble.metrics import (
-    label_counts,
-    mean_iou,
-    mean_iou_paper,
-    strict_confusion,
-)
+from pipeline.data.digits import compose_digit_split, load_mnist_5k, split_digit_pools
+from pipeline.ensemble.metrics import label_counts, mean_iou, mean_iou_paper, strict_confusion
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

@@ -9,12 +9,12 @@ from PIL import Image
 
 from pipeline.api import Segmenter
 from pipeline.config import load_params
-from pipeline.data.dataset import compose_digit_split, load_mnist_5k, split_digit_pools
+from pipeline.data.digits import compose_digit_split, load_mnist_5k, split_digit_pools
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.ensemble.files import save_ensemble
 from pipeline.ensemble.model import EnsembleMLP
 from pipeline.features.activations import feature_dim
-from pipeline.features.store import fit_record
+from pipeline.features.record import fit_record
 from pipeline.hashing import file_sha256
 from tests.helpers import make_project, run_stage, write_params
 
