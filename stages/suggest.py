@@ -10,12 +10,12 @@ from pathlib import Path
 
 from pipeline.analysis.suggest import choose, pool_sample, score_pool
 from pipeline.atomic import building_dir
-from pipeline.data.dataset import list_images
+from pipeline.data.layout import list_images
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.diffusion.unet import check_model_builds, for_inference
 from pipeline.ensemble.files import load_ensemble
 from pipeline.errors import DatasetError
-from pipeline.features.store import fit_record
+from pipeline.features.record import fit_record
 from pipeline.hashing import file_sha256
 from pipeline.outputs.figures import palette
 from pipeline.outputs.suggestions import write_figure, write_suggestions

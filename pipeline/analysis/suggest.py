@@ -10,9 +10,9 @@ maps: memory does not grow with the pool.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import dask.array as da
 import numpy as np
@@ -27,7 +27,7 @@ from pipeline.ensemble.predict import vote
 from pipeline.enums import SuggestScore
 from pipeline.errors import DatasetError
 from pipeline.features.compute import features_for_images
-from pipeline.features.store import rows_per_chunk
+from pipeline.features.record import rows_per_chunk
 
 
 def image_score(disagreement: np.ndarray, score: SuggestScore) -> float:

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from pipeline.analysis.suggest import Scored
 from pipeline.atomic import write_json_atomic
-from pipeline.data.dataset import read_rgb
+from pipeline.data.images import read_rgb
 from pipeline.outputs.figures import UNCERTAINTY_MAX, save_figure, write_csv_atomic
 
 # The names the tasks' results point at: the labeling config must use them (docs/labeling.md shows one).
