@@ -36,6 +36,7 @@ from pipeline.enums import (
     Representation,
     Stopping,
     StoreLayout,
+    SuggestScore,
     UpsampleMode,
 )
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
@@ -332,6 +333,19 @@ class SegmentConfig(Section):
     images: Annotated[StrictStr, Field(min_length=1)] = "data/demo"
 
 
+class SuggestConfig(Section):
+    """Stage suggest: the unlabeled images worth labeling next, by the ensemble's disagreement on them."""
+
+    pool_images: Positive = 200  # unlabeled images scored, a seeded sample of data/prepared/unlabeled (all if fewer)
+    count: Positive = 10  # images suggested
+    score: Choice[SuggestScore] = SuggestScore.TOP_DECILE
+    # true: greedy k-center on the images' mean feature vectors among the `candidates` top-scored images, so the
+    # suggestions are spread over what the pool looks like rather than `count` near-copies of one hard case
+    diversity: bool = False
+    candidates: Positive = 50  # top-scored images kept (with their maps) for the diversity pick; >= count
+    seed: Seed = 0  # the pool's sample
+
+
 class RuntimeConfig(Section):
     """Where and on how many threads every stage computes; results do not depend on it except as noted."""
 
@@ -358,6 +372,7 @@ class Params(Section):
     robustness: RobustnessConfig = RobustnessConfig()
     kmeans: KMeansConfig = KMeansConfig()
     segment: SegmentConfig = SegmentConfig()
+    suggest: SuggestConfig = SuggestConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     def unet_config(self) -> UNetConfig:
@@ -429,6 +444,9 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"ensemble.train_images={params.ensemble.train_images} must be null (all) or in [1, "
                           f"dataset.train_images={dataset.train_images}]")
     check_timesteps(params.kmeans.t_steps, params.ddpm.diffusion_steps)
+    if params.suggest.diversity and params.suggest.candidates < params.suggest.count:
+        raise ConfigError(f"suggest.candidates={params.suggest.candidates} must be >= suggest.count="
+                          f"{params.suggest.count}: the diversity pick chooses count images among the candidates")
     _validate_tls(features)
     check_widths(params.unet_config())  # torch-free; the stages that build a UNet also build it on the meta device
 

@@ -46,3 +46,6 @@ Autocast = _choice("Autocast", "autocast", "none", "bfloat16", "float16")
 Stopping = _choice("Stopping", "ensemble.stopping", "plateau", "paper")
 # Blosc's compressors (bit-shuffled), zlib, or none.
 Codec = _choice("Codec", "features.codec", "zstd", "lz4", "blosclz", "zlib", "none")
+# How the suggest stage scores an unlabeled image from its per-pixel disagreement: mean = the mean over its pixels;
+# top_decile = the mean of its highest 10% (the paper's DatasetDDPM filter, pipeline.ensemble.metrics.top_decile_mean).
+SuggestScore = _choice("SuggestScore", "suggest.score", "mean", "top_decile")

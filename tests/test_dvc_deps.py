@@ -136,6 +136,8 @@ MAY_IMPORT = {
     "kmeans": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/analysis/kmeans.py"},
     "segment": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/", "pipeline/api.py",
                 "pipeline/outputs/"},
+    "suggest": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/",
+                "pipeline/analysis/suggest.py", "pipeline/outputs/figures.py", "pipeline/outputs/suggestions.py"},
 }
 
 
