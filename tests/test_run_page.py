@@ -41,7 +41,8 @@ def png(path, value):
     Image.fromarray(np.full((6, 10, 3), value, np.uint8)).save(path)
 
 
-def test_run_page_embeds_every_image_and_tables_the_metrics(tmp_path):
+def make_run(tmp_path) -> None:
+    """A run folder with params, metrics, tables and five small figures."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"miou": 0.4081, "per_class_iou": {"background": 0.97}}))
@@ -52,6 +53,10 @@ def test_run_page_embeds_every_image_and_tables_the_metrics(tmp_path):
                                       "plots/corruptions.png", "segmentations/demo_00000.overlay.png",
                                       "plots/suggestions.png"]):
         png(tmp_path / relative, 40 * index)
+
+
+def test_run_page_embeds_every_image_and_tables_the_metrics(tmp_path):
+    make_run(tmp_path)
     result = subprocess.run([sys.executable, "-m", "analyses.report", "--run", str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -76,3 +81,49 @@ def test_run_page_embeds_every_image_and_tables_the_metrics(tmp_path):
 def test_run_page_names_a_folder_that_is_no_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="params.yaml does not exist: give --run the folder of a run"):
         build_run_page(tmp_path)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def images_in_browser(page, profile) -> tuple[list[bool], list[dict]]:
+    """Open ``page`` in headless Chromium with every network request sent to a closed port: whether each
+    image loaded (complete, naturalWidth > 0), the console's errors, and a screenshot beside the page."""
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    try:
+        driver.get(page.as_uri())
+        loaded = driver.execute_script(
+            "return Array.from(document.images).map(image => image.complete && image.naturalWidth > 0)")
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        driver.save_screenshot(str(page.with_suffix(".png")))
+    finally:
+        driver.quit()
+    return loaded, errors
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver packages "
+                    "(.ci/run installs them with apt-get where it can)")
+def test_the_run_page_shows_every_image_in_a_real_browser_with_the_network_off(tmp_path):
+    make_run(tmp_path)
+    page = tmp_path / "report.html"
+    page.write_text(build_run_page(tmp_path))
+    loaded, errors = images_in_browser(page, tmp_path / "profile")
+    assert loaded == [True] * 5 and not errors, (loaded, errors)
+    assert Image.open(tmp_path / "report.png").size[0] > 100  # the screenshot of the page
+    # the check can fail: the same page with one image taken from a file that is not there
+    text = page.read_text()
+    first = text.index("data:image/png;base64,")
+    broken = tmp_path / "broken.html"
+    broken.write_text(text[:first] + "missing.png" + text[text.index('"', first):])
+    loaded, errors = images_in_browser(broken, tmp_path / "profile2")
+    assert loaded[0] is False and all(loaded[1:]) and errors
