@@ -56,7 +56,12 @@ ANALYSES = {
         Experiment("bl-rgb", "raw RGB pixels", ("features.representation=rgb", "t_steps=[50]")),
         Experiment("bl-rgb-patch", "5x5 RGB neighbourhood",
                    ("features.representation=rgb_patch", "features.patch_size=5", "t_steps=[50]")),
-        Experiment("bl-random-unet", "random-init UNet (same architecture)", ("ddpm.train.steps=0",)),
+        # Two untrained UNets of the same architecture: guided-diffusion's init leaves every ResBlock's last conv,
+        # every attention proj_out and the output conv at zero, so that net is close to an identity map of its
+        # input; "all layers drawn" draws those too (PyTorch's default init), the fair random-network control.
+        Experiment("bl-random-unet", "random UNet, guided-diffusion init (zero layers)", ("ddpm.train.steps=0",)),
+        Experiment("bl-random-unet-dense", "random UNet, all layers drawn",
+                   ("ddpm.train.steps=0", "ddpm.train.init=dense")),
         Experiment("bl-ddpm-200", "DDPM after 200 of 800 pretraining steps", ("ddpm.train.steps=200",)),
     )),
     # fit and evaluate only: the stores already hold every train image.

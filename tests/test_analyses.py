@@ -339,3 +339,16 @@ def test_an_analysis_run_removes_and_waits_on_its_own_experiments_only(monkeypat
     assert removals == [("exp", "remove", *names), ("queue", "remove", *names)]
     assert not any(call[:2] == ("queue", "status") for call in calls)
     assert json.loads((tmp_path / "noise.json").read_text())["analysis"] == "noise"
+
+
+def test_the_baselines_hold_both_random_unets_each_named_for_its_init():
+    rows = {e.name: e for e in ANALYSES["baselines"].experiments}
+    guided, dense = rows["bl-random-unet"], rows["bl-random-unet-dense"]
+    assert guided.overrides == ("ddpm.train.steps=0",)  # today's row: guided-diffusion's init, its zero layers
+    assert set(dense.overrides) == {"ddpm.train.steps=0", "ddpm.train.init=dense"}
+    assert "zero layers" in guided.label and "all layers drawn" in dense.label
+    for experiment in (guided, dense):
+        params_from_dict({"ddpm": {"train": {k.split(".")[2]: (int(v) if v.isdigit() else v)
+                                             for k, v in (o.split("=") for o in experiment.overrides)}}})
+    names = [e.name for e in ANALYSES["baselines"].experiments]
+    assert names.index("bl-random-unet-dense") == names.index("bl-random-unet") + 1  # beside each other
