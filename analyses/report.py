@@ -42,16 +42,26 @@ def overrides_of(analysis: str) -> dict[str, str]:
     return {e.name: " ".join(f"`-S {o}`" for o in e.overrides) or "(defaults)" for e in ANALYSES[analysis].experiments}
 
 
+def steps_caption(summary: pd.DataFrame) -> str:
+    """What the curve holds fixed: one optimizer-step count at every point, or a warning that it does not."""
+    steps = sorted(set(summary["steps"]))
+    if steps == ["by epochs"]:
+        return "trained by epochs: the optimizer steps grow with the images (confounded)"
+    if len(steps) == 1:
+        return f"{steps[0]} optimizer steps per member at every count"
+    return f"mixed training budgets: {', '.join(steps)} (not comparable point to point)"
+
+
 def plot_sample_efficiency(summary: pd.DataFrame, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
     for split, colour in (("val", "tab:blue"), ("test", "tab:orange")):
         axis.errorbar(summary["images"], summary[f"{split}_mean"], yerr=summary[f"{split}_std"], marker="o",
-                      capsize=3, color=colour, label=f"{split} mIoU (mean ± std over subset seeds)")
+                      capsize=3, color=colour, label=f"{split} mIoU (mean ± std over nested subset draws)")
     axis.set_xscale("log")
     axis.set_xticks(summary["images"], [str(v) for v in summary["images"]])
     axis.set_xlabel("labeled training images")
     axis.set_ylabel("mIoU (paper protocol)")
-    axis.set_title("Sample efficiency on the built-in digits")
+    axis.set_title(f"Sample efficiency on the built-in digits\n{steps_caption(summary)}", fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -106,9 +116,11 @@ def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
     if records.get("sample_efficiency", {}).get("experiments"):
         summary = sample_efficiency_table(records["sample_efficiency"])
         plot_sample_efficiency(summary, out.parent / "sample_efficiency.png")
-        shown = summary.rename(columns={"val_mean": "val mIoU", "val_std": "val std", "test_mean": "test mIoU",
-                                        "test_std": "test std"})
-        parts.extend([markdown_table(shown), "", "![mIoU against labeled images](sample_efficiency.png)", ""])
+        shown = summary.rename(columns={"steps": "optimizer steps", "seeds": "draws", "val_mean": "val mIoU",
+                                        "val_std": "val std", "test_mean": "test mIoU", "test_std": "test std"})
+        parts.extend([f"Nested subsets (for one seed the larger count holds the smaller's images), "
+                      f"{steps_caption(summary)}; mean and std over the draws.", "",
+                      markdown_table(shown), "", "![mIoU against labeled images](sample_efficiency.png)", ""])
     else:
         missing("sample_efficiency")
     split_section("noise", "Noise variants")

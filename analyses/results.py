@@ -74,15 +74,20 @@ def split_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
 
 
 def sample_efficiency_table(record: dict) -> pd.DataFrame:
-    """Per number of labeled images: mean and std over subset seeds of val and test mIoU, and the seeds."""
+    """Per number of labeled images: the optimizer steps per member (``ensemble.steps``; ``by epochs`` for runs
+    trained by epochs, whose steps grew with the images), the draws (subset seeds), and mean and std over them of
+    val and test mIoU."""
     rows = []
     for row in record["experiments"].values():
         ensemble = row["params"].get("ensemble", {})
+        steps = ensemble.get("steps")
         rows.append({"images": ensemble.get("train_images") or row["params"].get("dataset", {}).get("train_images"),
+                     "steps": "by epochs" if steps is None else str(steps),
                      "seed": ensemble.get("train_subset_seed", 0), "val": miou(row, "val"), "test": miou(row, "test")})
     frame = pd.DataFrame(rows).dropna()
-    summary = frame.groupby("images").agg(seeds=("seed", "count"), val_mean=("val", "mean"), val_std=("val", "std"),
-                                          test_mean=("test", "mean"), test_std=("test", "std")).reset_index()
+    summary = frame.groupby(["images", "steps"]).agg(
+        seeds=("seed", "count"), val_mean=("val", "mean"), val_std=("val", "std"), test_mean=("test", "mean"),
+        test_std=("test", "std")).reset_index()
     return summary.fillna({"val_std": 0.0, "test_std": 0.0})
 
 

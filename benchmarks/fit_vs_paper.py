@@ -217,7 +217,7 @@ def run_one(spec: dict) -> dict:
             result["curve"] = curve
         result["epochs"] = len(history)
         result["threads"] = 1
-        result["config"] = config.model_dump(mode="json")
+        result["config"] = config.resolved().model_dump(mode="json")  # the values the fit used, recipe keys filled
         predict = lambda rows: model(rows).argmax(-1)  # noqa: E731
     result["val_miou"] = score_val(predict, val_x, val_y, classes, ignore)
     result["peak_rss_mb"] = peak_rss_mb()

@@ -14,6 +14,7 @@ device exists: ``pipeline.runtime.stage_params``; the UNet builds: each stage th
 from __future__ import annotations
 
 import typing
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -33,18 +34,20 @@ from pipeline.enums import (
     ModelPreset,
     NoiseSchedule,
     NonSquarePolicy,
+    Recipe,
     Representation,
     Stopping,
     StoreLayout,
     SuggestScore,
+    UNetInit,
     UpsampleMode,
 )
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
-from pipeline.presets import MODEL_PRESETS, PRESETS
+from pipeline.presets import ENSEMBLE_RECIPES, MODEL_PRESETS, PRESETS, RECIPE_KEYS
 
 __all__ = ["Autocast", "Codec", "ConfigError", "Corruption", "DatasetConfig", "DDPMConfig", "EnsembleConfig", "EvaluateConfig",
            "FeaturesConfig", "LabelFormat", "LossWeighting", "LrSchedule", "ModelFlags", "ModelPreset", "NoiseSchedule",
-           "NonSquarePolicy", "Params", "Representation", "RuntimeConfig", "Stopping", "StoreLayout", "TrainConfig", "UpsampleMode", "load_params",
+           "NonSquarePolicy", "Params", "Recipe", "Representation", "RuntimeConfig", "Stopping", "StoreLayout", "TrainConfig", "UNetInit", "UpsampleMode", "load_params",
            "params_from_dict"]
 
 BUILTIN_DATASET = "digits"
@@ -148,6 +151,11 @@ class TrainConfig(Section):
     """``ddpm.train``: pretraining on the unlabeled images (``ddpm.checkpoint: models/scratch``)."""
 
     steps: Annotated[StrictInt, Field(ge=0, description="0 keeps the random init")] = 800
+    # The init of a UNet made from scratch (not of an imported checkpoint): guided = guided-diffusion's, whose
+    # zero-initialised layers (each ResBlock's last conv, attention proj_out, the output conv) make an untrained
+    # net nearly an identity map; dense = those layers drawn with PyTorch's default init like every other layer,
+    # the fair random-network control (steps: 0, init: dense).
+    init: Choice[UNetInit] = UNetInit.GUIDED
     batch_size: Positive = 32
     # lr 1e-3 after 100 warm-up steps, constant, uniform loss: the best of the recipes measured on val
     # (benchmarks/learning_curve.py, docs/benchmarks.md); Min-SNR-γ and cosine decay scored lower here.
@@ -260,13 +268,22 @@ class FeaturesConfig(Section):
 
 class EnsembleConfig(Section):
     members: Positive = 10
-    # The paper trains at batch 64, lr 1e-3, ~5 epochs (its stopping rule). Chosen on the digits' val split
-    # (benchmarks/fit_vs_paper.py --select): batch 512 at lr 4e-3 for 4 epochs scores at least the paper's
-    # val mIoU in ~1/3.5 of its time; a step costs about as much at 512 rows as at 64 on a CPU.
-    lr: Rate = 4e-3
-    batch_size: Annotated[StrictInt, Field(ge=2, description="BatchNorm needs two rows per batch")] = 512
-    epochs: Positive = 4
-    stopping: Choice[Stopping] = Stopping.PLATEAU
+    # lr, batch_size, epochs, stopping and autocast left null take the recipe's values (pipeline/presets.py
+    # ENSEMBLE_RECIPES), and a key set explicitly wins, as dataset keys and dataset presets do; resolved() fills
+    # them, so the stages see numbers. fast (the default): batch 512 at lr 4e-3 for at most 4 epochs, plateau
+    # stopping, bf16 products, chosen on the digits' val split (benchmarks/fit_vs_paper.py --select): at least the
+    # paper's val mIoU in ~1/3.5 of its time; a step costs about as much at 512 rows as at 64 on a CPU. paper:
+    # the paper's fit (train_interpreter.py): lr 1e-3, batch 64, at most 100 epochs, its stopping rule, float32.
+    recipe: Choice[Recipe] = Recipe.FAST
+    lr: Optional[Rate] = None
+    batch_size: Optional[Annotated[StrictInt, Field(ge=2, description="BatchNorm needs two rows per batch")]] = None
+    epochs: Optional[Positive] = None  # at most (a stopping rule may end a member sooner)
+    stopping: Optional[Choice[Stopping]] = None
+    # Optimizer steps (batches) per member whatever the number of labeled images: null = train by epochs as
+    # above; N = exactly N batches, cycling epochs over the pool as often as it takes, with no stopping rule
+    # (epochs and stopping are not used). The sample-efficiency sweep sets it, so 1 image and 50 images get the
+    # same number of Adam steps instead of ~8 against ~390 at batch 512 for 4 epochs.
+    steps: Optional[Positive] = None
     patience: Positive = 2
     min_delta: Annotated[float, Field(ge=0)] = 0.01
     # The paper's rule counts a batch as stale when it does not beat the best batch loss and stops after
@@ -289,11 +306,29 @@ class EnsembleConfig(Section):
     # The MLPs' matrix products in fit and evaluate: bfloat16 = torch.autocast (weights, Adam and the loss stay
     # float32), as good on val as float32 and 1.3-1.6x faster on this CPU (AVX512-BF16; benchmarks/fit_vs_paper.py);
     # emulated, so slower, on CPUs without native bf16 (a warning says so): none = float32 there.
-    autocast: Choice[Autocast] = Autocast.BFLOAT16
+    autocast: Optional[Choice[Autocast]] = None
     # Sample efficiency (docs/analyses.md): fit on train_images of the store's train images, drawn with
     # train_subset_seed (null = all of them). Only fit and evaluate rerun: the stores stay as they are.
     train_images: Optional[Positive] = None
     train_subset_seed: Seed = 0
+
+    def resolved(self) -> "EnsembleConfig":
+        """A copy with every null recipe key (lr, batch_size, epochs, stopping, autocast) filled from
+        ``ENSEMBLE_RECIPES[recipe]``; keys given explicitly stay as given. Idempotent."""
+        recipe = ENSEMBLE_RECIPES[self.recipe.value]
+        filled = {key: recipe[key] for key in RECIPE_KEYS if getattr(self, key) is None}
+        if "stopping" in filled:
+            filled["stopping"] = Stopping(filled["stopping"])
+        if "autocast" in filled:
+            filled["autocast"] = Autocast(filled["autocast"])
+        return self.model_copy(update=filled) if filled else self
+
+    def given_by(self, key: str) -> str:
+        """Where a recipe key's value comes from, for messages: ``ensemble.epochs=4 (recipe fast)``."""
+        value = getattr(self, key)
+        value = value.value if isinstance(value, Enum) else value
+        source = " (recipe " + self.recipe.value + ")" if value == ENSEMBLE_RECIPES[self.recipe.value].get(key) else ""
+        return f"ensemble.{key}={value}{source}"
 
 
 class EvaluateConfig(Section):
@@ -440,6 +475,7 @@ def _validate(params: Params) -> None:
     betas_for_schedule(params.ddpm.noise_schedule, params.ddpm.diffusion_steps)
     if features.patch_size % 2 == 0:
         raise ConfigError(f"features.patch_size={features.patch_size} must be an odd number >= 1 (the pixel is the centre)")
+    _validate_stopping(params.ensemble)
     if params.ensemble.train_images is not None and params.ensemble.train_images > dataset.train_images:
         raise ConfigError(f"ensemble.train_images={params.ensemble.train_images} must be null (all) or in [1, "
                           f"dataset.train_images={dataset.train_images}]")
@@ -449,6 +485,20 @@ def _validate(params: Params) -> None:
                           f"{params.suggest.count}: the diversity pick chooses count images among the candidates")
     _validate_tls(features)
     check_widths(params.unet_config())  # torch-free; the stages that build a UNet also build it on the meta device
+
+
+def _validate_stopping(ensemble: EnsembleConfig) -> None:
+    """A stopping rule that cannot fire is refused, naming both keys: the paper's rule looks only at epochs after
+    warmup_epochs (train_interpreter.py checks from 0-based epoch warmup_epochs on), so epochs <= warmup_epochs
+    would silently train every member for all its epochs. (plateau's epochs is a cap it may reach first: an
+    epochs <= patience fit is a fixed-length fit, as short test and benchmark fits ask for.) With ensemble.steps
+    set no stopping rule runs."""
+    if ensemble.steps is None and ensemble.stopping is Stopping.PAPER and ensemble.epochs <= ensemble.warmup_epochs:
+        raise ConfigError(
+            f"ensemble.stopping=paper can never stop a member: {ensemble.given_by('epochs')} <= ensemble.warmup_epochs="
+            f"{ensemble.warmup_epochs}, and the paper's rule only looks at epochs after warmup_epochs; raise "
+            f"ensemble.epochs (the paper's recipe: ensemble.recipe=paper, at most 100 epochs), lower "
+            f"ensemble.warmup_epochs, or use ensemble.stopping=plateau")
 
 
 def _validate_labels(dataset: DatasetConfig) -> None:
@@ -521,7 +571,7 @@ def _validate_tls(features: FeaturesConfig) -> None:
 def params_from_dict(data: dict, source: str = "params") -> Params:
     try:
         params = _build(data)
-        params = params.model_copy(update={"dataset": params.dataset.resolved()})
+        params = params.model_copy(update={"dataset": params.dataset.resolved(), "ensemble": params.ensemble.resolved()})
         if params.blocks is None:  # blocks: null = the model preset's blocks
             params = params.model_copy(update={"blocks": params.ddpm.preset_blocks()})
         if params.features.store_blocks is None:  # store_blocks: null = the model preset's blocks too

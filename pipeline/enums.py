@@ -44,6 +44,13 @@ Autocast = _choice("Autocast", "autocast", "none", "bfloat16", "float16")
 # paper: ddpm-segmentation's train_interpreter.py, from epoch index `warmup_epochs` on every member stops
 # on its own once `batch_patience` batches in a row have not beaten its best batch loss.
 Stopping = _choice("Stopping", "ensemble.stopping", "plateau", "paper")
+# The values ensemble.lr, batch_size, epochs, stopping and autocast take when left null (pipeline/presets.py
+# ENSEMBLE_RECIPES): fast = chosen on the digits' val split; paper = ddpm-segmentation's train_interpreter.py.
+Recipe = _choice("Recipe", "ensemble.recipe", "fast", "paper")
+# How a UNet made from scratch (ddpm.checkpoint: models/scratch) is initialised: guided = guided-diffusion's init,
+# whose zero_module leaves every ResBlock's last conv, every attention proj_out and the output conv at zero; dense =
+# those layers drawn too, with PyTorch's default nn.Conv init like every other layer (a fair random network).
+UNetInit = _choice("UNetInit", "ddpm.train.init", "guided", "dense")
 # Blosc's compressors (bit-shuffled), zlib, or none.
 Codec = _choice("Codec", "features.codec", "zstd", "lz4", "blosclz", "zlib", "none")
 # How the suggest stage scores an unlabeled image from its per-pixel disagreement: mean = the mean over its pixels;

@@ -85,3 +85,15 @@ PRESETS: dict[str, dict] = {
         "class_names": ["wall", "bed", "floor", "table", "lamp", "ceiling", "painting", "windowpane", "pillow", "curtain", "cushion", "door", "chair", "cabinet", "chest", "mirror", "rug", "armchair", "book", "sconce", "plant", "wardrobe", "clock", "light", "flower", "vase", "fan", "box", "shelf", "television"],
     },
 }
+
+# ensemble.recipe -> the values of the ensemble keys it fills when they are null in params.yaml (a key set
+# explicitly wins, as with the dataset presets). fast: chosen on the digits' val split (benchmarks/fit_vs_paper.py
+# --select): batch 512 at lr 4e-3 for at most 4 epochs, plateau stopping, bf16 products; as good on val as the
+# paper's fit in ~1/3.5 of its time. paper: ddpm-segmentation's train_interpreter.py: Adam at lr 1e-3, batch 64,
+# at most 100 epochs, its batch-loss stopping rule (ensemble.batch_patience, ensemble.warmup_epochs), float32.
+ENSEMBLE_RECIPES: dict[str, dict] = {
+    "fast": {"lr": 4e-3, "batch_size": 512, "epochs": 4, "stopping": "plateau", "autocast": "bfloat16"},
+    "paper": {"lr": 1e-3, "batch_size": 64, "epochs": 100, "stopping": "paper", "autocast": "none"},
+}
+RECIPE_KEYS = ("lr", "batch_size", "epochs", "stopping", "autocast")
+

@@ -29,8 +29,10 @@ def main() -> None:
         matrix, labels = image_rows(matrix, labels, chosen, stores[0].pixels_per_image("train"))
         print(f"fit: {len(chosen)} of {len(stems)} train images (seed {params.ensemble.train_subset_seed}): "
               f"{', '.join(stems[i] for i in chosen)}")
-    print(f"fit: {matrix.shape[0]} pixels x {matrix.shape[1]} features from {len(stores)} stores, "
-          f"{params.ensemble.members} members")
+    fit = params.ensemble
+    budget = f"{fit.steps} steps" if fit.steps is not None else f"at most {fit.epochs} epochs, stopping {fit.stopping.value}"
+    print(f"fit: {matrix.shape[0]} pixels x {matrix.shape[1]} features from {len(stores)} stores, {fit.members} members "
+          f"(recipe {fit.recipe.value}: lr {fit.lr:g}, batch {fit.batch_size}, {budget}, autocast {fit.autocast.value})")
     start = time.perf_counter()
     live, lock = open_curves(args.curves), threading.Lock()  # passes report their epochs from their own threads
     firsts = [first for first, _ in member_passes(params.ensemble)]

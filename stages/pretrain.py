@@ -23,6 +23,7 @@ from pipeline.diffusion.diffusers_unet import import_diffusers_folder
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import save_checkpoint, train_ddpm
 from pipeline.diffusion.unet import check_model_builds, create_unet, load_guided_diffusion
+from pipeline.enums import UNetInit
 from pipeline.hashing import file_sha256
 from pipeline.outputs.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
@@ -54,7 +55,7 @@ def main() -> None:
     images = load_unlabeled(args.data)
     device = pick_device(params.runtime.device)
     torch.manual_seed(ddpm.train.seed)  # module init (the UNet's random weights)
-    model = create_unet(flags)
+    model = create_unet(flags, init=ddpm.train.init.value)
     start = time.perf_counter()
     bar = tqdm(total=ddpm.train.steps, desc="pretrain", unit="step", mininterval=5)
     state_path = args.out.with_name(args.out.name + ".state")
@@ -70,8 +71,10 @@ def main() -> None:
     ema, history = train_ddpm(model, diffusion, images, ddpm.train, device=device, on_step=on_step,
                               state_path=state_path, fingerprint=run_fingerprint(ddpm, flags.to_dict(), images))
     bar.close()
-    save_checkpoint(args.out, ema, diffusion, {"kind": "trained", "steps": ddpm.train.steps,
-                                               "unlabeled_images": len(images), "ema_rate": ddpm.train.ema_rate})
+    source = {"kind": "trained", "steps": ddpm.train.steps, "unlabeled_images": len(images), "ema_rate": ddpm.train.ema_rate}
+    if ddpm.train.init is not UNetInit.GUIDED:  # recorded when not the default, so a default checkpoint keeps its bytes
+        source["init"] = ddpm.train.init.value
+    save_checkpoint(args.out, ema, diffusion, source)
     write_curves(args.curves, loss_curve(history, ddpm.train.log_every))
     state_path.unlink(missing_ok=True)
     print(f"trained {ddpm.train.steps} steps on {len(images)} images in {time.perf_counter() - start:.0f}s -> {args.out}")

@@ -69,6 +69,10 @@ def test_train_subset_is_a_seeded_draw_of_whole_images():
     first = train_subset(50, 5, 0)
     assert first == train_subset(50, 5, 0) == sorted(first) and len(set(first)) == 5
     assert first != train_subset(50, 5, 1)
+    for seed in range(6):  # nested: for one seed each count's images hold the smaller counts' images
+        subsets = [set(train_subset(50, count, seed)) for count in (1, 2, 5, 10, 20, 50)]
+        assert all(small < large for small, large in zip(subsets, subsets[1:])), seed
+    assert len({tuple(train_subset(50, 1, seed)) for seed in range(5)}) > 1  # the draws differ between seeds
     with pytest.raises(DatasetError, match="ensemble.train_images=51"):
         train_subset(50, 51, 0)
     matrix = da.from_array(np.arange(16 * 2).reshape(16, 2), chunks=(4, -1))  # 4 images of 4 pixels
@@ -130,9 +134,25 @@ def test_the_sample_efficiency_sweep_reruns_no_stage_before_fit():
         assert reads(stages["fit"], key)
     sweep = ANALYSES["sample_efficiency"]
     assert sweep.targets == ("evaluate",)
-    assert all(o.startswith("ensemble.train_") for e in sweep.experiments for o in e.overrides)
+    assert all(o.startswith(("ensemble.train_", "ensemble.steps=")) for e in sweep.experiments for o in e.overrides)
     counts = {o for e in sweep.experiments for o in e.overrides if "train_images" in o}
     assert counts == {f"ensemble.train_images={n}" for n in (1, 2, 5, 10, 20, 50)}
+
+
+def test_the_sample_efficiency_sweep_trains_equal_steps_and_draws_five_subsets_below_ten_images():
+    from analyses.experiments import EQUAL_STEPS
+
+    runs: dict[int, list[int]] = {}
+    for experiment in ANALYSES["sample_efficiency"].experiments:
+        given = dict(o.split("=", 1) for o in experiment.overrides)
+        assert given["ensemble.steps"] == str(EQUAL_STEPS), experiment.name  # the same Adam steps at every count
+        runs.setdefault(int(given["ensemble.train_images"]), []).append(int(given["ensemble.train_subset_seed"]))
+        params_from_dict({"ensemble": {k.split(".")[1]: int(v) for k, v in given.items()}})  # valid params
+    assert all(len(set(seeds)) == len(seeds) for seeds in runs.values())
+    assert all(len(runs[count]) >= 5 for count in runs if count < 10), runs
+    assert runs[50] == [0]  # all the images: every seed draws the same ones
+    # the same seeds at every count, so the draws are nested curves (seed s: 1 image within its 2, within its 5)
+    assert all(runs[count] == runs[1][: len(runs[count])] for count in runs)
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +275,25 @@ def test_report_builds_from_recorded_runs(tmp_path):
     assert f"{recorded['metrics']['metrics/eval.json']['miou']:.3f}" in text  # the table's numbers are the runs'
     summary = sample_efficiency_table(json.loads((results / "sample_efficiency.json").read_text()))
     assert list(summary["images"]) == sorted(summary["images"]) and (summary["seeds"] >= 1).all()
+    assert set(summary["steps"]) == {"by epochs"}  # the recorded fixture ran before ensemble.steps
+    assert "trained by epochs: the optimizer steps grow with the images (confounded)" in text
+
+
+def test_the_sample_efficiency_table_says_the_steps_and_keeps_mean_and_spread():
+    def run(images, seed, miou):
+        return {"params": {"ensemble": {"train_images": images, "train_subset_seed": seed, "steps": 400}},
+                "metrics": {"metrics/val.json": {"miou": miou}, "metrics/eval.json": {"miou": miou + 0.1}}}
+
+    record = {"experiments": {f"r{i}": run(images, seed, miou) for i, (images, seed, miou) in enumerate(
+        [(1, 0, 0.1), (1, 1, 0.3), (1, 2, 0.2), (5, 0, 0.4), (5, 1, 0.4)])}}
+    summary = sample_efficiency_table(record)
+    one = summary[summary["images"] == 1].iloc[0]
+    assert (one["steps"], one["seeds"]) == ("400", 3)
+    assert one["val_mean"] == pytest.approx(0.2) and one["val_std"] == pytest.approx(0.1)
+    assert one["test_mean"] == pytest.approx(0.3)
+    from analyses.report import steps_caption
+
+    assert steps_caption(summary) == "400 optimizer steps per member at every count"
 
 
 def _exp_range(name: str, state: str | None) -> dict:
@@ -301,3 +340,16 @@ def test_an_analysis_run_removes_and_waits_on_its_own_experiments_only(monkeypat
     assert removals == [("exp", "remove", *names), ("queue", "remove", *names)]
     assert not any(call[:2] == ("queue", "status") for call in calls)
     assert json.loads((tmp_path / "noise.json").read_text())["analysis"] == "noise"
+
+
+def test_the_baselines_hold_both_random_unets_each_named_for_its_init():
+    rows = {e.name: e for e in ANALYSES["baselines"].experiments}
+    guided, dense = rows["bl-random-unet"], rows["bl-random-unet-dense"]
+    assert guided.overrides == ("ddpm.train.steps=0",)  # today's row: guided-diffusion's init, its zero layers
+    assert set(dense.overrides) == {"ddpm.train.steps=0", "ddpm.train.init=dense"}
+    assert "zero layers" in guided.label and "all layers drawn" in dense.label
+    for experiment in (guided, dense):
+        params_from_dict({"ddpm": {"train": {k.split(".")[2]: (int(v) if v.isdigit() else v)
+                                             for k, v in (o.split("=") for o in experiment.overrides)}}})
+    names = [e.name for e in ANALYSES["baselines"].experiments]
+    assert names.index("bl-random-unet-dense") == names.index("bl-random-unet") + 1  # beside each other

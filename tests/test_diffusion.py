@@ -93,3 +93,53 @@ def test_unreadable_unlabeled_image_names_the_file(tmp_path):
     files = load_unlabeled(tmp_path)
     with pytest.raises(DatasetError, match=r"broken.png cannot be read .*replace or remove the file"):
         files[[0]]
+
+
+def _conv_and_linear_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight and bias of the model's convolutions and linear layers (GroupNorm's shift is zero by
+    PyTorch's own default, and its scale one, in both inits: they are not drawn)."""
+    kinds = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)
+    return {f"{name}.{key}": value for name, module in model.named_modules() if isinstance(module, kinds)
+            for key, value in module.named_parameters(recurse=False)}
+
+
+def test_guided_init_leaves_the_zero_module_layers_at_zero_and_dense_init_draws_them():
+    from pipeline.diffusion.unet import zero_initialised_layers
+
+    flags = dict(TINY, resblock_updown=True)
+    torch.manual_seed(0)
+    guided = create_unet(flags)
+    torch.manual_seed(0)
+    dense = create_unet(flags, init="dense")
+    zero_names = {name for name, module in guided.named_modules() if any(module is z for z in zero_initialised_layers(guided))}
+    # every ResBlock (encoder, middle, decoder, up/down) + every attention block + the output conv
+    assert len(zero_names) == sum(type(m).__name__ in ("ResBlock", "AttentionBlock") for m in guided.modules()) + 1
+    assert "out.2" in zero_names and any(name.endswith("proj_out") for name in zero_names)
+    for name, value in _conv_and_linear_parameters(guided).items():
+        assert (not value.any()) == (name.rsplit(".", 1)[0] in zero_names), name  # exactly those are zero
+    drawn = _conv_and_linear_parameters(dense)
+    assert all(value.any() for value in drawn.values()), [name for name, value in drawn.items() if not value.any()]
+    assert all(value.any() for name, value in dense.named_parameters() if not name.endswith("bias") or
+               name in drawn), "only GroupNorm shifts may start at zero"
+    for name, value in guided.state_dict().items():  # the other layers: the same draw from the same seed
+        if name.rsplit(".", 1)[0] not in zero_names:
+            assert torch.equal(value, dense.state_dict()[name]), name
+    x, t = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([50, 50])
+    assert not guided(x, t).any() and dense(x, t).abs().mean() > 0  # guided's output conv is zero: eps = 0
+    with pytest.raises(ValueError, match="init='zeros'"):
+        create_unet(flags, init="zeros")
+
+
+@pytest.mark.slow
+def test_pretrain_with_zero_steps_writes_the_init_it_was_asked_for(tmp_path):
+    from tests.helpers import make_project, run_stage
+
+    project = make_project(tmp_path, {"ddpm.train.steps": 0, "ddpm.train.init": "dense"})
+    out = tmp_path / "dense.pt"
+    result = run_stage("pretrain", "--params", project["params"], "--data", project["data"], "--out", out,
+                       "--curves", tmp_path / "curves")
+    assert result.returncode == 0, result.stderr
+    model, _, payload = load_checkpoint(out)
+    assert payload["source"]["init"] == "dense" and payload["source"]["steps"] == 0
+    assert all(value.any() for value in _conv_and_linear_parameters(model).values())
+    assert not model.out[-1].weight.eq(0).all()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import EnsembleConfig, Stopping
+from pipeline.config import Autocast, EnsembleConfig, Stopping
 from pipeline.ensemble.fit import fit_ensemble
 from pipeline.ensemble.model import EnsembleMLP, hidden_widths
 from pipeline.ensemble.pool import ShufflePool
@@ -192,7 +192,7 @@ def test_stopped_member_keeps_the_weights_it_stopped_with():
 def test_stopping_and_buffer_params_are_validated():
     from pipeline.config import ConfigError, params_from_dict
 
-    assert params_from_dict({"ensemble": {"stopping": "paper"}}).ensemble.stopping is Stopping.PAPER
+    assert params_from_dict({"ensemble": {"stopping": "paper", "epochs": 5}}).ensemble.stopping is Stopping.PAPER
     for bad, message in (({"stopping": "early"}, "ensemble.stopping='early' is not one of"),
                          ({"buffer_rows": 1}, "ensemble.buffer_rows must be >= 2"),
                          ({"batch_patience": -1}, "ensemble.batch_patience must be >= 0, got -1"),
@@ -404,3 +404,78 @@ def test_prediction_counts_cores_where_the_os_has_no_cpu_affinity(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert prediction.shape == (64,)
+
+
+TODAYS_FIT = {"lr": 4e-3, "batch_size": 512, "epochs": 4, "stopping": Stopping.PLATEAU, "autocast": Autocast.BFLOAT16}
+
+
+def test_recipe_fills_the_keys_left_null_and_an_explicit_key_wins():
+    from pipeline.config import load_params, params_from_dict
+    from tests.conftest import REPO
+
+    def chosen(ensemble) -> dict:
+        return {key: getattr(ensemble, key) for key in TODAYS_FIT}
+
+    assert chosen(load_params(REPO / "params.yaml").ensemble) == TODAYS_FIT  # the default run fits as before
+    assert chosen(params_from_dict({}).ensemble) == TODAYS_FIT
+    paper = params_from_dict({"ensemble": {"recipe": "paper"}}).ensemble
+    assert chosen(paper) == {"lr": 1e-3, "batch_size": 64, "epochs": 100, "stopping": Stopping.PAPER,
+                             "autocast": Autocast.NONE}
+    assert (paper.batch_patience, paper.warmup_epochs) == (50, 4)  # the paper's rule (train_interpreter.py)
+    mixed = params_from_dict({"ensemble": {"recipe": "paper", "lr": 2e-3, "autocast": "bfloat16"}}).ensemble
+    assert (mixed.lr, mixed.autocast, mixed.batch_size, mixed.epochs) == (2e-3, Autocast.BFLOAT16, 64, 100)
+    assert params_from_dict({"ensemble": {"epochs": 9}}).ensemble.epochs == 9
+    config = EnsembleConfig(**SMALL, members=2)  # made directly, as tests and benchmarks do: resolved by the fit
+    assert config.autocast is None and config.resolved().autocast is Autocast.BFLOAT16
+    assert config.resolved().resolved() == config.resolved()
+
+
+def test_a_fit_left_to_the_fast_recipe_is_todays_fit():
+    x, y = toy(pixels=1024)
+    common = dict(members=1, buffer_rows=512, parallel_passes=1)
+    recipe, _ = fit_ensemble(x, y, num_classes=4, ignore_label=255, device=torch.device("cpu"),
+                             config=EnsembleConfig(**common))
+    explicit, _ = fit_ensemble(x, y, num_classes=4, ignore_label=255, device=torch.device("cpu"),
+                               config=EnsembleConfig(**common, **TODAYS_FIT))
+    for p, q in zip(recipe.state_dict().values(), explicit.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("given", [{"stopping": "paper"}, {"recipe": "paper", "epochs": 4},
+                                   {"recipe": "paper", "warmup_epochs": 100}, {"stopping": "paper", "epochs": 2}])
+def test_a_paper_stopping_rule_that_cannot_fire_is_refused_naming_both_keys(given):
+    from pipeline.config import ConfigError, params_from_dict
+
+    with pytest.raises(ConfigError, match=r"ensemble.stopping=paper can never stop a member: ensemble.epochs=\d+.* <= "
+                                          r"ensemble.warmup_epochs=\d+"):
+        params_from_dict({"ensemble": given})
+
+
+def test_a_paper_stopping_rule_that_can_fire_or_fixed_steps_are_accepted():
+    from pipeline.config import params_from_dict
+
+    for given in ({"recipe": "paper"}, {"stopping": "paper", "epochs": 5}, {"recipe": "paper", "epochs": 5},
+                  {"stopping": "paper", "steps": 100}, {"stopping": "plateau", "epochs": 1}):
+        params_from_dict({"ensemble": given})
+
+
+@pytest.mark.parametrize("images", [1, 5])
+@pytest.mark.parametrize("buffer_rows", [4096, 100])  # the whole split resident in the pool, or streamed through it
+def test_steps_give_exactly_that_many_optimizer_steps_whatever_the_images(monkeypatch, images, buffer_rows):
+    """1 image of 256 pixels gives 4 batches of 64 an epoch and 5 images 20: with steps = 30 both train 30 batches
+    (the first cycling over 8 epochs), and no stopping rule ends them sooner."""
+    taken = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (taken.append(1), step(self, *a, **k))[1])
+    x, y = toy(pixels=256 * images)
+    config = EnsembleConfig(**SMALL, members=2, steps=30, epochs=1, patience=1, min_delta=0.9, buffer_rows=buffer_rows)
+    model, history = fit_ensemble(x, y, num_classes=4, ignore_label=255, config=config, device=torch.device("cpu"))
+    assert len(taken) == 30  # one pass of 2 members: one optimizer, one step per batch
+    assert sum(stats.pixels for stats in history) <= 30 * 64 and history[-1].stopped == 0
+    if images == 1:
+        assert len(history) > 1  # epochs cycled past epochs=1
+    taken.clear()
+    two_passes = EnsembleConfig(**{**SMALL, "parallel_passes": 2}, members=2, members_per_pass=1, steps=30,
+                                buffer_rows=buffer_rows)
+    fit_ensemble(x, y, num_classes=4, ignore_label=255, config=two_passes, device=torch.device("cpu"))
+    assert len(taken) == 60  # 30 per pass, the passes sharing one pool

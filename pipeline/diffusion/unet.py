@@ -373,9 +373,40 @@ def check_model_builds(config: UNetConfig) -> None:
                           f"channel_mult) must be divisible by the 32 group-norm groups and by num_head_channels") from None
 
 
-def create_unet(model_flags: dict[str, Any] | UNetConfig) -> UNetModel:
+def create_unet(model_flags: dict[str, Any] | UNetConfig, init: str = "guided") -> UNetModel:
+    """A fresh UNet drawn from torch's global generator. ``init`` (``ddpm.train.init``): ``guided`` =
+    guided-diffusion's init, its zero_module layers at zero; ``dense`` = those layers then drawn too
+    (``redraw_zero_layers``), every other weight the same draw as ``guided``'s from the same seed."""
     config = model_flags if isinstance(model_flags, UNetConfig) else config_from_flags(model_flags)
-    return UNetModel(config)
+    model = UNetModel(config)
+    if init == "dense":
+        redraw_zero_layers(model)
+    elif init != "guided":
+        raise ValueError(f"init={init!r}: use guided or dense")
+    return model
+
+
+def zero_initialised_layers(model: UNetModel) -> list[nn.Module]:
+    """The layers guided-diffusion's zero_module leaves at zero: each ResBlock's last conv, each attention
+    block's proj_out, and the output conv. Untrained, every residual branch adds zero, so a guided-init UNet
+    is an input conv, up/down sampling and skip 1x1 convs: close to an identity map of its input."""
+    layers: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, ResBlock):
+            layers.append(module.out_layers[-1])
+        elif isinstance(module, AttentionBlock):
+            layers.append(module.proj_out)
+    return layers + [model.out[-1]]
+
+
+def redraw_zero_layers(model: UNetModel) -> UNetModel:
+    """Draw the zero-initialised layers (``zero_initialised_layers``) with PyTorch's default init for their
+    type (nn.Conv1d / nn.Conv2d ``reset_parameters``: Kaiming-uniform weights, uniform biases), like every other
+    layer of the net: a random network that is random everywhere (the fair control of docs/analyses.md)."""
+    with torch.no_grad():
+        for layer in zero_initialised_layers(model):
+            layer.reset_parameters()
+    return model
 
 
 @functools.lru_cache(maxsize=1)

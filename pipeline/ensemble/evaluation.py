@@ -110,7 +110,7 @@ def fit_and_score(train: tuple[np.ndarray, np.ndarray], scored: tuple[np.ndarray
     model, history = fit_ensemble(da.from_array(train[0], chunks=(chunk_rows, -1)), da.from_array(train[1], chunks=chunk_rows),
                                   num_classes=len(class_names), ignore_label=ignore_label, config=config, device=device)
     prediction, _ = vote(model, da.from_array(scored[0], chunks=(chunk_rows, -1)), batch_pixels=batch_pixels,
-                         device=device, precision=config.autocast)
+                         device=device, precision=config.resolved().autocast)
     metrics = score(np.asarray(scored[1], dtype=np.uint8), prediction, class_names, ignore_label)
     metrics["epochs"] = max((stats.epoch for stats in history), default=0)
     return metrics

@@ -14,6 +14,7 @@ whatever their number. Memory is set by ``buffer_rows`` x D, never by the number
 """
 from __future__ import annotations
 
+import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,8 +68,11 @@ def fit_ensemble(
     BatchNorm buffers it had at its stop, so its weights do not depend on which members share its pass:
     ``config.stopping``: ``plateau`` stops a member after ``config.epochs`` or when its own mean epoch loss
     has not improved by ``config.min_delta`` (relative) for ``config.patience`` epochs; ``paper`` by the
-    paper's batch-loss rule (``config.batch_patience``, ``config.warmup_epochs``).
+    paper's batch-loss rule (``config.batch_patience``, ``config.warmup_epochs``). With ``config.steps`` set,
+    every member trains exactly that many batches (optimizer steps), epoch after epoch over the pool as often as
+    it takes, and no stopping rule runs. Keys left null take ``config.recipe``'s values (``resolved``).
     """
+    config = config.resolved()
     passes = member_passes(config)
     # The pool holds rows as the first product takes them: float16 as stored, or bfloat16 under bf16 autocast
     # (the same rounding autocast would apply, done once per row read instead of once per member and batch).
@@ -88,7 +92,8 @@ def fit_ensemble(
     results = []
     for start in range(0, len(passes), workers):
         wave = passes[start : start + workers]
-        shared = SharedPool(pool, config.seed, config.epochs, len(wave))
+        # steps: epochs without end; each pass leaves the shared pool once its members have taken their steps.
+        shared = SharedPool(pool, config.seed, config.epochs if config.steps is None else None, len(wave))
 
         def fit_pass(part: tuple[int, int], shared: SharedPool = shared) -> tuple[EnsembleMLP, list[EpochStats]]:
             with shared.reader() as epoch:
@@ -134,7 +139,9 @@ def _fit_members(
     # Each member draws its row orders from its own generator, so a member trains alike in any grouping.
     generators = [torch.Generator().manual_seed(seed + member) for member in range(members)]
     autocast_on = AUTOCAST_DTYPES[config.autocast] is not None
-    paper = config.stopping is Stopping.PAPER
+    fixed_steps = config.steps is not None  # exactly config.steps batches, no stopping rule
+    paper = config.stopping is Stopping.PAPER and not fixed_steps
+    steps_taken, finished = 0, False  # finished: every member has taken its config.steps batches
     training = torch.ones(members, dtype=torch.bool)
     best_batch, stale_batches = torch.full((members,), math.inf), torch.zeros(members, dtype=torch.int64)
     stopped_states: dict[int, list[torch.Tensor]] = {}
@@ -146,7 +153,7 @@ def _fit_members(
         stopped_states[member] = model.member_state(member)  # Adam would keep moving it
         training[member] = False
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in (itertools.count(1) if fixed_steps else range(1, config.epochs + 1)):
         model.train()
         loss_sum = correct = visits = rows_seen = 0.0
         member_loss_sum = torch.zeros(members, dtype=torch.float64)
@@ -175,6 +182,10 @@ def _fit_members(
                 correct += float(hits[live].sum())
                 visits += int(live.sum()) * batch
                 rows_seen += batch
+                steps_taken += 1
+                if fixed_steps and steps_taken == config.steps:
+                    finished = True
+                    break
                 if paper and epoch > config.warmup_epochs:
                     improved = losses < best_batch
                     best_batch = torch.where(improved, losses, best_batch)
@@ -183,9 +194,9 @@ def _fit_members(
                         stop(member)
                     if not training.any():
                         break
-            if not training.any():
+            if finished or not training.any():
                 break
-        if not paper:
+        if not paper and not fixed_steps:
             epoch_loss = member_loss_sum / max(rows_seen, 1)
             improved = epoch_loss < best_epoch * (1 - config.min_delta)
             best_epoch = torch.where(improved, epoch_loss, best_epoch)
@@ -197,7 +208,7 @@ def _fit_members(
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
-        if not training.any():
+        if finished or not training.any():
             break
     for member, state in stopped_states.items():
         model.load_member_state(member, state)
@@ -205,14 +216,16 @@ def _fit_members(
 
 
 def train_subset(images: int, count: int | None, seed: int) -> list[int]:
-    """Sorted indices of ``count`` of ``images`` train images, drawn without replacement by a generator seeded
-    with ``seed`` (``ensemble.train_images`` / ``train_subset_seed``); all of them when ``count`` is None."""
+    """Sorted indices of ``count`` of ``images`` train images (``ensemble.train_images`` / ``train_subset_seed``):
+    the first ``count`` of one permutation drawn by a generator seeded with ``seed``, so for one seed the subsets
+    are nested (the 5 images hold the 2, which hold the 1) and a sample-efficiency curve varies only the number of
+    labels. All of them when ``count`` is None."""
     if count is None:
         return list(range(images))
     if not 1 <= count <= images:
         raise DatasetError(f"ensemble.train_images={count} but the stores hold {images} train images; "
                            f"use a value in [1, {images}] or null for all")
-    return sorted(int(i) for i in np.random.default_rng(seed).choice(images, size=count, replace=False))
+    return sorted(int(i) for i in np.random.default_rng(seed).permutation(images)[:count])
 
 
 def image_rows(matrix: da.Array, labels: da.Array, indices: Sequence[int], pixels_per_image: int) -> tuple[da.Array, da.Array]:

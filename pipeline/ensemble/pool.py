@@ -3,6 +3,7 @@ at once."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
@@ -107,7 +108,8 @@ class SharedPool:
 
     _END = None  # marks the end of an epoch in the sequence
 
-    def __init__(self, pool: ShufflePool, seed: int, epochs: int, readers: int):
+    def __init__(self, pool: ShufflePool, seed: int, epochs: int | None, readers: int):
+        """``epochs``: how many epochs the sequence holds (None = without end: readers leave when done)."""
         self._sequence = self._items(pool, np.random.default_rng(seed), epochs)
         self._changed = threading.Condition()
         self._active = readers
@@ -116,8 +118,8 @@ class SharedPool:
             self._next()
 
     @classmethod
-    def _items(cls, pool: ShufflePool, rng: np.random.Generator, epochs: int):
-        for _ in range(epochs):
+    def _items(cls, pool: ShufflePool, rng: np.random.Generator, epochs: int | None):
+        for _ in (itertools.count() if epochs is None else range(epochs)):
             yield from pool.epoch(rng)
             yield cls._END
 
