@@ -13,9 +13,10 @@ device exists: ``pipeline.runtime.stage_params``; the UNet builds: each stage th
 """
 from __future__ import annotations
 
+import math
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Optional, Sequence
+from typing import Annotated, Any, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -26,11 +27,12 @@ from pipeline.diffusion.flags import (
     check_widths,
     config_from_flags,
 )
-from pipeline.diffusion.schedule import betas_for_schedule
+from pipeline.diffusion.schedule import betas_for_schedule, space_timesteps
 from pipeline.enums import (
     Autocast,
     Codec,
     Corruption,
+    FixedSigma,
     LabelFormat,
     LossWeighting,
     LrSchedule,
@@ -336,6 +338,34 @@ class SegmentConfig(Section):
     images: Annotated[StrictStr, Field(min_length=1)] = "data/demo"
 
 
+class SampleConfig(Section):
+    """Stage sample (DatasetDDPM, docs/paper.md): images drawn from the DDPM (pipeline/diffusion/sample.py)."""
+
+    images: Positive = 32
+    batch_size: Positive = 8  # images sampled at once; each image's noise is its own, so results do not depend on it
+    # guided-diffusion's timestep_respacing: a step count (50 = 50 evenly spaced of ddpm.diffusion_steps), counts per
+    # equal section ("10,15,20") or "ddim<N>" (the DDIM paper's integer stride); at most ddpm.diffusion_steps.
+    steps: Union[Positive, StrictStr] = 50
+    # null = the ancestral sampler (p_sample); a number in [0, 1] = DDIM with that eta (0 = deterministic given x_T)
+    eta: Optional[Annotated[float, Field(ge=0, le=1, description="DDIM's eta in [0, 1], or null for ancestral "
+                                                                 "sampling")]] = None
+    fixed_sigma: Choice[FixedSigma] = FixedSigma.LARGE  # models without learn_sigma; learned ones use their own
+    seed: Seed = 0
+
+
+class DatasetDDPMConfig(Section):
+    """Stage label (DatasetDDPM): the samples labeled by the ensemble, the most uncertain dropped.
+
+    Images are ranked by uncertainty (the mean of their pixels' top-decile Jensen-Shannon disagreement);
+    ``drop_uncertain`` x images (rounded down) of the most uncertain are dropped. ``drop_least_uncertain: k`` > 0
+    reproduces the official train_deeplab.py's ``idxs[k: -f + k]`` (k = 30 there): the kept window of the
+    ranking shifts k places, so the k least uncertain go too and only f - k of the most uncertain do."""
+
+    drop_uncertain: Annotated[float, Field(ge=0, lt=1, description="a fraction of the images in [0, 1)")] = 0.1
+    drop_least_uncertain: NonNegative = 0
+    grid_images: Positive = 8  # images of each side (kept, dropped) in plots/samples.png
+
+
 class RuntimeConfig(Section):
     """Where and on how many threads every stage computes; results do not depend on it except as noted."""
 
@@ -362,6 +392,8 @@ class Params(Section):
     robustness: RobustnessConfig = RobustnessConfig()
     kmeans: KMeansConfig = KMeansConfig()
     segment: SegmentConfig = SegmentConfig()
+    sample: SampleConfig = SampleConfig()
+    datasetddpm: DatasetDDPMConfig = DatasetDDPMConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     def unet_config(self) -> UNetConfig:
@@ -531,7 +563,32 @@ def _validate(params: Params) -> None:
                           f"dataset.train_images={dataset.train_images}]")
     check_timesteps(params.kmeans.t_steps, params.ddpm.diffusion_steps)
     _validate_tls(features)
+    _validate_datasetddpm(params)
     check_widths(params.unet_config())  # torch-free; the stages that build a UNet also build it on the meta device
+
+
+def _validate_datasetddpm(params: Params) -> None:
+    """sample.steps against the schedule; the filter's counts against sample.images."""
+    sample, steps = params.sample, params.ddpm.diffusion_steps
+    if isinstance(sample.steps, int) and sample.steps > steps:
+        raise ConfigError(f"sample.steps={sample.steps} is more than ddpm.diffusion_steps={steps}; use at most {steps}")
+    try:
+        space_timesteps(steps, sample.steps)
+    except (ConfigError, ValueError) as error:
+        raise ConfigError(f"sample.steps={sample.steps!r} is not a respacing of ddpm.diffusion_steps={steps} "
+                          f"({error}); use a step count such as 50, counts per section such as \"10,15,20\", or "
+                          f"\"ddim50\"") from None
+    dropped = dropped_count(params.datasetddpm.drop_uncertain, sample.images)
+    if params.datasetddpm.drop_least_uncertain > dropped:
+        raise ConfigError(f"datasetddpm.drop_least_uncertain={params.datasetddpm.drop_least_uncertain} is more than the "
+                          f"{dropped} images datasetddpm.drop_uncertain={params.datasetddpm.drop_uncertain} drops of "
+                          f"sample.images={sample.images} (it shifts that window); lower it or sample more images")
+
+
+def dropped_count(fraction: float, images: int) -> int:
+    """How many of ``images`` a fraction drops: rounded down, as train_deeplab.py's ``int(len(idxs) * portion)``
+    (rounded to 9 places first, so 0.29 x 100 is 29 and not 28.999...)."""
+    return math.floor(round(fraction * images, 9))
 
 
 def _validate_labels(dataset: DatasetConfig) -> None:

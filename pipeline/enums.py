@@ -46,3 +46,6 @@ Autocast = _choice("Autocast", "autocast", "none", "bfloat16", "float16")
 Stopping = _choice("Stopping", "ensemble.stopping", "plateau", "paper")
 # Blosc's compressors (bit-shuffled), zlib, or none.
 Codec = _choice("Codec", "features.codec", "zstd", "lz4", "blosclz", "zlib", "none")
+# The sampler's variance for models without a learned sigma (pipeline/diffusion/sample.py): large = beta_t
+# (guided-diffusion's FIXED_LARGE, its default), small = the posterior variance (FIXED_SMALL).
+FixedSigma = _choice("FixedSigma", "sample.fixed_sigma", "large", "small")

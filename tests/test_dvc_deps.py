@@ -139,6 +139,7 @@ MAY_IMPORT = {
     "robustness": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/",
                    "pipeline/analysis/corruptions.py", "pipeline/analysis/robustness.py", "pipeline/outputs/figures.py"},
     "kmeans": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/analysis/kmeans.py"},
+    "sample": {"pipeline/data/", "pipeline/diffusion/"},
     "segment": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/", "pipeline/api.py",
                 "pipeline/outputs/"},
 }
