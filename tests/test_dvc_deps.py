@@ -94,7 +94,7 @@ LAYERS = [
     ("diffusion/",),
     ("features/",),
     ("ensemble/",),
-    ("analysis/", "outputs/", "api.py"),
+    ("analysis/", "outputs/", "api.py", "datasetddpm/"),
 ]
 
 
@@ -140,6 +140,8 @@ MAY_IMPORT = {
                    "pipeline/analysis/corruptions.py", "pipeline/analysis/robustness.py", "pipeline/outputs/figures.py"},
     "kmeans": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/analysis/kmeans.py"},
     "sample": {"pipeline/data/", "pipeline/diffusion/"},
+    "label": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/", "pipeline/api.py",
+              "pipeline/datasetddpm/", "pipeline/outputs/figures.py"},
     "segment": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/", "pipeline/api.py",
                 "pipeline/outputs/"},
 }

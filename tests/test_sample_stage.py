@@ -5,30 +5,14 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import yaml
 import zarr
 
-from pipeline.config import params_from_dict
 from pipeline.data.samples import SampleWriter, open_samples
-from pipeline.diffusion.gaussian import Diffusion
-from pipeline.diffusion.train import save_checkpoint
-from pipeline.diffusion.unet import create_unet
 from pipeline.errors import StoreError
 from stages import sample as sample_stage
-from tests.helpers import exit_code_2_stderr, write_params
+from tests.helpers import exit_code_2_stderr, tiny_checkpoint, write_params
 
 SAMPLE = {"sample.images": 5, "sample.batch_size": 2, "sample.steps": 3}
-
-
-def tiny_checkpoint(root, params_path):
-    """An untrained tiny UNet whose output head is not zero (so samples depend on the network)."""
-    loaded = params_from_dict(yaml.safe_load(params_path.read_text()))
-    torch.manual_seed(0)
-    model = create_unet(loaded.unet_config()).eval()
-    torch.nn.init.normal_(model.out[-1].weight, std=0.05)
-    save_checkpoint(root / "ddpm.pt", model, Diffusion("linear", 1000), {"kind": "test"})
-    return root / "ddpm.pt"
 
 
 @pytest.fixture(scope="module")
