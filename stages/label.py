@@ -58,10 +58,9 @@ def main() -> None:
     scores = []
     with building_dir(args.out) as folder:
         (folder / SCRATCH).mkdir()
-        for result, score in tqdm(label_images(segmenter, (images[i] for i in range(images.shape[0]))),
-                                  total=images.shape[0], desc="label", unit="img", mininterval=5):
-            index = len(scores)
-            write_example(folder, result.name, images[index], result.mask)
+        for image, result, score in tqdm(label_images(segmenter, (images[i] for i in range(images.shape[0]))),
+                                         total=images.shape[0], desc="label", unit="img", mininterval=5):
+            write_example(folder, result.name, image, result.mask)
             np.save(folder / SCRATCH / f"{result.name}.npy", result.uncertainty)
             scores.append(score)
         keep = kept_by_uncertainty(scores, options.drop_uncertain, options.drop_least_uncertain)

@@ -7,6 +7,7 @@ its pixels' top decile of disagreement (``top_decile_mean``, as the paper's code
 """
 from __future__ import annotations
 
+import collections
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -22,14 +23,19 @@ def sample_stem(index: int) -> str:
     return f"sample_{index:05d}"
 
 
-def label_images(segmenter: Segmenter, images: Iterable[np.ndarray]) -> Iterator[tuple[Segmentation, float]]:
-    """``[S, S, 3] uint8`` images at the model's size (read lazily, in order) -> per image its ``Segmentation``
-    (``mask`` ``[S, S] uint8`` classes, ``uncertainty`` ``[S, S] float32`` nats; ``name`` its stem) and its
-    uncertainty score; ``segmenter.batch_size`` images in memory at once."""
-    prepared = (PreparedImage(sample_stem(index), image, image.shape[0], image.shape[1], (0, 0, image.shape[0]))
-                for index, image in enumerate(images))
-    for result in segmenter.segment_prepared(prepared):
-        yield result, top_decile_mean(torch.from_numpy(result.uncertainty))
+def label_images(segmenter: Segmenter, images: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, Segmentation, float]]:
+    """``[S, S, 3] uint8`` images at the model's size (read lazily, in order) -> per image the image, its
+    ``Segmentation`` (``mask`` ``[S, S] uint8`` classes, ``uncertainty`` ``[S, S] float32`` nats; ``name`` its
+    stem) and its uncertainty score; ``segmenter.batch_size`` images in memory at once."""
+    held: collections.deque[PreparedImage] = collections.deque()  # the batch being segmented, in order
+
+    def prepared() -> Iterator[PreparedImage]:
+        for index, image in enumerate(images):
+            held.append(PreparedImage(sample_stem(index), image, image.shape[0], image.shape[1], (0, 0, image.shape[0])))
+            yield held[-1]
+
+    for result in segmenter.segment_prepared(prepared()):
+        yield held.popleft().square, result, top_decile_mean(torch.from_numpy(result.uncertainty))
 
 
 def kept_by_uncertainty(uncertainty: Sequence[float], drop_uncertain: float, drop_least_uncertain: int = 0) -> np.ndarray:
