@@ -1,6 +1,6 @@
 """One self-contained HTML page for a finished run: its metrics (``metrics/*.json``), tables
 (``plots/*.csv`` but the per-pixel confusion rows), figures (evaluate's overlays, the corruption strip,
-k-means maps, segment's overlays) base64-embedded, and its params.yaml. The page needs no other file, so
+k-means maps, segment's overlays, suggest's images) base64-embedded, and its params.yaml. The page needs no other file, so
 it can be mailed or attached to an issue as it is:
 
     python -m analyses.report --run . [--out report.html]
@@ -20,6 +20,7 @@ FIGURES = [
     ("The first test image under each corruption (robustness)", "plots/corruptions.png"),
     ("k-means clusters of the features (kmeans)", "plots/kmeans/*.png"),
     ("New images segmented (segment)", "segmentations/*.overlay.png"),
+    ("Unlabeled images worth labeling next, with their uncertainty (suggest)", "plots/suggestions.png"),
 ]
 # Tables of plots/ too long or too raw for a page: one row per sampled test pixel.
 SKIPPED_TABLES = {"confusion.csv"}

@@ -28,7 +28,8 @@ SIZE, STEPS, PER_STEP, CLASSES = 64, (50, 150, 250), 2816, 34
 
 
 def build_stores(work: Path, images: int, chunk_pixels: int) -> Path:
-    from pipeline.features.store import StoreRecord, create_or_resume
+    from pipeline.features.record import StoreRecord
+    from pipeline.features.store import create_or_resume
 
     folder = work / f"n{images}"
     rng = np.random.default_rng(images)

@@ -23,7 +23,7 @@ Geometries:
 - digits: the default run's stores (``--digits-stores .../features/t{t}.zarr``, t = 50, 150, 250),
   50 train / 50 val canvases of 32 x 32, D = 576, 10 members.
 - paper-like: synthetic stores written here (``--work``): 128 x 128 canvases, each 16 digit canvases of
-  32 x 32 composed as pipeline/data/dataset.py composes them (digit 24 px) tiled 4 x 4; train canvases from the
+  32 x 32 composed as pipeline/data/digits.py composes them (digit 24 px) tiled 4 x 4; train canvases from the
   digits' train pool, val canvases from the unlabeled pool (never from test). Features: the default
   run's DDPM (``--checkpoint``) applied convolutionally at 128 x 128, all 9 decoder blocks at
   t = 50, 150, 250, 350 (D = 1920), 1024-pixel chunks (16 per image, 131,072 train pixels for 8 images:
@@ -238,7 +238,7 @@ def in_subprocess(spec: dict) -> dict:
 # Paper-like synthetic stores
 # ---------------------------------------------------------------------------------------------
 def tiled_canvases(pool: np.ndarray, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from pipeline.data.dataset import compose_digit_split, load_mnist_5k
+    from pipeline.data.digits import compose_digit_split, load_mnist_5k
 
     digits, labels = load_mnist_5k()
     tile, per_side = PAPER_LIKE["tile"], PAPER_LIKE["size"] // PAPER_LIKE["tile"]
@@ -256,11 +256,12 @@ def tiled_canvases(pool: np.ndarray, count: int, seed: int) -> list[tuple[np.nda
 
 def build_paper_like(work: Path, checkpoint: Path, train_images: int, val_images: int) -> str:
     from pipeline.config import FeaturesConfig
-    from pipeline.data.dataset import split_digit_pools
+    from pipeline.data.digits import split_digit_pools
     from pipeline.diffusion.train import load_checkpoint
     from pipeline.features.activations import feature_dim
     from pipeline.features.compute import features_for_images
-    from pipeline.features.store import StoreRecord, create_or_resume
+    from pipeline.features.record import StoreRecord
+    from pipeline.features.store import create_or_resume
     from pipeline.hashing import file_sha256
 
     folder = work / f"paper_like_{train_images}_{val_images}"

@@ -26,7 +26,8 @@ import torch
 import yaml
 
 from pipeline.config import LrSchedule, Params, params_from_dict
-from pipeline.data.dataset import Split, load_split, load_unlabeled, to_model_input
+from pipeline.data.images import to_model_input
+from pipeline.data.layout import Split, load_split, load_unlabeled
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import train_ddpm
 from pipeline.diffusion.unet import create_unet

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import FeaturesConfig, load_params
-from pipeline.data.dataset import Split, load_split
+from pipeline.data.layout import Split, load_split
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.ensemble.evaluation import fit_and_score
 from pipeline.features.compute import features_for_images

@@ -20,7 +20,7 @@ import zarr
 import zarr.codecs
 
 from pipeline.config import FeaturesConfig
-from pipeline.data.dataset import Split, load_split
+from pipeline.data.layout import Split, load_split
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.features.compute import features_for_images
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def measure(folder: Path, mode: str, batch_size: int, batches: int) -> dict:
 
-    from pipeline.data.dataset import load_unlabeled
+    from pipeline.data.layout import load_unlabeled
     from pipeline.diffusion.train import batch_at
 
     files = load_unlabeled(folder)

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import Params, load_params
-from pipeline.data.dataset import _crop_square, read_rgb
+from pipeline.data.images import crop_square, read_rgb
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.diffusion.unet import UNetModel, for_inference
@@ -34,7 +34,7 @@ from pipeline.ensemble.predict import vote
 from pipeline.enums import NonSquarePolicy
 from pipeline.errors import PipelineError
 from pipeline.features.compute import features_for_images
-from pipeline.features.store import fit_record, rows_per_chunk
+from pipeline.features.record import fit_record, rows_per_chunk
 from pipeline.hashing import file_sha256
 from pipeline.runtime import pick_device
 
@@ -73,10 +73,10 @@ def prepare_image(image: ImageInput, image_size: int, non_square: NonSquarePolic
     height, width = array.shape[:2]
     # The crop box comes from cropping pixel coordinates with prepare's own function, so the box used to
     # map results back can never disagree with the crop the features were computed on.
-    corner = _crop_square(np.indices((height, width)).transpose(1, 2, 0), where, non_square)
+    corner = crop_square(np.indices((height, width)).transpose(1, 2, 0), where, non_square)
     box = (int(corner[0, 0, 0]), int(corner[0, 0, 1]), int(corner.shape[0]))
     square = array[box[0] : box[0] + box[2], box[1] : box[1] + box[2]]
-    if square.shape[0] != image_size:  # as pipeline.data.dataset.load_image resizes
+    if square.shape[0] != image_size:  # as pipeline.data.images.load_image resizes
         square = np.asarray(Image.fromarray(square).resize((image_size, image_size), Image.BICUBIC))
     return PreparedImage(name, square, height, width, box)
 

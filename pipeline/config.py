@@ -16,17 +16,13 @@ from __future__ import annotations
 import math
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Optional, Sequence, Union
+from typing import Annotated, Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from pipeline.diffusion.flags import (
-    DIFFUSION_FLAGS,
-    UNetConfig,
-    check_widths,
-    config_from_flags,
-)
+from pipeline.config_messages import validated
+from pipeline.diffusion.flags import UNetConfig, check_widths, config_from_flags
 from pipeline.diffusion.schedule import betas_for_schedule, space_timesteps
 from pipeline.enums import (
     Autocast,
@@ -42,6 +38,7 @@ from pipeline.enums import (
     Representation,
     Stopping,
     StoreLayout,
+    SuggestScore,
     UpsampleMode,
 )
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
@@ -366,6 +363,19 @@ class DatasetDDPMConfig(Section):
     grid_images: Positive = 8  # images of each side (kept, dropped) in plots/samples.png
 
 
+class SuggestConfig(Section):
+    """Stage suggest: the unlabeled images worth labeling next, by the ensemble's disagreement on them."""
+
+    pool_images: Positive = 200  # unlabeled images scored, a seeded sample of data/prepared/unlabeled (all if fewer)
+    count: Positive = 10  # images suggested
+    score: Choice[SuggestScore] = SuggestScore.TOP_DECILE
+    # true: greedy k-center on the images' mean feature vectors among the `candidates` top-scored images, so the
+    # suggestions are spread over what the pool looks like rather than `count` near-copies of one hard case
+    diversity: bool = False
+    candidates: Positive = 50  # top-scored images kept (with their maps) for the diversity pick; >= count
+    seed: Seed = 0  # the pool's sample
+
+
 class RuntimeConfig(Section):
     """Where and on how many threads every stage computes; results do not depend on it except as noted."""
 
@@ -394,6 +404,7 @@ class Params(Section):
     segment: SegmentConfig = SegmentConfig()
     sample: SampleConfig = SampleConfig()
     datasetddpm: DatasetDDPMConfig = DatasetDDPMConfig()
+    suggest: SuggestConfig = SuggestConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     def unet_config(self) -> UNetConfig:
@@ -418,106 +429,9 @@ class Params(Section):
             raise ConfigError(f"ddpm.model: {error}") from error
 
 
-# ---------------------------------------------------------------------------------------------
-# pydantic's errors in the words of this project: the key, the value, what to do
-# ---------------------------------------------------------------------------------------------
-TYPE_WORDS = {"int_type": "an integer", "int_from_float": "an integer", "int_parsing": "an integer",
-              "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
-              "bool_parsing": "true or false", "string_type": "a string"}
-BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
-          "less_than_equal": ("<=", "le")}
-
-
-def _key(location: tuple) -> str:
-    key = ""
-    for part in location:
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-    return key
-
-
-def _field_info(location: tuple):
-    """The FieldInfo of the params key at ``location`` (None past a list index or an unknown key)."""
-    model, info = Params, None
-    for part in location:
-        if isinstance(part, int) or model is None or part not in model.model_fields:
-            return info
-        info = model.model_fields[part]
-        annotation = info.annotation
-        options = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
-        model = next((option for option in options if isinstance(option, type) and issubclass(option, Section)), None)
-    return info
-
-
-def _description(annotation: Any, description: str | None) -> str | None:
-    """A field's description, also from inside ``Optional[Annotated[int, Field(description=...)]]``."""
-    if description or annotation is None:
-        return description
-    for part in (*getattr(annotation, "__metadata__", ()), *typing.get_args(annotation)):
-        found = getattr(part, "description", None) or (None if isinstance(part, str) else _description(part, None))
-        if found:
-            return found
-    return None
-
-
-def _describe(error: dict) -> str:
-    location, kind, value, context = error["loc"], error["type"], error.get("input"), error.get("ctx") or {}
-    key = _key(location)
-    info = _field_info(location)
-    description = _description(info.annotation if info is not None else None, info.description if info else None)
-    why = f" ({description})" if description else ""
-    if kind == "extra_forbidden":
-        if _diffusion_flag(location):
-            return f"{key} is a diffusion flag, not a model flag: {DIFFUSION_FLAGS[location[-1]]}"
-        return _unknown_keys(location[:-1], [location[-1]])
-    if kind in TYPE_WORDS:
-        return f"{key} must be {TYPE_WORDS[kind]}, got {value!r}"
-    if kind in ("tuple_type", "list_type"):
-        return f"{key} must be a YAML list such as [1, 2], got {value!r}"
-    if kind in ("model_type", "dict_type", "model_attributes_type"):
-        return f"{key} must be a mapping of keys to values, got {value!r}"
-    if kind == "enum":
-        return f"{key}={value!r} is not one of [{context['expected'].replace(' or ', ', ')}]"
-    if kind in BOUNDS:
-        symbol, name = BOUNDS[kind]
-        bound = context[name]
-        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
-        return f"{key} must be {symbol} {bound}, got {value!r}{why}"
-    if kind == "string_pattern_mismatch":
-        return f"{key}={value!r} is not {description}" if description else f"{key}={value!r}: {error['msg']}"
-    return f"{key}={value!r}: {error['msg'].removeprefix('Value error, ')}"
-
-
-def _diffusion_flag(location: tuple) -> bool:
-    """A guided-diffusion diffusion flag pasted into ``ddpm.model`` (it has a key of its own elsewhere)."""
-    return location[:-1] == ("ddpm", "model") and location[-1] in DIFFUSION_FLAGS
-
-
-def _unknown_keys(parent: tuple, names: Sequence[str]) -> str:
-    section = _field_info(parent).annotation if parent else Params
-    keys = ", ".join(_key((*parent, name)) for name in names)
-    known = ", ".join(getattr(section, "model_fields", {}))
-    return f"unknown params key(s) {keys}; known keys{' of ' + _key(parent) if parent else ''}: {known}"
-
-
 def _build(data: dict) -> Params:
-    try:
-        return Params.model_validate(data)
-    except ValidationError as error:
-        # The first three problems, in pydantic's order; unknown keys of one section are named together.
-        unknown: dict[tuple, list[str]] = {}
-        problems: list[dict | tuple] = []
-        for problem in error.errors(include_url=False):
-            location = problem["loc"]
-            if problem["type"] != "extra_forbidden" or _diffusion_flag(location):
-                problems.append(problem)
-            elif location[:-1] in unknown:
-                unknown[location[:-1]].append(location[-1])
-            else:
-                unknown[location[:-1]] = [location[-1]]
-                problems.append(location[:-1])
-        messages = [_unknown_keys(item, unknown[item]) if isinstance(item, tuple) else _describe(item)
-                    for item in problems[:3]]
-        raise ConfigError("; ".join(messages)) from None
+    """``Params`` from a dict; pydantic's errors in this project's words (``pipeline.config_messages``)."""
+    return validated(Params, data)
 
 
 def _validate(params: Params) -> None:
@@ -562,6 +476,9 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"ensemble.train_images={params.ensemble.train_images} must be null (all) or in [1, "
                           f"dataset.train_images={dataset.train_images}]")
     check_timesteps(params.kmeans.t_steps, params.ddpm.diffusion_steps)
+    if params.suggest.diversity and params.suggest.candidates < params.suggest.count:
+        raise ConfigError(f"suggest.candidates={params.suggest.candidates} must be >= suggest.count="
+                          f"{params.suggest.count}: the diversity pick chooses count images among the candidates")
     _validate_tls(features)
     _validate_datasetddpm(params)
     check_widths(params.unet_config())  # torch-free; the stages that build a UNet also build it on the meta device

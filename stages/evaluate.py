@@ -6,16 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.atomic import building_dir, write_json_atomic
-from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.data.images import read_rgb
+from pipeline.data.layout import Split, list_examples
 from pipeline.ensemble.evaluation import check_finite_metrics, predict_split, score
 from pipeline.ensemble.files import load_ensemble
 from pipeline.ensemble.metrics import label_counts
-from pipeline.features.store import (
-    fit_record,
-    open_store,
-    params_record,
-    set_aside_unused_stores,
-)
+from pipeline.features.record import fit_record
+from pipeline.features.store import open_step_stores
 from pipeline.outputs.figures import (
     confusion_rows,
     overlay_figure,
@@ -44,9 +41,7 @@ def main() -> None:
     params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit (docs/determinism.md)
     dataset = params.dataset
     names = dataset.names()
-    for moved in set_aside_unused_stores(args.stores, params.t_steps):
-        print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
-    stores = [open_store(args.stores.format(t=t), params_record(params, t)) for t in params.t_steps]
+    stores = open_step_stores(args.stores, params)
     model = load_ensemble(args.ensemble, fit_record(params, stores[0].record.checkpoint_sha256))
     device = pick_device(params.runtime.device)
     model.to(device)

@@ -6,24 +6,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.data.dataset import Split, list_examples
+from pipeline.data.layout import Split, list_examples
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.diffusion.unet import check_model_builds
 from pipeline.enums import Representation
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
 from pipeline.features.activations import feature_dim, representation_dim
-from pipeline.features.extraction import (
-    ExtractJob,
-    extraction_runner,
-    loaded_model,
-    worker_device,
-)
-from pipeline.features.store import (
-    StoreRecord,
-    create_or_resume,
-    inputs_sha256,
-    params_record,
-)
+from pipeline.features.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
+from pipeline.features.record import StoreRecord, inputs_sha256, params_record
+from pipeline.features.store import create_or_resume
 from pipeline.hashing import file_sha256
 from pipeline.runtime import stage_main, stage_params, stage_parser
 

@@ -6,20 +6,9 @@ import time
 from pathlib import Path
 
 from pipeline.ensemble.files import save_ensemble
-from pipeline.ensemble.fit import (
-    EpochStats,
-    fit_ensemble,
-    image_rows,
-    member_passes,
-    train_subset,
-)
-from pipeline.features.store import (
-    fit_record,
-    lazy_matrix,
-    open_store,
-    params_record,
-    set_aside_unused_stores,
-)
+from pipeline.ensemble.fit import EpochStats, fit_ensemble, image_rows, member_passes, train_subset
+from pipeline.features.record import fit_record
+from pipeline.features.store import lazy_matrix, open_step_stores
 from pipeline.outputs.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 
@@ -32,9 +21,7 @@ def main() -> None:
     parser.add_argument("--curves", type=Path, required=True, help="dvclive folder for the per-epoch loss curves")
     args = parser.parse_args()
     params = stage_params(args.params, one_thread=True)
-    for moved in set_aside_unused_stores(args.stores, params.t_steps):
-        print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
-    stores = [open_store(args.stores.format(t=t), params_record(params, t)) for t in params.t_steps]
+    stores = open_step_stores(args.stores, params)
     matrix, labels = lazy_matrix(stores, "train", params.blocks)
     stems = stores[0].image_ids("train")
     chosen = train_subset(len(stems), params.ensemble.train_images, params.ensemble.train_subset_seed)

@@ -10,7 +10,8 @@ import numpy as np
 
 from pipeline.analysis.kmeans import kmeans
 from pipeline.atomic import building_dir
-from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.data.images import read_rgb
+from pipeline.data.layout import Split, list_examples
 from pipeline.diffusion.unet import check_model_builds
 from pipeline.features.compute import features_for_images
 from pipeline.features.extraction import loaded_model, worker_device

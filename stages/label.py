@@ -14,23 +14,13 @@ from tqdm import tqdm
 
 from pipeline.api import Segmenter
 from pipeline.atomic import building_dir, write_json_atomic
-from pipeline.data.dataset import write_example
+from pipeline.data.layout import write_example
 from pipeline.data.samples import open_samples
-from pipeline.datasetddpm.label import (
-    kept_by_uncertainty,
-    label_images,
-    sample_stem,
-    summary,
-)
+from pipeline.datasetddpm.label import kept_by_uncertainty, label_images, sample_stem, summary
 from pipeline.diffusion.unet import check_model_builds
 from pipeline.errors import ConfigError
 from pipeline.hashing import file_sha256
-from pipeline.outputs.figures import (
-    palette,
-    samples_figure,
-    save_figure,
-    write_csv_atomic,
-)
+from pipeline.outputs.figures import palette, samples_figure, save_figure, write_csv_atomic
 from pipeline.runtime import stage_main, stage_params, stage_parser
 
 SCRATCH = ".uncertainty"  # per-image disagreement maps while labeling (for the figure), removed at the end

@@ -6,12 +6,8 @@ from pathlib import Path
 
 from pipeline.atomic import building_dir, write_json_atomic
 from pipeline.config import BUILTIN_DATASET
-from pipeline.data.dataset import (
-    build_digit_demo,
-    build_digits,
-    folder_demo,
-    prepare_folder,
-)
+from pipeline.data.digits import build_digit_demo, build_digits
+from pipeline.data.prepare import folder_demo, prepare_folder
 from pipeline.runtime import stage_main, stage_params, stage_parser
 
 

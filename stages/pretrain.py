@@ -11,21 +11,18 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-import pipeline.data.dataset
+import pipeline.data.images
+import pipeline.data.layout
 import pipeline.diffusion.flags
 import pipeline.diffusion.gaussian
 import pipeline.diffusion.schedule
 import pipeline.diffusion.train
 import pipeline.diffusion.unet
-from pipeline.data.dataset import load_unlabeled
+from pipeline.data.layout import load_unlabeled
 from pipeline.diffusion.diffusers_unet import import_diffusers_folder
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import save_checkpoint, train_ddpm
-from pipeline.diffusion.unet import (
-    check_model_builds,
-    create_unet,
-    load_guided_diffusion,
-)
+from pipeline.diffusion.unet import check_model_builds, create_unet, load_guided_diffusion
 from pipeline.hashing import file_sha256
 from pipeline.outputs.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
@@ -98,8 +95,8 @@ def run_fingerprint(ddpm, model_flags: dict, images) -> str:
     digest = hashlib.sha256(json.dumps({"train": train, "model": model_flags, "steps": ddpm.diffusion_steps,
                                         "schedule": ddpm.noise_schedule, "rescale": ddpm.rescale_timesteps},
                                        sort_keys=True, default=str).encode())
-    for module in (pipeline.diffusion.train, pipeline.diffusion.unet, pipeline.diffusion.flags, pipeline.diffusion.gaussian, pipeline.diffusion.schedule,
-                   pipeline.data.dataset):
+    for module in (pipeline.diffusion.train, pipeline.diffusion.unet, pipeline.diffusion.flags, pipeline.diffusion.gaussian,
+                   pipeline.diffusion.schedule, pipeline.data.images, pipeline.data.layout):
         digest.update(Path(module.__file__).read_bytes())
     for path in images.paths:
         digest.update(path.name.encode())

@@ -12,12 +12,13 @@ import pandas as pd
 from pipeline.analysis.corruptions import corrupt
 from pipeline.analysis.robustness import vote_on_images
 from pipeline.atomic import write_json_atomic
-from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.data.images import read_rgb
+from pipeline.data.layout import Split, list_examples
 from pipeline.diffusion.unet import check_model_builds
 from pipeline.ensemble.evaluation import score
 from pipeline.ensemble.files import load_ensemble
 from pipeline.features.extraction import loaded_model, worker_device
-from pipeline.features.store import fit_record
+from pipeline.features.record import fit_record
 from pipeline.hashing import file_sha256
 from pipeline.outputs.figures import corruption_figure, save_figure, write_csv_atomic
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser

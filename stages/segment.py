@@ -13,7 +13,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.api import PreparedImage, Segmenter, prepare_image
-from pipeline.data.dataset import list_images
+from pipeline.data.layout import list_images
 from pipeline.diffusion.unet import check_model_builds
 from pipeline.errors import DatasetError, PipelineError
 from pipeline.outputs.figures import palette, write_csv_atomic

@@ -16,7 +16,7 @@ from pipeline.diffusion.unet import create_unet
 from pipeline.ensemble.files import save_ensemble
 from pipeline.ensemble.model import EnsembleMLP
 from pipeline.features.activations import feature_dim
-from pipeline.features.store import fit_record
+from pipeline.features.record import fit_record
 from pipeline.hashing import file_sha256
 from tests.conftest import REPO
 

@@ -22,7 +22,8 @@ from pipeline.analysis.corruptions import corrupt
 from pipeline.analysis.kmeans import kmeans
 from pipeline.api import Segmenter
 from pipeline.config import ConfigError, Corruption, load_params, params_from_dict
-from pipeline.data.dataset import Split, list_examples, read_rgb, to_model_input
+from pipeline.data.images import read_rgb, to_model_input
+from pipeline.data.layout import Split, list_examples
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.unet import create_unet
 from pipeline.ensemble.fit import image_rows, train_subset

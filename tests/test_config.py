@@ -8,14 +8,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline.config import (
-    ConfigError,
-    ModelPreset,
-    Params,
-    UpsampleMode,
-    load_params,
-    params_from_dict,
-)
+from pipeline.config import ConfigError, ModelPreset, Params, UpsampleMode, load_params, params_from_dict
 from pipeline.presets import MODEL_PRESETS, PAPER_T_STEPS
 from tests.conftest import REPO
 

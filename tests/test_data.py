@@ -5,18 +5,11 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DatasetConfig, NonSquarePolicy
-from pipeline.data.dataset import (
-    DatasetError,
-    Split,
-    build_digits,
-    compose_canvas,
-    drop_small_classes,
-    list_examples,
-    load_mnist_5k,
-    prepare_folder,
-    split_digit_pools,
-    to_model_input,
-)
+from pipeline.data.digits import build_digits, compose_canvas, load_mnist_5k, split_digit_pools
+from pipeline.data.images import to_model_input
+from pipeline.data.layout import DatasetError, Split, list_examples
+from pipeline.data.masks import drop_small_classes
+from pipeline.data.prepare import prepare_folder
 
 
 def test_mnist_ships_5000_real_digits():

@@ -5,13 +5,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import DatasetConfig
-from pipeline.data.dataset import (
-    Split,
-    folder_demo,
-    list_examples,
-    list_images,
-    read_rgb,
-)
+from pipeline.data.images import read_rgb
+from pipeline.data.layout import Split, list_examples, list_images
+from pipeline.data.prepare import folder_demo
 from tests.helpers import run_stage, write_params
 
 

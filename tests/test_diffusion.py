@@ -6,14 +6,9 @@ import torch
 from PIL import Image
 
 from pipeline.config import TrainConfig
-from pipeline.data.dataset import ImageFiles, load_unlabeled
+from pipeline.data.layout import ImageFiles, load_unlabeled
 from pipeline.diffusion.gaussian import Diffusion, betas_for_schedule
-from pipeline.diffusion.train import (
-    ema_rate_at,
-    load_checkpoint,
-    save_checkpoint,
-    train_ddpm,
-)
+from pipeline.diffusion.train import ema_rate_at, load_checkpoint, save_checkpoint, train_ddpm
 from pipeline.diffusion.unet import create_unet
 from pipeline.errors import DatasetError, check_timesteps
 

@@ -7,19 +7,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.features.store import (
-    StoreRecord,
-    create_or_resume,
-    set_aside_unused_stores,
-)
+from pipeline.features.locations import set_aside_unused_stores
+from pipeline.features.record import StoreRecord
+from pipeline.features.store import create_or_resume
 from tests.conftest import REPO
-from tests.dvc_deps import (
-    import_closure,
-    imported_modules,
-    missing_and_extra,
-    module_file,
-    stage_code_deps,
-)
+from tests.dvc_deps import import_closure, imported_modules, missing_and_extra, module_file, stage_code_deps
 
 
 def test_every_stage_depends_on_exactly_the_code_it_imports():
@@ -88,7 +80,7 @@ def test_dvcignore_covers_temporaries_and_set_aside_stores():
 LAYERS = [
     ("errors.py", "enums.py", "hashing.py", "atomic.py"),
     ("diffusion/flags.py", "diffusion/schedule.py", "presets.py"),
-    ("config.py",),
+    ("config.py", "config_messages.py"),
     ("runtime.py", "outputs/live.py"),
     ("data/",),
     ("diffusion/",),
@@ -126,15 +118,18 @@ def test_pipeline_imports_point_down_the_layers():
 # What each stage may run, beyond the bottom layers every stage shares: editing extraction or store code
 # never reruns pretraining, and prepare and fit never depend on the UNet.
 SHARED = {"pipeline/errors.py", "pipeline/enums.py", "pipeline/hashing.py", "pipeline/atomic.py", "pipeline/config.py",
+          "pipeline/config_messages.py",
           "pipeline/presets.py", "pipeline/runtime.py", "pipeline/diffusion/flags.py", "pipeline/diffusion/schedule.py"}
 MAY_IMPORT = {
     "prepare": {"pipeline/data/"},
     "pretrain": {"pipeline/data/", "pipeline/diffusion/", "pipeline/outputs/live.py"},
     "extract": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/"},
-    "fit": {"pipeline/features/store.py", "pipeline/features/upsample.py", "pipeline/ensemble/fit.py",
+    "fit": {"pipeline/features/store.py", "pipeline/features/record.py", "pipeline/features/locations.py",
+            "pipeline/features/upsample.py", "pipeline/ensemble/fit.py",
             "pipeline/ensemble/model.py", "pipeline/ensemble/pool.py", "pipeline/ensemble/files.py",
             "pipeline/outputs/live.py"},
-    "evaluate": {"pipeline/data/", "pipeline/features/store.py", "pipeline/features/upsample.py", "pipeline/ensemble/",
+    "evaluate": {"pipeline/data/", "pipeline/features/store.py", "pipeline/features/record.py",
+                 "pipeline/features/locations.py", "pipeline/features/upsample.py", "pipeline/ensemble/",
                  "pipeline/outputs/figures.py"},
     "robustness": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/",
                    "pipeline/analysis/corruptions.py", "pipeline/analysis/robustness.py", "pipeline/outputs/figures.py"},
@@ -144,6 +139,8 @@ MAY_IMPORT = {
               "pipeline/datasetddpm/", "pipeline/outputs/figures.py"},
     "segment": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/", "pipeline/api.py",
                 "pipeline/outputs/"},
+    "suggest": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/",
+                "pipeline/analysis/suggest.py", "pipeline/outputs/figures.py", "pipeline/outputs/suggestions.py"},
 }
 
 

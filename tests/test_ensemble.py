@@ -317,7 +317,7 @@ def test_an_ensemble_file_round_trips_and_other_files_are_refused_by_name(tmp_pa
     from pipeline.config import params_from_dict
     from pipeline.ensemble.files import load_ensemble, save_ensemble
     from pipeline.errors import EnsembleError
-    from pipeline.features.store import fit_record
+    from pipeline.features.record import fit_record
 
     params = params_from_dict({"t_steps": [50, 150], "blocks": [1, 2]})
     record = fit_record(params, "ab")
@@ -354,7 +354,7 @@ def test_every_reader_refuses_an_ensemble_fit_on_other_features_naming_the_key(t
     from pipeline.config import params_from_dict
     from pipeline.ensemble.files import load_ensemble, save_ensemble
     from pipeline.errors import EnsembleError
-    from pipeline.features.store import fit_record
+    from pipeline.features.record import fit_record
 
     fitted = params_from_dict({"t_steps": [50, 150]})
     path = tmp_path / "ensemble.pt"

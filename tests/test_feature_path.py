@@ -10,11 +10,13 @@ import torch
 import zarr
 
 from pipeline.config import load_params
-from pipeline.data.dataset import Split, list_examples, read_rgb
+from pipeline.data.images import read_rgb
+from pipeline.data.layout import Split, list_examples
 from pipeline.ensemble.model import EnsembleMLP
 from pipeline.features.compute import features_for_images
 from pipeline.features.extraction import loaded_model
-from pipeline.features.store import lazy_matrix, open_store, params_record
+from pipeline.features.record import params_record
+from pipeline.features.store import lazy_matrix, open_store
 from tests.helpers import make_project, run_stage, write_params
 
 

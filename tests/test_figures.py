@@ -8,12 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.outputs.figures import (
-    corruption_figure,
-    overlay_figure,
-    palette,
-    save_figure,
-)
+from pipeline.outputs.figures import corruption_figure, overlay_figure, palette, save_figure
 
 NAMES = ["background", "cat", "dog", "bird"]
 IGNORE = 255

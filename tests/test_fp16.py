@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.config import FeaturesConfig
-from pipeline.data.dataset import to_model_input
+from pipeline.data.images import to_model_input
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import save_checkpoint
 from pipeline.diffusion.unet import GroupNorm32, for_inference, load_guided_diffusion

@@ -16,15 +16,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from pipeline.data import dataset as data
-from pipeline.data.dataset import (
-    DatasetError,
-    list_images,
-    load_mask,
-    read_npy,
-    read_rgb,
-    rgb_array,
-)
+from pipeline.data import images as data
+from pipeline.data.images import read_rgb, rgb_array
+from pipeline.data.layout import list_images
+from pipeline.data.masks import load_mask, read_npy
+from pipeline.enums import NonSquarePolicy
+from pipeline.errors import DatasetError
 
 SIZES = st.tuples(st.integers(1, 9), st.integers(1, 9))  # (height, width)
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -146,10 +143,10 @@ def test_exif_rotation_is_applied_and_masks_are_checked_against_the_displayed_si
     assert shown.shape == (16, 8, 3)
     assert shown[:8].mean() > 200 and shown[8:].mean() < 50  # the white half is now on top
     np.save(tmp_path / "a.npy", np.zeros((16, 8), np.uint8))
-    assert load_mask(tmp_path / "a.npy", tmp_path / "a.jpg", 8, 2, 255, data.NonSquarePolicy.CENTER_CROP).shape == (8, 8)
+    assert load_mask(tmp_path / "a.npy", tmp_path / "a.jpg", 8, 2, 255, NonSquarePolicy.CENTER_CROP).shape == (8, 8)
     np.save(tmp_path / "a.npy", np.zeros((8, 16), np.uint8))
     with pytest.raises(DatasetError, match="fits the image as stored, before its EXIF orientation 6"):
-        load_mask(tmp_path / "a.npy", tmp_path / "a.jpg", 8, 2, 255, data.NonSquarePolicy.CENTER_CROP)
+        load_mask(tmp_path / "a.npy", tmp_path / "a.jpg", 8, 2, 255, NonSquarePolicy.CENTER_CROP)
 
 
 def huge_header_png(path: Path, width: int = 100_000, height: int = 100_000) -> None:
@@ -197,7 +194,7 @@ def test_masks_of_any_numeric_dtype_read_as_their_class_values(dtype, size, chan
         Image.new("RGB", (size[1], size[0])).save(folder / "a.png")
         np.save(folder / "a.npy", mask)
         side = min(size)
-        loaded = load_mask(folder / "a.npy", folder / "a.png", side, 3, 255, data.NonSquarePolicy.CENTER_CROP)
+        loaded = load_mask(folder / "a.npy", folder / "a.png", side, 3, 255, NonSquarePolicy.CENTER_CROP)
     top_row, left = (size[0] - side) // 2, (size[1] - side) // 2
     np.testing.assert_array_equal(loaded, values[top_row : top_row + side, left : left + side])
     assert loaded.dtype == np.uint8

@@ -1,5 +1,5 @@
 """dataset.labels: png and coco masks prepare to the same .npy masks as the npy route, and bad ones are refused
-naming the file and the value (pipeline/data/labels.py, pipeline/data/dataset.py)."""
+naming the file and the value (pipeline/data/labels.py, pipeline/data/prepare.py)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.config import ConfigError, DatasetConfig, LabelFormat, params_from_dict
-from pipeline.data.dataset import DatasetError, prepare_folder
 from pipeline.data.labels import CocoFile, CocoImage, coco_mask
+from pipeline.data.prepare import prepare_folder
+from pipeline.errors import DatasetError
 
 IGNORE = 255
 COLOURS = [[0, 0, 0], [128, 0, 0], [0, 128, 0]]  # VOC's first three

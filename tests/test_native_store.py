@@ -10,14 +10,8 @@ import yaml
 import zarr
 
 from pipeline.config import ConfigError, params_from_dict
-from pipeline.features.store import (
-    StoreError,
-    StoreRecord,
-    create_or_resume,
-    lazy_matrix,
-    open_store,
-    params_record,
-)
+from pipeline.features.record import StoreRecord, params_record
+from pipeline.features.store import StoreError, create_or_resume, lazy_matrix, open_store
 from tests.helpers import make_project, run_stage
 
 STEPS = (50, 150, 250)

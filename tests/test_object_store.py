@@ -8,12 +8,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.features.store import (
-    StoreError,
-    StoreRecord,
-    create_or_resume,
-    open_store,
-)
+from pipeline.features.record import StoreRecord
+from pipeline.features.store import StoreError, create_or_resume, open_store
 from tests.helpers import make_project, run_stage, write_params
 
 pytestmark = pytest.mark.slow

@@ -17,13 +17,8 @@ import yaml
 import zarr
 from PIL import Image
 
-from pipeline.data.dataset import compose_digit_split, load_mnist_5k, split_digit_pools
-from pipeline.ensemble.metrics import (
-    label_counts,
-    mean_iou,
-    mean_iou_paper,
-    strict_confusion,
-)
+from pipeline.data.digits import compose_digit_split, load_mnist_5k, split_digit_pools
+from pipeline.ensemble.metrics import label_counts, mean_iou, mean_iou_paper, strict_confusion
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -96,7 +91,8 @@ def reproduced(workspace):
 def test_repro_writes_metrics_plots_and_stores(reproduced):
     root, env, output, _ = reproduced
     assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "sample",
-                                  "label", "evaluate", "robustness", "kmeans", "segment"]
+                                  "label", "evaluate", "robustness", "kmeans", "segment",
+                                  "suggest"]
     # segment.images defaults to prepare's demo canvases (dataset.demo_images: 6)
     assert sorted(pd.read_csv(root / "segmentations" / "summary.csv")["image"]) == [f"demo_{i:05d}" for i in range(6)]
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
@@ -133,7 +129,7 @@ def test_repro_writes_metrics_plots_and_stores(reproduced):
     assert shown.returncode == 0, shown.stderr
     plots = json.loads(shown.stdout)
     assert "errors" not in plots, plots["errors"]  # e.g. a file the plots name that no stage wrote
-    images = ("plots/overlays", "plots/corruptions.png", "plots/kmeans", "plots/samples.png")  # files, no data rows
+    images = ("plots/overlays", "plots/corruptions.png", "plots/kmeans", "plots/samples.png", "plots/suggestions.png")
     drawn = {plot_id: renderers for plot_id, renderers in plots["data"].items() if not plot_id.startswith(images)}
     assert {plot_id: len(renderers[0]["content"]["data"]["values"]) for plot_id, renderers in drawn.items()} == {
         "DDPM pretraining loss (mean of each ddpm.train.log_every steps)": 3 * 2,  # loss and mse
@@ -239,7 +235,7 @@ STAGE_OUTPUTS = {"prepare": ["data/prepared", "data/demo"], "pretrain": ["checkp
                               "plots/confusion.csv"],
                  "robustness": ["metrics/robustness.json", "plots/robustness.csv", "plots/corruptions.png"],
                  "kmeans": ["plots/kmeans"],
-                 "segment": ["segmentations"]}
+                 "segment": ["segmentations"], "suggest": ["suggestions", "plots/suggestions.png"]}
 
 
 def output_digests(root: Path) -> dict[str, str]:
@@ -273,7 +269,7 @@ def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
     root, env, _, first_features_hash = reproduced
     dvc = str(Path(sys.executable).parent / "dvc")
     fewer = run([dvc, "exp", "run", "-S", "t_steps=[50,150]"], root, env)
-    assert stages_run(fewer) == ["fit", "label", "evaluate", "robustness", "segment"]
+    assert stages_run(fewer) == ["fit", "label", "evaluate", "robustness", "segment", "suggest"]
     # `dvc metrics diff` compares the committed baseline's mIoU with this experiment's workspace mIoU.
     diff = subprocess.run([dvc, "metrics", "diff", "--all", "--json"], cwd=root, env=env, capture_output=True, text=True)
     miou = json.loads(diff.stdout)["metrics/eval.json"]["miou"]
@@ -281,7 +277,7 @@ def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
                                          capture_output=True, text=True, check=True).stdout)["miou"]
     assert miou["old"] == baseline and miou["new"] == json.loads((root / "metrics" / "eval.json").read_text())["miou"]
     more = run([dvc, "exp", "run", "-S", "t_steps=[50,150,250,350]"], root, env)
-    assert stages_run(more) == ["extract@350", "fit", "label", "evaluate", "robustness", "segment"]
+    assert stages_run(more) == ["extract@350", "fit", "label", "evaluate", "robustness", "segment", "suggest"]
     # Back to the first steps by editing params.yaml and `dvc repro` (no experiment checkout removes the
     # t350 store here): fit sets it aside, so fit's inputs hash as in the first run and nothing is stale.
     assert (root / "features" / "t350.zarr").is_dir()
@@ -301,8 +297,8 @@ def test_changing_blocks_within_the_stored_blocks_reruns_no_extract_stage(reprod
     assert stored["blocks"] == [0, 1, 2, 3]  # store_blocks: null = the digits preset's blocks
     channels = dict(zip(stored["blocks"], stored["block_channels"]))
     fewer = run([dvc, "exp", "run", "-S", "blocks=[3,1]"], root, env)
-    # robustness and segment compute their features from blocks themselves; kmeans has blocks of its own
-    assert stages_run(fewer) == ["fit", "label", "evaluate", "robustness", "segment"]
+    # robustness, segment and suggest compute their features from blocks themselves; kmeans has blocks of its own
+    assert stages_run(fewer) == ["fit", "label", "evaluate", "robustness", "segment", "suggest"]
     import torch
 
     ensemble = torch.load(root / "ensemble" / "ensemble.pt", weights_only=True)
@@ -359,7 +355,8 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
                 "t_steps=[50,150,250]"]
     output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
     assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "sample",
-                                  "label", "evaluate", "robustness", "kmeans", "segment"]
+                                  "label", "evaluate", "robustness", "kmeans", "segment",
+                                  "suggest"]
     assert "imported models/mini.pt" in output
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert set(metrics["per_class_iou"]) == {"class_0", "class_1", "class_2"} and metrics["images"] == 2

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.config import ConfigError, Params, params_from_dict
-from pipeline.data.dataset import DatasetError, load_image, load_mask
+from pipeline.data.images import load_image
+from pipeline.data.layout import DatasetError
+from pipeline.data.masks import load_mask
 
 SECTIONS = {
     "dataset": ["name", "image_size", "num_classes", "ignore_label", "train_images", "val_images", "test_images", "non_square",

@@ -49,7 +49,8 @@ def test_run_page_embeds_every_image_and_tables_the_metrics(tmp_path):
     (tmp_path / "plots" / "per_class_iou.csv").write_text("class,iou\nbackground,0.97\ndigit_0,0.5\n")
     (tmp_path / "plots" / "confusion.csv").write_text("actual,predicted\nNOT_SHOWN,NOT_SHOWN\n")
     for index, relative in enumerate(["plots/overlays/test_00000.png", "plots/overlays/test_00001.png",
-                                      "plots/corruptions.png", "segmentations/demo_00000.overlay.png"]):
+                                      "plots/corruptions.png", "segmentations/demo_00000.overlay.png",
+                                      "plots/suggestions.png"]):
         png(tmp_path / relative, 40 * index)
     result = subprocess.run([sys.executable, "-m", "analyses.report", "--run", str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True)
@@ -59,8 +60,8 @@ def test_run_page_embeds_every_image_and_tables_the_metrics(tmp_path):
     page = Page()
     page.feed(text)
     images = [attrs["src"] for tag, attrs in page.tags if tag == "img"]
-    assert len(images) == 4
-    for index, source in enumerate(images):  # in the page's order: overlays, corruptions, segment
+    assert len(images) == 5
+    for index, source in enumerate(images):  # in the page's order: overlays, corruptions, segment, suggest
         assert source.startswith("data:image/png;base64,")
         decoded = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
         assert decoded.size == (10, 6) and decoded.getpixel((0, 0)) == (40 * index,) * 3

@@ -1,6 +1,7 @@
 """The sampler (pipeline/diffusion/sample.py) against closed-form maths and guided-diffusion's respacing rule."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -57,7 +58,7 @@ def test_respaced_betas_give_the_kept_steps_alpha_bar():
     kept = sorted(space_timesteps(12, "5"))
     betas = respaced_betas(diffusion.alphas_cumprod, kept)
     expected = [1 - diffusion.alphas_cumprod[kept[0]]] + [
-        1 - diffusion.alphas_cumprod[t] / diffusion.alphas_cumprod[s] for s, t in zip(kept, kept[1:])]
+        1 - diffusion.alphas_cumprod[t] / diffusion.alphas_cumprod[s] for s, t in itertools.pairwise(kept)]
     np.testing.assert_allclose(betas, expected, rtol=0, atol=1e-15)
     np.testing.assert_allclose(np.cumprod(1 - betas), diffusion.alphas_cumprod[kept], rtol=1e-13)
     np.testing.assert_array_equal(Sampler(diffusion, "5").spaced.betas, betas)

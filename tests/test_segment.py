@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline.api import Segmenter
 from pipeline.config import load_params
-from pipeline.data.dataset import compose_digit_split, load_mnist_5k, split_digit_pools
+from pipeline.data.digits import compose_digit_split, load_mnist_5k, split_digit_pools
 from tests.helpers import make_project, run_stage, save_random_ensemble, write_params
 
 

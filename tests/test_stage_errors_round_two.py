@@ -12,13 +12,7 @@ import pytest
 import torch
 
 from pipeline.diffusion.train import load_checkpoint, save_checkpoint
-from tests.helpers import (
-    exit_code_2_stderr,
-    full_disk_save,
-    make_project,
-    run_stage,
-    write_params,
-)
+from tests.helpers import exit_code_2_stderr, full_disk_save, make_project, run_stage, write_params
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +81,8 @@ def test_extract_stops_at_non_finite_or_float16_overflowing_features(project, tm
                                             (float("-inf"), "has NaN or infinite values")])
 def test_store_writer_refuses_values_float16_cannot_hold(tmp_path, value, message):
     from pipeline.errors import NumericsError
-    from pipeline.features.store import StoreRecord, create_or_resume
+    from pipeline.features.record import StoreRecord
+    from pipeline.features.store import create_or_resume
 
     record = StoreRecord(t=1, blocks=(1,), upsample="bilinear", noise_seed=0, stochastic_noise=False,
                          checkpoint_sha256="x", image_size=2, feature_dim=3)

@@ -4,14 +4,9 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.features.store import (
-    StoreError,
-    StoreRecord,
-    create_or_resume,
-    lazy_matrix,
-    open_store,
-    staging,
-)
+from pipeline.features.locations import staging
+from pipeline.features.record import StoreRecord
+from pipeline.features.store import StoreError, create_or_resume, lazy_matrix, open_store
 
 PIXELS = 16 * 16
 

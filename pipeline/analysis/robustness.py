@@ -12,7 +12,7 @@ from pipeline.diffusion.unet import UNetModel
 from pipeline.ensemble.model import EnsembleMLP
 from pipeline.ensemble.predict import vote
 from pipeline.features.compute import features_for_images
-from pipeline.features.store import rows_per_chunk
+from pipeline.features.record import rows_per_chunk
 
 
 def vote_on_images(model: UNetModel, diffusion: Diffusion, ensemble: EnsembleMLP, params: Params,

@@ -1,8 +1,8 @@
 """Mask readers for ``dataset.labels``: each turns one annotation file into an ``[H, W] uint8`` class mask.
 
-prepare (pipeline/data/dataset.py) calls them once per image and writes the prepared layout's ``.npy``
+prepare (pipeline/data/prepare.py) calls them once per image and writes the prepared layout's ``.npy``
 masks, so nothing after prepare knows which format the masks came in. The readers are pure: a file and
-the class mapping in, a mask out; the checks against the image (size, class range) stay in dataset.py,
+the class mapping in, a mask out; the checks against the image (size, class range) stay in masks.py (``fit_mask``),
 the same for every format.
 
 - ``png``: ``real/<split>/masks/<stem>.png`` (a subfolder, since an image may itself be ``<stem>.png``).
@@ -20,18 +20,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.layout import MASK_FOLDER
 from pipeline.errors import DatasetError
 
-MASK_FOLDER = "masks"
 # Modes whose values are class indices. LA / PA keep their first band (the grey value / palette index).
 INDEX_MODES = {"1", "L", "P", "LA", "PA"}
 COLOUR_MODES = {"RGB", "RGBA"}
 SHOWN = 5  # unknown colours or categories named in one message
-
-
-def png_mask_path(image_path: Path) -> Path:
-    """Where the PNG mask of ``real/<split>/<stem>.jpg`` lives: ``real/<split>/masks/<stem>.png``."""
-    return image_path.parent / MASK_FOLDER / f"{image_path.stem}.png"
 
 
 def _packed(rgb: np.ndarray) -> np.ndarray:

@@ -32,10 +32,11 @@ def _ours(path: Path) -> bool:
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return False
     try:
-        if zarr.open_group(path, mode="r").attrs.get("format") == FORMAT:
-            return True
-    except Exception:  # not a zarr group at all: not ours
-        pass
+        ours = zarr.open_group(path, mode="r").attrs.get("format") == FORMAT
+    except Exception:  # not a zarr group at all (or an unreadable one): not ours
+        ours = False
+    if ours:
+        return True
     raise StoreError(f"{path} exists but is not a sample store of this pipeline (no format {FORMAT!r}); nothing was "
                      f"deleted: move it away, or give the stage another --out")
 

@@ -8,7 +8,7 @@ its pixels' top decile of disagreement (``top_decile_mean``, as the paper's code
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch

@@ -17,7 +17,7 @@ image i are drawn from its own generator, so an image's sample does not depend o
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

@@ -21,7 +21,8 @@ from torch import nn
 
 from pipeline.atomic import save_torch_atomic
 from pipeline.config import TrainConfig
-from pipeline.data.dataset import ImageFiles, to_model_input
+from pipeline.data.images import to_model_input
+from pipeline.data.layout import ImageFiles
 from pipeline.diffusion.flags import UNetConfig, config_from_flags
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.unet import UNetModel, check_state_dict, create_unet

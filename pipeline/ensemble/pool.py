@@ -1,4 +1,5 @@
-"""Rows for the fit: a shuffle pool over the store's row-chunks, and one pool shared by the passes that train at once."""
+"""Rows for the fit: a shuffle pool over the store's row-chunks, and one pool shared by the passes that train
+at once."""
 from __future__ import annotations
 
 import contextlib

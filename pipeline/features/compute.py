@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.config import FeaturesConfig
-from pipeline.data.dataset import read_rgb, to_model_input
+from pipeline.data.images import read_rgb, to_model_input
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.unet import UNetModel
 from pipeline.enums import Representation, StoreLayout

@@ -32,7 +32,7 @@ class ExtractJob:
     """Everything a worker needs to extract and write images of one step (plain, picklable values)."""
 
     checkpoint: str
-    store: str  # the final store path or URL; workers write into its staging location (pipeline.features.store.staging)
+    store: str  # the final store path or URL; workers write into its staging location (pipeline.features.locations.staging)
     t: int
     blocks: tuple[int, ...]  # the blocks the store holds (features.store_blocks)
     features: FeaturesConfig  # the features section: noise, upsample, autocast, representation, batch size, layout

@@ -1,4 +1,6 @@
-"""Feature stores: one zarr v3 group per diffusion step, holding per-pixel features of each split.
+"""Feature stores: one zarr v3 group per diffusion step, holding per-pixel features of each split: the writer
+(``create_or_resume``, ``StoreWriter``) and the reader (``open_store``, ``FeatureStore``, ``lazy_matrix``).
+What a store records is in ``pipeline.features.record``; where stores live, in ``pipeline.features.locations``.
 
 Layout of ``features/t<t>.zarr``::
 
@@ -31,17 +33,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import hashlib
 import math
-import shutil
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import dask.array as da
-import fsspec
 import numpy as np
 import torch
 import zarr
@@ -50,168 +49,17 @@ from zarr.core.sync import sync
 
 from pipeline.atomic import replace_dir
 from pipeline.errors import NumericsError, PipelineError, StoreError
+from pipeline.features.locations import (
+    Location,
+    as_location,
+    check_ours_or_absent,
+    location_exists,
+    remove_location,
+    set_aside_unused_stores,
+    staging,
+)
+from pipeline.features.record import FORMAT, LAYOUTS, StoreRecord, check_blocks_stored, params_record, rows_per_chunk
 from pipeline.features.upsample import upsample_rows
-from pipeline.hashing import file_sha256
-
-FORMAT = "ddpm-segmentation-features/1"
-SPLITS = ("train", "val", "test")
-LAYOUTS = ("pixels", "native")
-
-
-@dataclass(frozen=True)
-class StoreRecord:
-    """What made a store; compared field by field against the params a reader expects."""
-
-    t: int
-    blocks: tuple[int, ...]
-    upsample: str
-    noise_seed: int
-    stochastic_noise: bool
-    checkpoint_sha256: str
-    image_size: int
-    feature_dim: int
-    # sha256 over the split, stem, image bytes and mask bytes of every image (``inputs_sha256``): a resume
-    # after the images or masks changed starts afresh. "" = not recorded (stores made before it existed).
-    inputs_sha256: str = ""
-    # FeaturesConfig.representation_id() (ddpm, rgb, rgb_patch<k>) and noise_draws; stores made before they
-    # existed hold one draw of the DDPM's features.
-    representation: str = "ddpm"
-    noise_draws: int = 1
-    layout: str = "pixels"  # pipeline.config.StoreLayout's value
-    # Per stored block (in ``blocks`` order): its channels, i.e. its columns' width in the matrix, and the side
-    # of its map. () = not recorded (stores made before them): only the whole matrix can be read then.
-    block_channels: tuple[int, ...] = ()
-    block_sizes: tuple[int, ...] = ()
-
-    def to_attrs(self) -> dict[str, Any]:
-        out = asdict(self)
-        for name in TUPLE_FIELDS:
-            out[name] = list(out[name])
-        return out
-
-    @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> "StoreRecord":
-        values = {f.name: attrs[f.name] if f.default is MISSING else attrs.get(f.name, f.default) for f in fields(cls)}
-        for name in TUPLE_FIELDS:
-            values[name] = tuple(values[name])
-        return cls(**values)
-
-    def columns(self) -> dict[int, tuple[int, int]]:
-        """Each stored block's column range ``(start, stop)`` in this store's ``[pixels, feature_dim]`` matrix."""
-        stops = np.cumsum(self.block_channels, dtype=np.int64)
-        return {block: (int(stop) - width, int(stop)) for block, width, stop in zip(self.blocks, self.block_channels, stops)}
-
-
-TUPLE_FIELDS = ("blocks", "block_channels", "block_sizes")
-
-
-def params_record(params, t: int) -> dict[str, Any]:
-    """The record fields that ``params`` (a ``pipeline.config.Params``) set for the store of step ``t``: the
-    writer makes its record from them (``StoreRecord(**params_record(params, t), ...)``), and a reader
-    demands exactly them of a store it opens, so the two can never disagree about what a store must be."""
-    features = params.features
-    return {"t": t, "blocks": tuple(features.store_blocks), "upsample": features.upsample.value,
-            "noise_seed": features.noise_seed, "stochastic_noise": features.stochastic_noise,
-            "image_size": params.dataset.image_size, "layout": features.layout.value,
-            "representation": features.representation_id(), "noise_draws": features.noise_draws}
-
-
-def fit_record(params, checkpoint_sha256: str) -> dict[str, Any]:
-    """What an ensemble is fit on, and what every reader of it demands (``save_ensemble`` /
-    ``load_ensemble``): the steps and blocks of its columns, the checkpoint, and every store-record field that
-    changes the feature values (upsample, noise, representation, image size). Not the layout or store_blocks:
-    they change where the same values are kept, not the values."""
-    record = params_record(params, 0)
-    for key in ("t", "blocks", "layout"):
-        del record[key]
-    return {"t_steps": list(params.t_steps), "blocks": list(params.blocks), "checkpoint_sha256": checkpoint_sha256,
-            **record}
-
-
-def check_blocks_stored(record: StoreRecord, blocks: Sequence[int], path: "Location") -> None:
-    """``StoreError`` naming both lists when ``blocks`` are not all among the blocks the store holds."""
-    missing = [block for block in blocks if block not in record.blocks]
-    if missing:
-        raise StoreError(
-            f"feature store {path} holds blocks {list(record.blocks)} (features.store_blocks) but blocks "
-            f"{list(blocks)} asks for {missing} too; choose blocks within {list(record.blocks)}, or set "
-            f"features.store_blocks to {sorted(set(record.blocks) | set(blocks))} and rerun `dvc repro` (re-extracts)")
-    if tuple(blocks) != record.blocks and not record.block_channels:
-        raise StoreError(f"feature store {path} does not record its blocks' channels (an older store), so blocks "
-                         f"{list(blocks)} cannot be selected from its {list(record.blocks)}; rerun its extract stage")
-
-
-Location = Path | str  # a local path, or an fsspec URL of a store on another filesystem
-
-
-def as_location(location: str | Path) -> Location:
-    """A local ``Path`` for plain paths and ``file://`` URLs; the URL string for any other protocol."""
-    text = str(location)
-    if text.startswith("file://"):
-        return Path(text[len("file://"):])
-    return text if "://" in text else Path(text)
-
-
-def staging(location: Location) -> Location:
-    """Where a store is written before it is complete: ``<path>.partial`` locally, in place on object stores."""
-    return location.with_name(location.name + ".partial") if isinstance(location, Path) else location
-
-
-def url_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as error:
-        raise StoreError(f"cannot open the store location {url!r}: {error}. Install the fsspec package for its "
-                         f"protocol (s3fs for s3://, gcsfs for gs://, adlfs for az://) or give a local path") from None
-
-
-def location_exists(location: Location) -> bool:
-    if isinstance(location, Path):
-        return location.exists()
-    fs, path = url_filesystem(location)
-    return fs.exists(f"{path}/zarr.json")
-
-
-def remove_location(location: Location) -> None:
-    """Delete a store; refused unless its metadata says it is one of ours (``check_ours_or_absent``)."""
-    if not check_ours_or_absent(location):
-        return
-    if isinstance(location, Path):
-        shutil.rmtree(location)
-    else:
-        fs, path = url_filesystem(location)
-        fs.rm(path, recursive=True)
-
-
-def _holds_anything(location: Location) -> bool:
-    if isinstance(location, Path):
-        return location.exists() and (not location.is_dir() or any(location.iterdir()))
-    fs, path = url_filesystem(location)
-    return fs.exists(path) and bool(fs.ls(path))
-
-
-def is_our_store(location: Location) -> bool:
-    """True when ``location`` is a zarr group whose attributes carry this pipeline's store format."""
-    try:
-        return zarr.open_group(location, mode="r").attrs.get("format") == FORMAT
-    except Exception:  # not a zarr group at all (or an unreadable one): not ours
-        return False
-
-
-def check_ours_or_absent(location: Location) -> bool:
-    """True when a store of ours is at ``location``, False when nothing (or an empty folder) is; anything
-    else is a ``StoreError``: we never replace or delete what we did not write."""
-    if not _holds_anything(location):
-        return False
-    if is_our_store(location):
-        return True
-    raise StoreError(f"{location} exists but is not a feature store of this pipeline (its zarr.json has no format "
-                     f"{FORMAT!r}); nothing was deleted: move it away, or give the stage another --out")
-
-
-def rows_per_chunk(chunk_pixels: int, pixels_per_image: int) -> int:
-    """The largest row count <= chunk_pixels that divides an image's pixel count (each image owns its chunks)."""
-    return math.gcd(chunk_pixels, pixels_per_image)
 
 
 def make_compressors(codec: str, clevel: int) -> list:
@@ -337,15 +185,6 @@ def _why_not_resumable(group: zarr.Group, path: Location, record: StoreRecord,
     except (KeyError, TypeError, ValueError) as error:
         return f"its record cannot be read ({error!r})"
     return None
-
-
-def inputs_sha256(files: dict[str, Sequence[tuple[str, Path, Path | None]]]) -> str:
-    """One sha256 over ``{split: [(stem, image path, mask path or None)]}``: split names, stems and file bytes."""
-    digest = hashlib.sha256()
-    for split in sorted(files):
-        for stem, image, mask in files[split]:
-            digest.update(f"{split}/{stem}:{file_sha256(image)}:{file_sha256(mask) if mask else '-'};".encode())
-    return digest.hexdigest()
 
 
 def create_or_resume(
@@ -548,6 +387,15 @@ def open_store(path: str | Path, expected: dict[str, Any]) -> FeatureStore:
     return store
 
 
+def open_step_stores(pattern: str, params) -> list[FeatureStore]:
+    """The stores of ``params.t_steps`` at ``pattern`` (e.g. ``features/t{t}.zarr``), each checked against what
+    ``params`` ask of it (``params_record``): what fit and evaluate read. Stores of steps no longer in
+    ``t_steps`` are first set aside (``set_aside_unused_stores``), and each move is said."""
+    for moved in set_aside_unused_stores(pattern, params.t_steps):
+        print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
+    return [open_store(pattern.format(t=t), params_record(params, t)) for t in params.t_steps]
+
+
 def lazy_matrix(stores: Sequence[FeatureStore], split: str,
                 blocks: Sequence[int] | None = None) -> tuple[da.Array, da.Array]:
     """Per-step stores -> one lazy ``[pixels, sum D_t]`` float16 matrix (steps in the given order, ``blocks`` of
@@ -564,32 +412,3 @@ def lazy_matrix(stores: Sequence[FeatureStore], split: str,
     return matrix, first.labels(split)
 
 
-def set_aside_unused_stores(pattern: str, t_steps: Sequence[int]) -> list[Path]:
-    """Move this pipeline's stores of steps no longer in ``t_steps`` out of the stores' folder.
-
-    ``pattern`` is the local store pattern the stage was given (``features/t{t}.zarr``). fit and evaluate
-    depend on that folder (DVC cannot depend on a list of paths built from a param), so a store left
-    by a removed step would change their hash and make results depend on the workspace's history.
-    Such stores go to ``<folder>/unused/`` (git- and dvc-ignored); nothing is deleted, and only folders
-    whose attributes say they are our stores are moved. Returns the new locations.
-    """
-    location = as_location(pattern.format(t=0))
-    if not isinstance(location, Path):
-        return []
-    folder = location.parent
-    prefix, _, suffix = Path(pattern).name.partition("{t}")
-    moved = []
-    for candidate in sorted(folder.glob(f"{prefix}*{suffix}")) if folder.is_dir() else []:
-        step = candidate.name[len(prefix) : len(candidate.name) - len(suffix)]
-        if not step.isdigit() or int(step) in t_steps or not (candidate / "zarr.json").is_file():
-            continue
-        try:
-            ours = zarr.open_group(candidate, mode="r").attrs.get("format") == FORMAT
-        except Exception:  # not a readable zarr group: not ours, leave it
-            ours = False
-        if ours:
-            target = folder / "unused" / candidate.name
-            target.parent.mkdir(exist_ok=True)
-            replace_dir(candidate, target)
-            moved.append(target)
-    return moved

@@ -14,11 +14,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.atomic import atomic_file
-from pipeline.ensemble.metrics import (
-    iou_per_class,
-    iou_per_class_paper,
-    strict_confusion,
-)
+from pipeline.ensemble.metrics import iou_per_class, iou_per_class_paper, strict_confusion
 
 
 def per_class_table(counts: np.ndarray, class_names: list[str], ignore_label: int) -> pd.DataFrame:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.api import Segmentation
 from pipeline.atomic import atomic_file
-from pipeline.data.dataset import read_rgb
+from pipeline.data.images import read_rgb
 from pipeline.outputs.figures import overlay_figure, save_figure
 
 
