@@ -172,3 +172,30 @@ def test_eta_outside_0_1_is_refused():
     with pytest.raises(ConfigError, match="eta"):
         Sampler(small(), "3").sample(FixedEps(torch.zeros(1, 3, 2, 2)), torch.zeros(1, 3, 2, 2),
                                      [image_generator(0, 0)], eta=1.5)
+
+
+class ExactEps:
+    """The exact ε of data that is one image ``c``: x_t = sqrt(ᾱ) c + sqrt(1 - ᾱ) ε, with ᾱ at the ORIGINAL step."""
+
+    def __init__(self, diffusion: Diffusion, c: torch.Tensor):
+        self.diffusion, self.c = diffusion, c
+
+    def __call__(self, x, timesteps):
+        alpha_bar = torch.from_numpy(self.diffusion.alphas_cumprod)[timesteps.long()].float().reshape(-1, 1, 1, 1)
+        return (x - alpha_bar.sqrt() * self.c) / (1 - alpha_bar).sqrt()
+
+
+@pytest.mark.parametrize("respacing, eta", [(None, None), ("5", None), ("ddim4", 0.0), ("4", 1.0), (None, 0.0)])
+def test_a_perfect_denoiser_of_one_image_samples_that_image(respacing, eta):
+    """Every method ends at the data when the network knows it exactly: the loop's steps, ᾱ_prev and the
+    original-index timesteps all have to agree for this to hold."""
+    diffusion = small()
+    c = torch.linspace(-0.8, 0.8, 3 * 4 * 4).reshape(1, 3, 4, 4)
+    generators = [image_generator(5, 0)]
+    sampler, model = Sampler(diffusion, respacing), ExactEps(diffusion, c)
+    sample = sampler.sample(model, draw(generators, (3, 4, 4)), generators, eta=eta)
+    assert torch.allclose(sample, c, atol=1e-5)
+    for step in range(1, sampler.num_steps):  # at every kept step, not only the last (which ends at x0 anyway)
+        alpha_bar = float(np.cumprod(1 - sampler.spaced.betas)[step])
+        x_t = np.sqrt(alpha_bar) * c + np.sqrt(1 - alpha_bar) * draw(generators, (3, 4, 4))
+        assert torch.allclose(sampler.p_mean_variance(model, x_t, torch.tensor([step]))["pred_xstart"], c, atol=1e-4)
