@@ -16,7 +16,7 @@ from pipeline.api import Segmenter
 from pipeline.atomic import building_dir, write_json_atomic
 from pipeline.data.layout import write_example
 from pipeline.data.samples import open_samples
-from pipeline.datasetddpm.label import kept_by_uncertainty, label_images, sample_stem, summary
+from pipeline.datasetddpm.label import kept_by_uncertainty, label_images, sample_stem, summary, uncertainty_ranks
 from pipeline.diffusion.unet import check_model_builds
 from pipeline.errors import ConfigError
 from pipeline.hashing import file_sha256
@@ -54,9 +54,7 @@ def main() -> None:
             np.save(folder / SCRATCH / f"{result.name}.npy", result.uncertainty)
             scores.append(score)
         keep = kept_by_uncertainty(scores, options.drop_uncertain, options.drop_least_uncertain)
-        order = np.argsort(scores, kind="stable")
-        rank = np.empty(len(scores), dtype=np.int64)
-        rank[order] = np.arange(len(scores))
+        rank = uncertainty_ranks(scores)
 
         def entry(index: int) -> tuple:
             stem = sample_stem(index)
@@ -64,7 +62,8 @@ def main() -> None:
                     np.load(folder / SCRATCH / f"{stem}.npy"))
 
         kept_shown = [entry(i) for i in np.flatnonzero(keep)[: options.grid_images]]
-        dropped_shown = [entry(i) for i in order[::-1] if not keep[i]][: options.grid_images]
+        most_uncertain_first = [int(i) for i in np.argsort(-rank) if not keep[i]]
+        dropped_shown = [entry(i) for i in most_uncertain_first[: options.grid_images]]
         save_figure(samples_figure(kept_shown, dropped_shown, palette(dataset.num_classes, dataset.ignore_label),
                                    dataset.names(), dataset.ignore_label,
                                    title=f"DatasetDDPM: {int(keep.sum())} of {len(scores)} samples kept "

@@ -38,6 +38,13 @@ def label_images(segmenter: Segmenter, images: Iterable[np.ndarray]) -> Iterator
         yield held.popleft().square, result, top_decile_mean(torch.from_numpy(result.uncertainty))
 
 
+def uncertainty_ranks(uncertainty: Sequence[float]) -> np.ndarray:
+    """``[N] int64`` each image's rank from the least uncertain (0); ties: the lower index ranks lower."""
+    ranks = np.empty(len(uncertainty), dtype=np.int64)
+    ranks[np.argsort(np.asarray(uncertainty, dtype=np.float64), kind="stable")] = np.arange(len(uncertainty))
+    return ranks
+
+
 def kept_by_uncertainty(uncertainty: Sequence[float], drop_uncertain: float, drop_least_uncertain: int = 0) -> np.ndarray:
     """``[N] bool``: which images stay. With f = ``drop_uncertain`` x N rounded down and k =
     ``drop_least_uncertain``, the images ranked from least to most uncertain (ties: the lower index first)
@@ -50,10 +57,8 @@ def kept_by_uncertainty(uncertainty: Sequence[float], drop_uncertain: float, dro
     if drop_least_uncertain > dropped:
         raise ValueError(f"drop_least_uncertain={drop_least_uncertain} is more than the {dropped} images "
                          f"drop_uncertain={drop_uncertain} drops of {count}")
-    order = np.argsort(uncertainty, kind="stable")
-    keep = np.zeros(count, dtype=bool)
-    keep[order[drop_least_uncertain : count - dropped + drop_least_uncertain]] = True
-    return keep
+    ranks = uncertainty_ranks(uncertainty)
+    return (ranks >= drop_least_uncertain) & (ranks < count - dropped + drop_least_uncertain)
 
 
 def summary(uncertainty: Sequence[float], keep: np.ndarray, drop_least_uncertain: int) -> dict:
