@@ -13,21 +13,23 @@ device exists: ``pipeline.runtime.stage_params``; the UNet builds: each stage th
 """
 from __future__ import annotations
 
+import math
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from pipeline.config_messages import validated
 from pipeline.diffusion.flags import UNetConfig, check_widths, config_from_flags
-from pipeline.diffusion.schedule import betas_for_schedule
+from pipeline.diffusion.schedule import betas_for_schedule, space_timesteps
 from pipeline.enums import (
     Autocast,
     Codec,
     Corruption,
+    FixedSigma,
     LabelFormat,
     LossWeighting,
     LrSchedule,
@@ -368,6 +370,37 @@ class SegmentConfig(Section):
     images: Annotated[StrictStr, Field(min_length=1)] = "data/demo"
 
 
+class SampleConfig(Section):
+    """Stage sample (DatasetDDPM, docs/paper.md): images drawn from the DDPM (pipeline/diffusion/sample.py)."""
+
+    images: Positive = 32
+    batch_size: Positive = 8  # images sampled at once; each image's noise is its own, so results do not depend on it
+    # guided-diffusion's timestep_respacing: a step count (50 = 50 evenly spaced of ddpm.diffusion_steps), counts per
+    # equal section ("10,15,20") or "ddim<N>" (the DDIM paper's integer stride); at most ddpm.diffusion_steps.
+    steps: Union[Positive, StrictStr] = 50
+    # null = the ancestral sampler (p_sample); a number in [0, 1] = DDIM with that eta (0 = deterministic given x_T)
+    eta: Optional[Annotated[float, Field(ge=0, le=1, description="DDIM's eta in [0, 1], or null for ancestral "
+                                                                 "sampling")]] = None
+    # Models without learn_sigma (learned ones use their own): small = the posterior variance, large = beta_t
+    # (guided-diffusion's default). Over 50 respaced steps large left grainy backgrounds on the digits' DDPM and small
+    # clean ones, as Nichol & Dhariwal (2021, "Improving sampling speed") report for fixed variances and few steps.
+    fixed_sigma: Choice[FixedSigma] = FixedSigma.SMALL
+    seed: Seed = 0
+
+
+class DatasetDDPMConfig(Section):
+    """Stage label (DatasetDDPM): the samples labeled by the ensemble, the most uncertain dropped.
+
+    Images are ranked by uncertainty (the mean of their pixels' top-decile Jensen-Shannon disagreement);
+    ``drop_uncertain`` x images (rounded down) of the most uncertain are dropped. ``drop_least_uncertain: k`` > 0
+    reproduces the official train_deeplab.py's ``idxs[k: -f + k]`` (k = 30 there): the kept window of the
+    ranking shifts k places, so the k least uncertain go too and only f - k of the most uncertain do."""
+
+    drop_uncertain: Annotated[float, Field(ge=0, lt=1, description="a fraction of the images in [0, 1)")] = 0.1
+    drop_least_uncertain: NonNegative = 0
+    grid_images: Positive = 8  # images of each side (kept, dropped) in plots/samples.png
+
+
 class SuggestConfig(Section):
     """Stage suggest: the unlabeled images worth labeling next, by the ensemble's disagreement on them."""
 
@@ -407,6 +440,8 @@ class Params(Section):
     robustness: RobustnessConfig = RobustnessConfig()
     kmeans: KMeansConfig = KMeansConfig()
     segment: SegmentConfig = SegmentConfig()
+    sample: SampleConfig = SampleConfig()
+    datasetddpm: DatasetDDPMConfig = DatasetDDPMConfig()
     suggest: SuggestConfig = SuggestConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
@@ -484,6 +519,7 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"suggest.candidates={params.suggest.candidates} must be >= suggest.count="
                           f"{params.suggest.count}: the diversity pick chooses count images among the candidates")
     _validate_tls(features)
+    _validate_datasetddpm(params)
     check_widths(params.unet_config())  # torch-free; the stages that build a UNet also build it on the meta device
 
 
@@ -499,6 +535,30 @@ def _validate_stopping(ensemble: EnsembleConfig) -> None:
             f"{ensemble.warmup_epochs}, and the paper's rule only looks at epochs after warmup_epochs; raise "
             f"ensemble.epochs (the paper's recipe: ensemble.recipe=paper, at most 100 epochs), lower "
             f"ensemble.warmup_epochs, or use ensemble.stopping=plateau")
+
+
+def _validate_datasetddpm(params: Params) -> None:
+    """sample.steps against the schedule; the filter's counts against sample.images."""
+    sample, steps = params.sample, params.ddpm.diffusion_steps
+    if isinstance(sample.steps, int) and sample.steps > steps:
+        raise ConfigError(f"sample.steps={sample.steps} is more than ddpm.diffusion_steps={steps}; use at most {steps}")
+    try:
+        space_timesteps(steps, sample.steps)
+    except (ConfigError, ValueError) as error:
+        raise ConfigError(f"sample.steps={sample.steps!r} is not a respacing of ddpm.diffusion_steps={steps} "
+                          f"({error}); use a step count such as 50, counts per section such as \"10,15,20\", or "
+                          f"\"ddim50\"") from None
+    dropped = dropped_count(params.datasetddpm.drop_uncertain, sample.images)
+    if params.datasetddpm.drop_least_uncertain > dropped:
+        raise ConfigError(f"datasetddpm.drop_least_uncertain={params.datasetddpm.drop_least_uncertain} is more than the "
+                          f"{dropped} images datasetddpm.drop_uncertain={params.datasetddpm.drop_uncertain} drops of "
+                          f"sample.images={sample.images} (it shifts that window); lower it or sample more images")
+
+
+def dropped_count(fraction: float, images: int) -> int:
+    """How many of ``images`` a fraction drops: rounded down, as train_deeplab.py's ``int(len(idxs) * portion)``
+    (rounded to 9 places first, so 0.29 x 100 is 29 and not 28.999...)."""
+    return math.floor(round(fraction * images, 9))
 
 
 def _validate_labels(dataset: DatasetConfig) -> None:

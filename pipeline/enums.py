@@ -53,6 +53,9 @@ Recipe = _choice("Recipe", "ensemble.recipe", "fast", "paper")
 UNetInit = _choice("UNetInit", "ddpm.train.init", "guided", "dense")
 # Blosc's compressors (bit-shuffled), zlib, or none.
 Codec = _choice("Codec", "features.codec", "zstd", "lz4", "blosclz", "zlib", "none")
+# The sampler's variance for models without a learned sigma (pipeline/diffusion/sample.py): large = beta_t
+# (guided-diffusion's FIXED_LARGE, its default), small = the posterior variance (FIXED_SMALL).
+FixedSigma = _choice("FixedSigma", "sample.fixed_sigma", "large", "small")
 # How the suggest stage scores an unlabeled image from its per-pixel disagreement: mean = the mean over its pixels;
 # top_decile = the mean of its highest 10% (the paper's DatasetDDPM filter, pipeline.ensemble.metrics.top_decile_mean).
 SuggestScore = _choice("SuggestScore", "suggest.score", "mean", "top_decile")

@@ -11,8 +11,13 @@ import yaml
 
 from pipeline.config import params_from_dict
 from pipeline.diffusion.gaussian import Diffusion
-from pipeline.diffusion.train import save_checkpoint
+from pipeline.diffusion.train import load_checkpoint, save_checkpoint
 from pipeline.diffusion.unet import create_unet
+from pipeline.ensemble.files import save_ensemble
+from pipeline.ensemble.model import EnsembleMLP
+from pipeline.features.activations import feature_dim
+from pipeline.features.record import fit_record
+from pipeline.hashing import file_sha256
 from tests.conftest import REPO
 
 TINY_PARAMS = {
@@ -86,3 +91,24 @@ def exit_code_2_stderr(main, argv: list[str], monkeypatch, capsys) -> str:
         main()
     assert exit_info.value.code == 2
     return capsys.readouterr().err
+
+
+def save_random_ensemble(path, params, checkpoint) -> None:
+    """An ensemble in fit's format over the project's features; weights scaled up so classes differ."""
+    model, _, _ = load_checkpoint(checkpoint)
+    dim = feature_dim(model, params.blocks, len(params.t_steps))
+    ensemble = EnsembleMLP(3, dim, params.dataset.num_classes, seed=0)
+    with torch.no_grad():
+        for weight in ensemble.weights:
+            weight.mul_(20)
+    save_ensemble(path, ensemble, features=fit_record(params, file_sha256(checkpoint)))
+
+
+def tiny_checkpoint(root, params_path):
+    """An untrained tiny UNet whose output head is not zero (so samples depend on the network)."""
+    loaded = params_from_dict(yaml.safe_load(params_path.read_text()))
+    torch.manual_seed(0)
+    model = create_unet(loaded.unet_config()).eval()
+    torch.nn.init.normal_(model.out[-1].weight, std=0.05)
+    save_checkpoint(root / "ddpm.pt", model, Diffusion("linear", 1000), {"kind": "test"})
+    return root / "ddpm.pt"

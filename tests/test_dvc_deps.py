@@ -86,7 +86,7 @@ LAYERS = [
     ("diffusion/",),
     ("features/",),
     ("ensemble/",),
-    ("analysis/", "outputs/", "api.py"),
+    ("analysis/", "outputs/", "api.py", "datasetddpm/"),
 ]
 
 
@@ -134,6 +134,9 @@ MAY_IMPORT = {
     "robustness": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/",
                    "pipeline/analysis/corruptions.py", "pipeline/analysis/robustness.py", "pipeline/outputs/figures.py"},
     "kmeans": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/analysis/kmeans.py"},
+    "sample": {"pipeline/data/", "pipeline/diffusion/"},
+    "label": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/", "pipeline/api.py",
+              "pipeline/datasetddpm/", "pipeline/outputs/figures.py"},
     "segment": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/", "pipeline/api.py",
                 "pipeline/outputs/"},
     "suggest": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/",

@@ -28,6 +28,8 @@ TINY = {
     "ddpm": {"train": {"steps": 3, "batch_size": 8, "log_every": 1}},
     "ensemble": {"members": 3, "epochs": 2},
     "evaluate": {"overlays": 2},
+    "sample": {"images": 4, "batch_size": 2, "steps": 5},
+    "datasetddpm": {"drop_uncertain": 0.25},
 }
 
 
@@ -88,8 +90,9 @@ def reproduced(workspace):
 
 def test_repro_writes_metrics_plots_and_stores(reproduced):
     root, env, output, _ = reproduced
-    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate",
-                                  "robustness", "kmeans", "segment", "suggest"]
+    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "sample",
+                                  "label", "evaluate", "robustness", "kmeans", "segment",
+                                  "suggest"]
     # segment.images defaults to prepare's demo canvases (dataset.demo_images: 6)
     assert sorted(pd.read_csv(root / "segmentations" / "summary.csv")["image"]) == [f"demo_{i:05d}" for i in range(6)]
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
@@ -126,14 +129,15 @@ def test_repro_writes_metrics_plots_and_stores(reproduced):
     assert shown.returncode == 0, shown.stderr
     plots = json.loads(shown.stdout)
     assert "errors" not in plots, plots["errors"]  # e.g. a file the plots name that no stage wrote
-    images = ("plots/overlays", "plots/corruptions.png", "plots/kmeans")  # image plots: files, no data rows
+    images = ("plots/overlays", "plots/corruptions.png", "plots/kmeans", "plots/samples.png", "plots/suggestions.png")
     drawn = {plot_id: renderers for plot_id, renderers in plots["data"].items() if not plot_id.startswith(images)}
     assert {plot_id: len(renderers[0]["content"]["data"]["values"]) for plot_id, renderers in drawn.items()} == {
         "DDPM pretraining loss (mean of each ddpm.train.log_every steps)": 3 * 2,  # loss and mse
         "Ensemble fit loss per epoch (mean over each pass's members still training)": 2 * 2,
         "Per-class IoU on the test split (paper protocol)": 11,
         "Confusion on the test split (a seeded sample of labeled pixels)": 4 * 32 * 32 - ignored_pixels(root),
-        "Test mIoU under corruptions (robustness stage; severity 0 = clean)": 4 * 4}  # severities 0, 1, 3, 5 x 4 corruptions
+        "Test mIoU under corruptions (robustness stage; severity 0 = clean)": 4 * 4,  # severities 0, 1, 3, 5 x 4 corruptions
+        "Per-image uncertainty of the DatasetDDPM samples, least to most uncertain (label stage; kept = true)": 4}
     assert len(list((root / "plots" / "overlays").glob("*.png"))) == 2
     assert (root / "features" / "t150.zarr" / "zarr.json").is_file()
 
@@ -225,6 +229,8 @@ def test_changed_diffusion_code_makes_every_extract_stage_stale(reproduced):
 STAGE_OUTPUTS = {"prepare": ["data/prepared", "data/demo"], "pretrain": ["checkpoints/ddpm.pt", "dvclive/pretrain"],
                  **{f"extract@{t}": [f"features/t{t}.zarr"] for t in (50, 150, 250)},
                  "fit": ["ensemble/ensemble.pt", "dvclive/fit"],
+                 "sample": ["samples/images.zarr"],
+                 "label": ["data/synthetic", "metrics/label.json", "plots/sample_uncertainty.csv", "plots/samples.png"],
                  "evaluate": ["metrics/eval.json", "metrics/val.json", "predictions", "plots/per_class_iou.csv",
                               "plots/confusion.csv"],
                  "robustness": ["metrics/robustness.json", "plots/robustness.csv", "plots/corruptions.png"],
@@ -263,7 +269,7 @@ def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
     root, env, _, first_features_hash = reproduced
     dvc = str(Path(sys.executable).parent / "dvc")
     fewer = run([dvc, "exp", "run", "-S", "t_steps=[50,150]"], root, env)
-    assert stages_run(fewer) == ["fit", "evaluate", "robustness", "segment", "suggest"]
+    assert stages_run(fewer) == ["fit", "label", "evaluate", "robustness", "segment", "suggest"]
     # `dvc metrics diff` compares the committed baseline's mIoU with this experiment's workspace mIoU.
     diff = subprocess.run([dvc, "metrics", "diff", "--all", "--json"], cwd=root, env=env, capture_output=True, text=True)
     miou = json.loads(diff.stdout)["metrics/eval.json"]["miou"]
@@ -271,7 +277,7 @@ def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
                                          capture_output=True, text=True, check=True).stdout)["miou"]
     assert miou["old"] == baseline and miou["new"] == json.loads((root / "metrics" / "eval.json").read_text())["miou"]
     more = run([dvc, "exp", "run", "-S", "t_steps=[50,150,250,350]"], root, env)
-    assert stages_run(more) == ["extract@350", "fit", "evaluate", "robustness", "segment", "suggest"]
+    assert stages_run(more) == ["extract@350", "fit", "label", "evaluate", "robustness", "segment", "suggest"]
     # Back to the first steps by editing params.yaml and `dvc repro` (no experiment checkout removes the
     # t350 store here): fit sets it aside, so fit's inputs hash as in the first run and nothing is stale.
     assert (root / "features" / "t350.zarr").is_dir()
@@ -292,7 +298,7 @@ def test_changing_blocks_within_the_stored_blocks_reruns_no_extract_stage(reprod
     channels = dict(zip(stored["blocks"], stored["block_channels"]))
     fewer = run([dvc, "exp", "run", "-S", "blocks=[3,1]"], root, env)
     # robustness, segment and suggest compute their features from blocks themselves; kmeans has blocks of its own
-    assert stages_run(fewer) == ["fit", "evaluate", "robustness", "segment", "suggest"]
+    assert stages_run(fewer) == ["fit", "label", "evaluate", "robustness", "segment", "suggest"]
     import torch
 
     ensemble = torch.load(root / "ensemble" / "ensemble.pt", weights_only=True)
@@ -348,8 +354,9 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
                 "blocks=[2,3,4,5,6]", "features.store_blocks=[2,3,4,5,6]", "features.layout=native",
                 "t_steps=[50,150,250]"]
     output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
-    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "evaluate",
-                                  "robustness", "kmeans", "segment", "suggest"]
+    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "sample",
+                                  "label", "evaluate", "robustness", "kmeans", "segment",
+                                  "suggest"]
     assert "imported models/mini.pt" in output
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert set(metrics["per_class_iou"]) == {"class_0", "class_1", "class_2"} and metrics["images"] == 2

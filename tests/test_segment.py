@@ -4,30 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.api import Segmenter
 from pipeline.config import load_params
 from pipeline.data.digits import compose_digit_split, load_mnist_5k, split_digit_pools
-from pipeline.diffusion.train import load_checkpoint
-from pipeline.ensemble.files import save_ensemble
-from pipeline.ensemble.model import EnsembleMLP
-from pipeline.features.activations import feature_dim
-from pipeline.features.record import fit_record
-from pipeline.hashing import file_sha256
-from tests.helpers import make_project, run_stage, write_params
-
-
-def save_random_ensemble(path, params, checkpoint) -> None:
-    """An ensemble in fit's format over the project's features; weights scaled up so classes differ."""
-    model, _, _ = load_checkpoint(checkpoint)
-    dim = feature_dim(model, params.blocks, len(params.t_steps))
-    ensemble = EnsembleMLP(3, dim, params.dataset.num_classes, seed=0)
-    with torch.no_grad():
-        for weight in ensemble.weights:
-            weight.mul_(20)
-    save_ensemble(path, ensemble, features=fit_record(params, file_sha256(checkpoint)))
+from tests.helpers import make_project, run_stage, save_random_ensemble, write_params
 
 
 @pytest.fixture(scope="module")

@@ -140,3 +140,50 @@ def write_prediction(folder: Path, stem: str, prediction: np.ndarray, disagreeme
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
     with atomic_file(path) as temporary:
         frame.to_csv(temporary, index=False)
+
+
+def samples_figure(kept: Sequence[tuple], dropped: Sequence[tuple], colours: np.ndarray, class_names: Sequence[str],
+                   ignore_label: int, title: str = ""):
+    """DatasetDDPM's samples, kept (left) and dropped (right) side by side: per image a row of ``image |
+    label over it | uncertainty``, named with its stem and uncertainty score. Each entry of ``kept`` and
+    ``dropped`` is ``(stem, score, image [S, S, 3] uint8, mask [S, S] classes, disagreement [S, S] float32)``;
+    the uncertainty panels share one colour scale (0 to ln 2 nats). Returns a ``matplotlib.figure.Figure``."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    rows = max(len(kept), len(dropped), 1)
+    figure = Figure(figsize=(8.6, 1.15 * rows + 1.3), layout="constrained")
+    sides = figure.subfigures(1, 2, wspace=0.04)
+    shown, present = None, set()
+    for side, (name, entries) in zip(sides, (("kept", kept), ("dropped (most uncertain first)", dropped))):
+        side.suptitle(f"{name}: {len(entries)} shown", fontsize=9)
+        axes = np.atleast_2d(side.subplots(rows, 3))
+        for row, axis_row in enumerate(axes):
+            for axis in axis_row:
+                axis.set_xticks([])
+                axis.set_yticks([])
+                axis.set_frame_on(row < len(entries))
+            if row >= len(entries):
+                continue
+            stem, score, image, mask, disagreement = entries[row]
+            present |= {int(value) for value in np.unique(mask)}
+            axis_row[0].imshow(image, interpolation="nearest")
+            axis_row[0].set_ylabel(f"{stem}\n{score:.3f}", fontsize=7)
+            axis_row[1].imshow((0.5 * image + 0.5 * colours[mask]).round().astype(np.uint8), interpolation="nearest")
+            shown = axis_row[2].imshow(disagreement, cmap="magma", vmin=0.0, vmax=UNCERTAINTY_MAX, interpolation="nearest")
+            if row == 0:
+                for axis, label in zip(axis_row, ("image", "label", "uncertainty")):
+                    axis.set_title(label, fontsize=8)
+    if shown is not None:
+        bar = figure.colorbar(shown, ax=sides[1].axes, fraction=0.05, pad=0.02, extend="max", shrink=0.6)
+        bar.set_label("members' disagreement (JS, nats)", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
+    handles = [Patch(facecolor=colours[index] / 255, edgecolor="0.5", label=name)
+               for index, name in enumerate(class_names) if index in present]
+    if ignore_label in present:
+        handles.append(Patch(facecolor=colours[ignore_label] / 255, edgecolor="0.5", label="ignore"))
+    if handles:
+        figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return figure
