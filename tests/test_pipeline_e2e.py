@@ -213,7 +213,7 @@ def test_leftover_temporaries_change_no_stage_status(reproduced):
 
 def test_changed_diffusion_code_makes_every_extract_stage_stale(reproduced):
     root, env, *_ = reproduced
-    path = root / "pipeline" / "diffusion.py"
+    path = root / "pipeline" / "diffusion" / "gaussian.py"
     original = path.read_text()
     assert "def q_sample" in original
     path.write_text(original.replace("def q_sample", "def q_sample_changed_by_the_test(self):\n        return None\n\n    def q_sample", 1))
@@ -302,7 +302,7 @@ def test_changing_blocks_within_the_stored_blocks_reruns_no_extract_stage(reprod
     import torch
 
     ensemble = torch.load(root / "ensemble" / "ensemble.pt", weights_only=True)
-    assert ensemble["blocks"] == [3, 1] and ensemble["dim"] == 3 * (channels[3] + channels[1])
+    assert ensemble["features"]["blocks"] == [3, 1] and ensemble["dim"] == 3 * (channels[3] + channels[1])
     assert json.loads((root / "metrics" / "eval.json").read_text())["images"] == 4
     # Back to every stored block: again no extract stage, and the baseline's ensemble byte for byte.
     params = yaml.safe_load((root / "params.yaml").read_text())
