@@ -133,3 +133,33 @@ def test_new_images_refuse_the_stochastic_noise_and_stored_ones_take_theirs(proj
     (_, first), = features_for_images(model, diffusion, [image], split="test", indices=[0], **options)
     (_, second), = features_for_images(model, diffusion, [image], split="test", indices=[1], **options)
     assert not torch.equal(first, second)  # each stored image index has its own noise
+
+
+def test_robustness_holds_one_capped_batch_of_images_at_a_time(project, monkeypatch):
+    """robustness' own copy concatenated every step's rows of features.batch_size images with no cap; through
+    the feature path a batch is cut to fit FEATURE_BATCH_BYTES, and the votes do not change."""
+    import pipeline.analysis.robustness as robustness
+    import pipeline.features.compute as compute
+
+    params = load_params(write_params(project["root"] / "batch4.yaml", {"features.batch_size": 4}))
+    model, diffusion = loaded_model(str(project["checkpoint"]), "cpu")
+    images = np.stack([read_rgb(e.image_path) for e in list_examples(project["data"], Split.TEST)])
+    ensemble = EnsembleMLP(2, stored_test_rows(project).shape[1], 11, seed=0)
+    seen = []
+    real_feature_maps = compute.feature_maps
+
+    def keep(model, diffusion, x0, **options):
+        seen.append(x0.shape[0])
+        return real_feature_maps(model, diffusion, x0, **options)
+
+    monkeypatch.setattr(compute, "feature_maps", keep)
+    whole = robustness.vote_on_images(model, diffusion, ensemble, params, images)
+    assert seen == [4, 4]  # one batch of the 4 images per step
+    per_image = 32 * 32 * stored_test_rows(project).shape[1] * 4  # float32 bytes of one image's maps, both steps
+    real_images_per_batch = compute.images_per_batch
+    monkeypatch.setattr(compute, "images_per_batch", lambda requested, size, dim: real_images_per_batch(
+        requested, size, dim, budget_bytes=2 * per_image))
+    seen.clear()
+    capped = robustness.vote_on_images(model, diffusion, ensemble, params, images)
+    assert seen == [2, 2, 2, 2]  # two images per batch under the cap, each step
+    assert np.array_equal(capped, whole)
