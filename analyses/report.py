@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -21,7 +22,7 @@ import pandas as pd
 
 from analyses.experiments import ANALYSES
 from analyses.results import robustness_table, sample_efficiency_table, split_table
-from analyses.run_page import build_run_page
+from analyses.run_page import build_comparison_page, build_run_page
 
 
 def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
@@ -161,7 +162,19 @@ def main() -> None:
     parser.add_argument("--kmeans", type=Path, default=None, help="the kmeans stage's folder (plots/kmeans)")
     parser.add_argument("--run", type=Path, default=None,
                         help="instead: one self-contained HTML page of this run folder (analyses/run_page.py)")
+    parser.add_argument("--compare", type=Path, default=None, metavar="EXP_SHOW_JSON",
+                        help="instead: one self-contained HTML page comparing the experiments of this `dvc exp show "
+                             "--json` output ('-' runs it here), written to --out (default experiments.html)")
     args = parser.parse_args()
+    if args.compare is not None:
+        if str(args.compare) == "-":
+            shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout
+        else:
+            shown = args.compare.read_text()
+        out = args.out or Path("experiments.html")
+        out.write_text(build_comparison_page(json.loads(shown)), encoding="utf-8")
+        print(f"experiments page -> {out}")
+        return
     if args.run is not None:
         out = args.out or args.run / "report.html"
         page = build_run_page(args.run)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from analyses.results import METRICS_FILES, _entries  # the report's reading of dvc's JSON
+
 # Figures of a run, in the order the page shows them: (heading, glob under the run folder).
 FIGURES = [
     ("Test images: image, ground truth, prediction, uncertainty (evaluate)", "plots/overlays/*.png"),
@@ -102,5 +104,31 @@ def build_run_page(run: Path) -> str:
     title = f"Run {run.resolve().name}"
     body = [f"<h1>{html.escape(title)}</h1>", *metrics_section(run), *tables_section(run), *figures_section(run),
             "<h2>params.yaml</h2>", f"<pre>{html.escape(params.read_text())}</pre>"]
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def build_comparison_page(exp_show: list, title: str = "Experiments") -> str:
+    """One self-contained page comparing the experiments of ``dvc exp show --json`` output: a row per
+    experiment (and the workspace and baseline commits), the params that differ between them, and each one's
+    val and test mIoU (paper protocol and strict) and clean robustness score."""
+    rows = []
+    for entry in _entries(exp_show):
+        data = entry["data"]
+        params = dict(flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {})))
+        metrics = {path: (data.get("metrics") or {}).get(path, {}).get("data") or {} for path in METRICS_FILES}
+        rev = str(entry["rev"])
+        rows.append((entry.get("name") or (rev if rev == "workspace" else rev[:7]), params, metrics))
+    keys = sorted({key for _, params, _ in rows for key in params})
+    differing = [key for key in keys if len({json.dumps(params.get(key), sort_keys=True) for _, params, _ in rows}) > 1]
+    scores = [("val mIoU", "metrics/val.json", "miou"), ("test mIoU", "metrics/eval.json", "miou"),
+              ("val strict", "metrics/val.json", "miou_strict"), ("test strict", "metrics/eval.json", "miou_strict"),
+              ("robustness clean", "metrics/robustness.json", "clean")]
+    table = html_table(["experiment", *differing, *(name for name, _, _ in scores)],
+                       [[name, *(params.get(key) for key in differing),
+                         *(metrics[path].get(key) for _, path, key in scores)] for name, params, metrics in rows])
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f"<p>{len(rows)} runs; the params columns are those that differ between them (all others are equal).</p>",
+            table]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

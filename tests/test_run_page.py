@@ -127,3 +127,22 @@ def test_the_run_page_shows_every_image_in_a_real_browser_with_the_network_off(t
     broken.write_text(text[:first] + "missing.png" + text[text.index('"', first):])
     loaded, errors = images_in_browser(broken, tmp_path / "profile2")
     assert loaded[0] is False and all(loaded[1:]) and errors
+
+
+def test_the_experiments_page_tables_each_run_with_the_params_that_differ(tmp_path):
+    """``python -m analyses.report --compare exp_show.json``: one page from a real `dvc exp show --json`."""
+    exp_show = REPO / "tests" / "data" / "analyses" / "exp_show.json"
+    out = tmp_path / "experiments.html"
+    result = subprocess.run([sys.executable, "-m", "analyses.report", "--compare", str(exp_show), "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    page = Page()
+    page.feed(out.read_text())
+    assert not [attrs for tag, attrs in page.tags if tag in ("link", "script", "iframe", "img")]
+    header = page.cells[: page.cells.index("experiment") + 20]
+    assert "features.representation" in header and "test mIoU" in header
+    assert "dataset.name" not in page.cells  # equal in every run: no column
+    rows = json.loads(exp_show.read_text())
+    rgb = next(entry for entry in rows[1]["experiments"] if entry["name"] == "bl-rgb")["revs"][0]["data"]
+    assert f"{rgb['metrics']['metrics/eval.json']['data']['miou']:.4f}" in page.cells
+    assert {"workspace", "bl-rgb", "bl-ddpm", "rgb", "ddpm"} <= set(page.cells)
