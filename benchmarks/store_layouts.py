@@ -59,7 +59,7 @@ def folder_bytes(path: Path) -> int:
 def summary(stages: dict[str, dict], stores: list[Path], images: int) -> dict:
     """What one layout's run measured, from its stages' outputs."""
     extract = {name: run for name, run in stages.items() if name.startswith("extract")}
-    written = [re.search(r"(\d+) images in ([\d.]+)s", run["output"]) for run in extract.values()]
+    written = [re.search(r"(\d+) of \d+ images computed in ([\d.]+)s", run["output"]) for run in extract.values()]
     fit = stages["fit"]["output"]
     rows, dim = map(int, re.search(r"fit: (\d+) pixels x (\d+) features", fit).groups())
     epochs, fit_seconds = re.search(r"fit: (\d+) epochs .* in (\d+)s", fit).groups()
@@ -191,7 +191,7 @@ def paper256_layouts(args, root: Path) -> dict:
     for layout in args.layouts:
         params["features"]["layout"] = layout
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        names = ["prepare", "pretrain"] + [f"extract@{t}" for t in params["t_steps"]]  # done ones: DVC skips them
+        names = ["prepare", "pretrain", "extract"]  # done ones: DVC skips them
         stages = {name: measured([dvc, "repro", "-s", name], root, env) for name in names + ["fit", "evaluate"]}
         stages = {name: run for name, run in stages.items() if "Running stage" in run["output"]}
         for name, run in stages.items():

@@ -21,7 +21,8 @@ DIGITS_MODEL_FLAGS = {
     "num_head_channels": 32, "use_scale_shift_norm": True, "resblock_updown": True, "learn_sigma": False,
     "dropout": 0.0,
 }
-# Chosen on the digits' val split (benchmarks/probe_blocks.py, benchmarks/results/probe_*.json): blocks
+# Chosen on the digits' val split (benchmarks/results/probe_*.json, by a block-set probe since replaced by
+# analyses/representation_map.py, which scores single blocks x steps): blocks
 # 0-3 at t = 50, 150, 250 scored val mIoU 0.395, against 0.382 for 0-4, 0.351 for 0-2 and 0.367 for all 9.
 DIGITS_BLOCKS = [0, 1, 2, 3]
 

@@ -1,4 +1,12 @@
-"""Stage extract@t: decoder features of every train/test image at one diffusion step, into a zarr store."""
+"""Stage extract: decoder features of every train/val/test image at each diffusion step of ``t_steps``, one zarr
+store per step.
+
+``--stores features/t{t}.zarr`` is the pipeline's form: one stage owns the stores' folder (a persisted DVC
+output). It keeps the stores already complete and current (``finished_store_is_current``: same record, images,
+settings and extraction code) and computes only what is missing; it sets the stores of steps no longer in
+``t_steps`` aside into the folder's dvc-ignored ``removed_steps/`` (taken back if the step returns). So fit and
+evaluate depend on exactly the stores of ``t_steps`` and no stage writes into its inputs (docs/layout.md).
+``--t 50 --out features/t50.zarr`` writes one step's store and touches nothing else."""
 from __future__ import annotations
 
 import time
@@ -6,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.code_closure import closure_sha256
 from pipeline.data.layout import Split, list_examples
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.diffusion.unet import check_model_builds
@@ -13,8 +22,9 @@ from pipeline.enums import Representation
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
 from pipeline.features.activations import feature_dim, representation_dim
 from pipeline.features.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
-from pipeline.features.record import StoreRecord, inputs_sha256, params_record
-from pipeline.features.store import create_or_resume
+from pipeline.features.locations import set_aside_stores_of_other_steps, take_back_set_aside_store
+from pipeline.features.record import StoreRecord, extraction_provenance, inputs_sha256, params_record
+from pipeline.features.store import create_or_resume, finished_store_is_current
 from pipeline.hashing import file_sha256
 from pipeline.runtime import stage_main, stage_params, stage_parser
 
@@ -22,20 +32,27 @@ from pipeline.runtime import stage_main, stage_params, stage_parser
 @stage_main
 def main() -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--t", type=int, required=True, help="diffusion step")
+    parser.add_argument("--stores", help="one store per step of t_steps: a path or fsspec URL with {t}, e.g. "
+                                         "features/t{t}.zarr; stores of other steps in its folder are deleted")
+    parser.add_argument("--t", type=int, help="one diffusion step only (with --out), instead of --stores")
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset")
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--out", required=True, help="zarr store to write: a path, or an fsspec URL (s3://bucket/t50.zarr)")
+    parser.add_argument("--out", help="with --t: the zarr store to write, a path or an fsspec URL (s3://bucket/t50.zarr)")
     args = parser.parse_args()
+    if (args.stores is None) == (args.t is None) or (args.t is None) != (args.out is None):
+        parser.error("give either --stores PATTERN (every step of t_steps) or --t T with --out STORE")
+    if args.stores is not None and "{t}" not in args.stores:
+        parser.error(f"--stores {args.stores!r} has no {{t}}: write e.g. features/t{{t}}.zarr")
     params = stage_params(args.params)
+    steps = [args.t] if args.t is not None else list(params.t_steps)
     check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
     options = params.features
-    # Validate the checkpoint, t and blocks up front. In process, this load is the one extraction reuses.
+    # Validate the checkpoint, steps and blocks up front. In process, this load is the one extraction reuses.
     if options.workers or options.scheduler:
         model, diffusion, _ = load_checkpoint(args.checkpoint)
     else:
         model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)))
-    check_timesteps([args.t], diffusion.num_timesteps)
+    check_timesteps(steps, diffusion.num_timesteps)
     examples = {split.value: list_examples(args.data, split, allow_empty=split is Split.VAL) for split in Split}
     blocks = options.store_blocks
     shapes = model.decoder_block_shapes()
@@ -48,32 +65,45 @@ def main() -> None:
                           f"dataset.image_size={params.dataset.image_size}; make them equal")
     # each stored block's (channels, map side); none for the RGB baselines, whose columns are no decoder blocks
     stored = [shapes[b][:2] for b in blocks] if options.representation is Representation.DDPM else []
-    record = StoreRecord(**params_record(params, args.t), checkpoint_sha256=file_sha256(args.checkpoint),
-                         feature_dim=representation_dim(model, blocks, options.representation, options.patch_size),
-                         block_channels=tuple(channels for channels, _ in stored),
-                         block_sizes=tuple(side for _, side in stored),
-                         inputs_sha256=inputs_sha256({s: [(e.stem, e.image_path, e.mask_path) for e in ex]
-                                                      for s, ex in examples.items()}))
+    dim = representation_dim(model, blocks, options.representation, options.patch_size)
     del model
+    checkpoint_sha256 = file_sha256(args.checkpoint)
+    code_sha256 = closure_sha256("stages.extract")
+    inputs = inputs_sha256({s: [(e.stem, e.image_path, e.mask_path) for e in ex] for s, ex in examples.items()})
     where = (f"dask scheduler {options.scheduler}" if options.scheduler
              else f"{options.workers} dask workers" if options.workers else "in process")
+    if args.stores is not None:
+        for moved in set_aside_stores_of_other_steps(args.stores, steps):
+            print(f"{moved}: not a step of t_steps {steps}: " + ("set aside" if moved.exists() else "deleted"))
     with extraction_runner(options.workers, options.scheduler, options.tls_files()) as run:
-        writer = create_or_resume(args.out, record, {s: [e.stem for e in ex] for s, ex in examples.items()},
-                                  chunk_pixels=options.chunk_pixels, codec=options.codec.value, clevel=options.clevel)
-        job = ExtractJob(
-            checkpoint=str(args.checkpoint), store=str(args.out), t=args.t, blocks=tuple(blocks), features=options,
-            device=params.runtime.device,
-            image_paths={s: tuple(str(e.image_path) for e in ex) for s, ex in examples.items()},
-            mask_paths={s: tuple(str(e.mask_path) for e in ex) for s, ex in examples.items()},
-        )
-        pending = {split: writer.pending(split) for split in examples}
-        start = time.perf_counter()
-        with tqdm(total=sum(map(len, pending.values())), desc=f"extract t={args.t} ({where})", unit="img",
-                  mininterval=5) as bar:
-            run(job, pending, bar.update)
-    writer.finish()
-    print(f"t={args.t}: {record.feature_dim} features/pixel, "
-          f"{sum(len(e) for e in examples.values())} images in {time.perf_counter() - start:.1f}s ({where}) -> {args.out}")
+        for t in steps:
+            out = args.out if args.t is not None else args.stores.format(t=t)
+            record = StoreRecord(**params_record(params, t), checkpoint_sha256=checkpoint_sha256, feature_dim=dim,
+                                 block_channels=tuple(channels for channels, _ in stored),
+                                 block_sizes=tuple(side for _, side in stored), inputs_sha256=inputs)
+            ids = {s: [e.stem for e in ex] for s, ex in examples.items()}
+            provenance = extraction_provenance(params, record, code_sha256)
+            if args.stores is not None and take_back_set_aside_store(args.stores, t):
+                print(f"t={t}: {out} taken back from where it was set aside")
+            if args.stores is not None and finished_store_is_current(out, record, ids, provenance):
+                print(f"t={t}: {out} is complete and current (same record, images, settings and code): kept")
+                continue
+            writer = create_or_resume(out, record, ids, chunk_pixels=options.chunk_pixels, codec=options.codec.value,
+                                      clevel=options.clevel, provenance=provenance)
+            job = ExtractJob(
+                checkpoint=str(args.checkpoint), store=str(out), t=t, blocks=tuple(blocks), features=options,
+                device=params.runtime.device,
+                image_paths={s: tuple(str(e.image_path) for e in ex) for s, ex in examples.items()},
+                mask_paths={s: tuple(str(e.mask_path) for e in ex) for s, ex in examples.items()},
+            )
+            pending = {split: writer.pending(split) for split in examples}
+            todo = sum(map(len, pending.values()))
+            start = time.perf_counter()
+            with tqdm(total=todo, desc=f"extract t={t} ({where})", unit="img", mininterval=5) as bar:
+                run(job, pending, bar.update)
+            writer.finish()
+            print(f"t={t}: {record.feature_dim} features/pixel, {todo} of {sum(len(e) for e in examples.values())} "
+                  f"images computed in {time.perf_counter() - start:.1f}s ({where}) -> {out}")
 
 
 if __name__ == "__main__":

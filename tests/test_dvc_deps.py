@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.features.locations import set_aside_unused_stores
+from pipeline.code_closure import import_closure, imported_modules, module_file
+from pipeline.features.locations import set_aside_stores_of_other_steps, take_back_set_aside_store
 from pipeline.features.record import StoreRecord
 from pipeline.features.store import create_or_resume
 from tests.conftest import REPO
-from tests.dvc_deps import import_closure, imported_modules, missing_and_extra, module_file, stage_code_deps
+from tests.dvc_deps import missing_and_extra, stage_code_deps
 
 
 def test_every_stage_depends_on_exactly_the_code_it_imports():
@@ -26,7 +27,7 @@ def test_the_closure_check_names_a_file_removed_from_a_stage(tmp_path):
     for folder in ("pipeline", "stages"):
         shutil.copytree(REPO / folder, tmp_path / folder)
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    dvc_yaml["stages"]["extract"]["do"]["deps"].remove("pipeline/diffusion/gaussian.py")
+    dvc_yaml["stages"]["extract"]["deps"].remove("pipeline/diffusion/gaussian.py")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
     missing, extra = missing_and_extra(tmp_path)["extract"]
     assert missing == {"pipeline/diffusion/gaussian.py"} and not extra
@@ -57,28 +58,43 @@ def _store(path: Path, t: int) -> None:
     writer.finish()
 
 
-def test_stores_of_removed_steps_are_set_aside_and_nothing_else_moves(tmp_path):
+def test_stores_of_removed_steps_are_set_aside_and_taken_back_and_nothing_else_moves(tmp_path):
     features = tmp_path / "features"
     for t in (50, 150, 350):
         _store(features / f"t{t}.zarr", t)
+    _store(features / "t450.zarr.partial", 450)  # an interrupted write of a removed step: deleted
     (features / "t999.zarr").mkdir()  # not one of our stores: never touched
     (features / "t999.zarr" / "notes.txt").write_text("mine")
-    moved = set_aside_unused_stores(str(features / "t{t}.zarr"), [50, 150])
-    assert moved == [features / "unused" / "t350.zarr"]
-    assert (features / "unused" / "t350.zarr" / "zarr.json").is_file()
-    assert sorted(p.name for p in features.iterdir()) == ["t150.zarr", "t50.zarr", "t999.zarr", "unused"]
-    assert set_aside_unused_stores("s3://bucket/t{t}.zarr", [50]) == []  # object stores are left as they are
+    moved = set_aside_stores_of_other_steps(str(features / "t{t}.zarr"), [50, 150])
+    assert moved == [features / "removed_steps" / "t350.zarr", features / "t450.zarr.partial"]
+    assert sorted(p.name for p in features.iterdir()) == ["removed_steps", "t150.zarr", "t50.zarr", "t999.zarr"]
+    assert set_aside_stores_of_other_steps("s3://bucket/t{t}.zarr", [50]) == []  # object stores are left as they are
+    assert not take_back_set_aside_store(str(features / "t{t}.zarr"), 250)  # nothing set aside for 250
+    assert take_back_set_aside_store(str(features / "t{t}.zarr"), 350)
+    assert (features / "t350.zarr" / "zarr.json").is_file() and not any((features / "removed_steps").iterdir())
 
 
-def test_dvcignore_covers_temporaries_and_set_aside_stores():
+def test_dvcignore_covers_temporaries():
     patterns = (REPO / ".dvcignore").read_text().split()
-    assert {"*.partial", "*.tmp", "*.old", "/features/unused", "/features/.gitignore"} <= set(patterns)
+    assert {"*.partial", "*.tmp", "*.old", "/features/removed_steps"} <= set(patterns)
+
+
+def test_extract_owns_the_stores_folder_and_fit_and_evaluate_only_read_it():
+    """No stage writes into its inputs: the one extract stage outputs features/ (persisted, so a rerun for other
+    t_steps keeps the current stores) and fit and evaluate depend on it."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["extract"]["outs"] == [{"features": {"persist": True}}]
+    assert "t_steps" in stages["extract"]["params"]
+    for name in ("fit", "evaluate"):
+        assert "features" in stages[name]["deps"]
+        assert not any(str(out if isinstance(out, str) else next(iter(out))).startswith("features")
+                       for out in stages[name].get("outs", []))
 
 
 # The pipeline's layers, bottom up: a module may import from its own layer and the layers below it, never
 # from above (docs/layout.md draws it). Listed by path prefix under pipeline/.
 LAYERS = [
-    ("errors.py", "enums.py", "hashing.py", "atomic.py"),
+    ("errors.py", "enums.py", "hashing.py", "atomic.py", "code_closure.py"),
     ("diffusion/flags.py", "diffusion/schedule.py", "presets.py"),
     ("config.py", "config_messages.py"),
     ("runtime.py", "outputs/live.py"),
@@ -123,7 +139,7 @@ SHARED = {"pipeline/errors.py", "pipeline/enums.py", "pipeline/hashing.py", "pip
 MAY_IMPORT = {
     "prepare": {"pipeline/data/"},
     "pretrain": {"pipeline/data/", "pipeline/diffusion/", "pipeline/outputs/live.py"},
-    "extract": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/"},
+    "extract": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/code_closure.py"},
     "fit": {"pipeline/features/store.py", "pipeline/features/record.py", "pipeline/features/locations.py",
             "pipeline/features/upsample.py", "pipeline/ensemble/fit.py",
             "pipeline/ensemble/model.py", "pipeline/ensemble/pool.py", "pipeline/ensemble/files.py",

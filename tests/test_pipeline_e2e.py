@@ -90,7 +90,7 @@ def reproduced(workspace):
 
 def test_repro_writes_metrics_plots_and_stores(reproduced):
     root, env, output, _ = reproduced
-    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "sample",
+    assert stages_run(output) == ["prepare", "pretrain", "extract", "fit", "sample",
                                   "label", "evaluate", "robustness", "kmeans", "segment",
                                   "suggest"]
     # segment.images defaults to prepare's demo canvases (dataset.demo_images: 6)
@@ -202,16 +202,16 @@ def test_leftover_temporaries_change_no_stage_status(reproduced):
     features = root / "features"
     shutil.copytree(features / "t50.zarr", features / "t50.zarr.partial")  # an interrupted rewrite
     shutil.copytree(features / "t150.zarr", features / "t150.zarr.old")  # a replace cut short
-    (features / "unused").mkdir()
-    shutil.copytree(features / "t250.zarr", features / "unused" / "t450.zarr")  # a set-aside store
+    (features / "removed_steps").mkdir()
+    shutil.copytree(features / "t250.zarr", features / "removed_steps" / "t450.zarr")  # a set-aside store
     try:
         assert dvc_status(root, env) == {}
     finally:
-        for leftover in ("t50.zarr.partial", "t150.zarr.old", "unused"):
+        for leftover in ("t50.zarr.partial", "t150.zarr.old", "removed_steps"):
             shutil.rmtree(features / leftover)
 
 
-def test_changed_diffusion_code_makes_every_extract_stage_stale(reproduced):
+def test_changed_diffusion_code_makes_the_extract_stage_stale(reproduced):
     root, env, *_ = reproduced
     path = root / "pipeline" / "diffusion" / "gaussian.py"
     original = path.read_text()
@@ -221,13 +221,13 @@ def test_changed_diffusion_code_makes_every_extract_stage_stale(reproduced):
         stale = dvc_status(root, env)
     finally:
         path.write_text(original)
-    assert {"extract@50", "extract@150", "extract@250"} <= set(stale)
+    assert "extract" in stale
     assert dvc_status(root, env) == {}
 
 
 # Each stage's outputs, in pipeline order; the training curves too, which must hold no wall-clock values.
 STAGE_OUTPUTS = {"prepare": ["data/prepared", "data/demo"], "pretrain": ["checkpoints/ddpm.pt", "dvclive/pretrain"],
-                 **{f"extract@{t}": [f"features/t{t}.zarr"] for t in (50, 150, 250)},
+                 "extract": ["features"],
                  "fit": ["ensemble/ensemble.pt", "dvclive/fit"],
                  "sample": ["samples/images.zarr"],
                  "label": ["data/synthetic", "metrics/label.json", "plots/sample_uncertainty.csv", "plots/samples.png"],
@@ -256,6 +256,7 @@ def output_digests(root: Path) -> dict[str, str]:
 def test_same_params_give_the_same_metrics_twice(reproduced):
     root, env, *_ = reproduced
     first, first_digests = (root / "metrics" / "eval.json").read_text(), output_digests(root)
+    shutil.rmtree(root / "features")  # extract keeps current stores (a persisted output): make it compute them
     output = run([str(Path(sys.executable).parent / "dvc"), "repro", "--force"], root, env)
     assert stages_run(output) == list(STAGE_OUTPUTS)
     # Name the first stage whose outputs changed, so a failure says where determinism broke.
@@ -269,7 +270,9 @@ def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
     root, env, _, first_features_hash = reproduced
     dvc = str(Path(sys.executable).parent / "dvc")
     fewer = run([dvc, "exp", "run", "-S", "t_steps=[50,150]"], root, env)
-    assert stages_run(fewer) == ["fit", "label", "evaluate", "robustness", "segment", "suggest"]
+    # extract reruns (t_steps is its param) but computes nothing: it keeps t50 and t150 and sets t250 aside
+    assert stages_run(fewer) == ["extract", "fit", "label", "evaluate", "robustness", "segment", "suggest"]
+    assert fewer.count("is complete and current") == 2 and "t250.zarr: not a step of t_steps" in fewer
     # `dvc metrics diff` compares the committed baseline's mIoU with this experiment's workspace mIoU.
     diff = subprocess.run([dvc, "metrics", "diff", "--all", "--json"], cwd=root, env=env, capture_output=True, text=True)
     miou = json.loads(diff.stdout)["metrics/eval.json"]["miou"]
@@ -277,15 +280,16 @@ def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
                                          capture_output=True, text=True, check=True).stdout)["miou"]
     assert miou["old"] == baseline and miou["new"] == json.loads((root / "metrics" / "eval.json").read_text())["miou"]
     more = run([dvc, "exp", "run", "-S", "t_steps=[50,150,250,350]"], root, env)
-    assert stages_run(more) == ["extract@350", "fit", "label", "evaluate", "robustness", "segment", "suggest"]
-    # Back to the first steps by editing params.yaml and `dvc repro` (no experiment checkout removes the
-    # t350 store here): fit sets it aside, so fit's inputs hash as in the first run and nothing is stale.
-    assert (root / "features" / "t350.zarr").is_dir()
+    assert stages_run(more) == ["extract", "fit", "label", "evaluate", "robustness", "segment", "suggest"]
+    assert "t=350: " in more and "computed" in more and more.count("is complete and current") == 3
+    # Back to the first steps by editing params.yaml and `dvc repro`: extract sets the t350 store aside (into
+    # its own folder's dvc-ignored removed_steps/), so fit's inputs hash as in the first run and nothing is stale.
     params = yaml.safe_load((root / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump({**params, "t_steps": [50, 150, 250]}, sort_keys=False))
     back = run([dvc, "repro"], root, env)
-    assert "extract@350" not in stages_run(back) and "fit" in stages_run(back)
-    assert not (root / "features" / "t350.zarr").exists() and (root / "features" / "unused" / "t350.zarr").is_dir()
+    assert stages_run(back)[:2] == ["extract", "fit"] and back.count("is complete and current") == 3
+    assert not (root / "features" / "t350.zarr").exists()
+    assert (root / "features" / "removed_steps" / "t350.zarr").is_dir()
     assert fit_features_hash(root) == first_features_hash
     assert dvc_status(root, env) == {}
 
@@ -308,7 +312,7 @@ def test_changing_blocks_within_the_stored_blocks_reruns_no_extract_stage(reprod
     params = yaml.safe_load((root / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump({**params, "blocks": None}, sort_keys=False))
     back = run([dvc, "repro"], root, env)
-    assert "fit" in stages_run(back) and not [stage for stage in stages_run(back) if stage.startswith("extract")]
+    assert "fit" in stages_run(back) and "extract" not in stages_run(back)
     baseline = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, env=env, capture_output=True, text=True,
                               check=True).stdout
     assert yaml.safe_load(baseline)["stages"]["fit"]["outs"] == yaml.safe_load((root / "dvc.lock").read_text())["stages"]["fit"]["outs"]
@@ -354,7 +358,7 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
                 "blocks=[2,3,4,5,6]", "features.store_blocks=[2,3,4,5,6]", "features.layout=native",
                 "t_steps=[50,150,250]"]
     output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
-    assert stages_run(output) == ["prepare", "pretrain", "extract@50", "extract@150", "extract@250", "fit", "sample",
+    assert stages_run(output) == ["prepare", "pretrain", "extract", "fit", "sample",
                                   "label", "evaluate", "robustness", "kmeans", "segment",
                                   "suggest"]
     assert "imported models/mini.pt" in output

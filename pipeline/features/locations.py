@@ -3,8 +3,8 @@ aside only stores of ours."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import fsspec
 import zarr
@@ -81,32 +81,61 @@ def check_ours_or_absent(location: Location) -> bool:
                      f"{FORMAT!r}); nothing was deleted: move it away, or give the stage another --out")
 
 
-def set_aside_unused_stores(pattern: str, t_steps: Sequence[int]) -> list[Path]:
-    """Move this pipeline's stores of steps no longer in ``t_steps`` out of the stores' folder.
+SET_ASIDE = "removed_steps"  # the extract stage keeps the stores of removed steps here (dvc-ignored)
 
-    ``pattern`` is the local store pattern the stage was given (``features/t{t}.zarr``). fit and evaluate
-    depend on that folder (DVC cannot depend on a list of paths built from a param), so a store left
-    by a removed step would change their hash and make results depend on the workspace's history.
-    Such stores go to ``<folder>/unused/`` (git- and dvc-ignored); nothing is deleted, and only folders
-    whose attributes say they are our stores are moved. Returns the new locations.
-    """
+
+def _steps_in_folder(pattern: str) -> tuple[Path, list[tuple[Path, int, bool]]] | None:
+    """The local folder of ``pattern`` and its entries that name a step: ``(path, step, is a temporary)``."""
     location = as_location(pattern.format(t=0))
     if not isinstance(location, Path):
-        return []
+        return None
     folder = location.parent
     prefix, _, suffix = Path(pattern).name.partition("{t}")
-    moved = []
-    for candidate in sorted(folder.glob(f"{prefix}*{suffix}")) if folder.is_dir() else []:
-        step = candidate.name[len(prefix) : len(candidate.name) - len(suffix)]
-        if not step.isdigit() or int(step) in t_steps or not (candidate / "zarr.json").is_file():
+    entries = []
+    for candidate in sorted(folder.iterdir()) if folder.is_dir() else []:
+        name = candidate.name
+        for temporary in (".partial", ".old"):
+            name = name.removesuffix(temporary)
+        step = name[len(prefix) : len(name) - len(suffix)]
+        if name.startswith(prefix) and name.endswith(suffix) and step.isdigit():
+            entries.append((candidate, int(step), name != candidate.name))
+    return folder, entries
+
+
+def set_aside_stores_of_other_steps(pattern: str, t_steps: Sequence[int]) -> list[Path]:
+    """Move this pipeline's stores of steps not in ``t_steps`` out of the folder of ``pattern``
+    (``features/t{t}.zarr``) into its ``removed_steps/`` (dvc-ignored), and delete their interrupted writes.
+
+    The extract stage owns that folder (a persisted DVC output) and calls this, so fit and evaluate, which
+    depend on the folder (DVC cannot list paths built from a param), see exactly the stores of ``t_steps``;
+    a step that comes back takes its store back (``take_back_set_aside_store``) instead of computing it again.
+    Only folders whose attributes say they are our stores are touched; object-store patterns are left as they
+    are. Returns the stores' new locations and the deleted temporaries.
+    """
+    found = _steps_in_folder(pattern)
+    changed = []
+    for path, step, temporary in found[1] if found else []:
+        if step in t_steps or not is_our_store(path):
             continue
-        try:
-            ours = zarr.open_group(candidate, mode="r").attrs.get("format") == FORMAT
-        except Exception:  # not a readable zarr group: not ours, leave it
-            ours = False
-        if ours:
-            target = folder / "unused" / candidate.name
+        if temporary:
+            shutil.rmtree(path)
+            changed.append(path)
+        else:
+            target = found[0] / SET_ASIDE / path.name
             target.parent.mkdir(exist_ok=True)
-            replace_dir(candidate, target)
-            moved.append(target)
-    return moved
+            replace_dir(path, target)
+            changed.append(target)
+    return changed
+
+
+def take_back_set_aside_store(pattern: str, t: int) -> bool:
+    """Move the store of step ``t`` set aside by ``set_aside_stores_of_other_steps`` back to its place, if there is
+    one and its place is free; True when it did. The caller still checks that it is current."""
+    location = as_location(pattern.format(t=t))
+    if not isinstance(location, Path) or location.exists():
+        return False
+    kept = location.parent / SET_ASIDE / location.name
+    if not is_our_store(kept):
+        return False
+    replace_dir(kept, location)
+    return True

@@ -4,10 +4,12 @@ store shares."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +57,7 @@ class StoreRecord:
         return out
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> "StoreRecord":
+    def from_attrs(cls, attrs: dict[str, Any]) -> StoreRecord:
         values = {f.name: attrs[f.name] if f.default is MISSING else attrs.get(f.name, f.default) for f in fields(cls)}
         for name in TUPLE_FIELDS:
             values[name] = tuple(values[name])
@@ -118,3 +120,21 @@ def inputs_sha256(files: dict[str, Sequence[tuple[str, Path, Path | None]]]) -> 
         for stem, image, mask in files[split]:
             digest.update(f"{split}/{stem}:{file_sha256(image)}:{file_sha256(mask) if mask else '-'};".encode())
     return digest.hexdigest()
+
+
+# Settings of the features section that only place the work (where, with which credentials): a store is the same
+# whichever they are, so they are left out of its provenance.
+PLACEMENT_KEYS = ("workers", "scheduler", "tls_ca_file", "tls_cert", "tls_key")
+
+
+def extraction_provenance(params, record: StoreRecord, code_sha256: str) -> str:
+    """A digest of everything that makes a store's bytes: its record but the step (checkpoint and inputs
+    included), every setting of the features section but placement, the device, and the extraction code
+    (``code_sha256``, the hash of the extract stage's import closure). The extract stage keeps a finished
+    store only when this is unchanged, so a rerun for another ``t_steps`` reuses stores, and a rerun for
+    changed code or settings rebuilds them."""
+    features = {key: value for key, value in params.features.model_dump(mode="json").items()
+                if key not in PLACEMENT_KEYS}
+    content = {"record": {**record.to_attrs(), "t": None}, "features": features,
+               "device": params.runtime.device, "code": code_sha256}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()

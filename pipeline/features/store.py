@@ -35,10 +35,11 @@ import contextlib
 import functools
 import math
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -53,9 +54,9 @@ from pipeline.features.locations import (
     Location,
     as_location,
     check_ours_or_absent,
+    is_our_store,
     location_exists,
     remove_location,
-    set_aside_unused_stores,
     staging,
 )
 from pipeline.features.record import FORMAT, LAYOUTS, StoreRecord, check_blocks_stored, params_record, rows_per_chunk
@@ -84,7 +85,7 @@ class StoreWriter:
         self.record = StoreRecord.from_attrs(dict(group.attrs["record"]))
 
     @classmethod
-    def reopen(cls, path: str | Path) -> "StoreWriter":
+    def reopen(cls, path: str | Path) -> StoreWriter:
         """Open the store that ``create_or_resume`` is writing (in another process, e.g. a dask worker)."""
         path = as_location(path)
         return cls(path, zarr.open_group(staging(path), mode="r+"))
@@ -187,6 +188,26 @@ def _why_not_resumable(group: zarr.Group, path: Location, record: StoreRecord,
     return None
 
 
+def finished_store_is_current(path: str | Path, record: StoreRecord, image_ids: dict[str, Sequence[str]],
+                              provenance: str) -> bool:
+    """True when a finished, undamaged store of ours at ``path`` was made with this record, these images and
+    this ``provenance`` (a digest of the extraction code and every setting that changes the stored bytes), so
+    the extract stage may keep it instead of computing it again."""
+    path = as_location(path)
+    if not provenance or not location_exists(path) or not is_our_store(path):
+        return False
+    group = zarr.open_group(path, mode="r")
+    if not group.attrs.get("complete") or group.attrs.get("provenance") != provenance:
+        return False
+    if _why_not_resumable(group, Path(), record, image_ids) is not None:
+        return False
+    try:
+        check_chunks(group, path)
+    except StoreError:
+        return False
+    return all((group[f"{split}/done"][:] != 0).all() for split in image_ids)
+
+
 def create_or_resume(
     path: str | Path,
     record: StoreRecord,
@@ -195,9 +216,11 @@ def create_or_resume(
     chunk_pixels: int,
     codec: str,
     clevel: int,
+    provenance: str = "",
 ) -> StoreWriter:
-    """Open the unfinished store at ``staging(path)`` to resume if the same record and images made it,
-    else start afresh (a finished store at a URL is rewritten: its stage is being rerun)."""
+    """Open the unfinished store at ``staging(path)`` to resume if the same record, images and ``provenance``
+    (``finished_store_is_current``) made it, else start afresh (a finished store at a URL is rewritten: its
+    stage is being rerun)."""
     path = as_location(path)
     partial = staging(path)
     pixels = record.image_size**2
@@ -206,13 +229,16 @@ def create_or_resume(
     if check_ours_or_absent(partial):
         group = zarr.open_group(partial, mode="r+")
         reason = _why_not_resumable(group, path, record, image_ids)
+        if reason is None and group.attrs.get("provenance", "") != provenance:
+            reason = "it was started by other extraction code or settings (its provenance differs)"
         if reason is None:
             return StoreWriter(path, group)
         print(f"{partial}: not resuming the interrupted extraction, starting afresh: {reason}", file=sys.stderr)
         remove_location(partial)
     # The attributes come with the group's first metadata write, so a leftover of ours always says it is ours.
     group = zarr.open_group(partial, mode="w", zarr_format=3, attributes={
-        "format": FORMAT, "record": record.to_attrs(), "complete": False, "all_chunks_stored": True})
+        "format": FORMAT, "record": record.to_attrs(), "complete": False, "all_chunks_stored": True,
+        "provenance": provenance})
     chunk_rows = rows_per_chunk(chunk_pixels, pixels)
     compressors = make_compressors(codec, clevel)
     if record.layout not in LAYOUTS:
@@ -389,10 +415,7 @@ def open_store(path: str | Path, expected: dict[str, Any]) -> FeatureStore:
 
 def open_step_stores(pattern: str, params) -> list[FeatureStore]:
     """The stores of ``params.t_steps`` at ``pattern`` (e.g. ``features/t{t}.zarr``), each checked against what
-    ``params`` ask of it (``params_record``): what fit and evaluate read. Stores of steps no longer in
-    ``t_steps`` are first set aside (``set_aside_unused_stores``), and each move is said."""
-    for moved in set_aside_unused_stores(pattern, params.t_steps):
-        print(f"{moved.parent.parent / moved.name} is not a store of t_steps {list(params.t_steps)}: moved to {moved}")
+    ``params`` ask of it (``params_record``): what fit and evaluate read, touching nothing."""
     return [open_store(pattern.format(t=t), params_record(params, t)) for t in params.t_steps]
 
 
