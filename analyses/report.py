@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from analyses.experiments import ANALYSES
+from analyses.representation_map import plot_map
 from analyses.results import robustness_table, sample_efficiency_table, split_table
 from analyses.run_page import build_comparison_page, build_run_page
 
@@ -90,6 +91,26 @@ def plot_robustness(table: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
+def representation_map_section(record: dict, folder: Path) -> list[str]:
+    """The map's heatmaps (drawn again from its record) and its table: val mIoU per block (rows) and step."""
+    plot_map(record, folder / "representation_map.png")
+    cells = pd.DataFrame(record["cells"])
+    lines = [f"One light classifier per cell ({record['classifier']['members']} MLP members, "
+             f"{record['classifier']['optimizer_steps']} optimizer steps each) on one decoder block's features at "
+             f"one step, trained on {record['train_images']} train images and scored on {record['val_images']} val "
+             f"images. Small classes (below the median area in the train masks): "
+             f"{', '.join(record['classes']['small'])}; large: {', '.join(record['classes']['large'])}.", "",
+             "![val mIoU by decoder block and step, all / small / large classes](representation_map.png)", ""]
+    for group in ("all", "small", "large"):
+        table = cells.pivot(index="block", columns="t", values=f"miou_{group}")
+        table.columns = [f"t={t}" for t in table.columns]
+        lines.extend([f"val mIoU, {group} classes:", "", markdown_table(table.reset_index()), ""])
+    best = cells.loc[cells["miou_all"].idxmax()]
+    lines.extend([f"Best cell: block {int(best['block'])} at t={int(best['t'])} (val mIoU {best['miou_all']:.3f}).",
+                  ""])
+    return lines
+
+
 def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
     """Write ``out`` (Markdown) and its figures into ``out``'s folder; returns the Markdown."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +134,11 @@ def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
         parts.extend([markdown_table(table.drop(columns="experiment")), ""])
 
     split_section("baselines", "Baselines through the same stages")
+    parts.extend(["## Representation map (val)", ""])
+    if "representation_map" in records:
+        parts.extend(representation_map_section(records["representation_map"], out.parent))
+    else:
+        parts.extend(["No recorded map (run `python -m analyses.representation_map`).", ""])
     parts.extend(["## Sample efficiency", ""])
     if records.get("sample_efficiency", {}).get("experiments"):
         summary = sample_efficiency_table(records["sample_efficiency"])
@@ -145,7 +171,7 @@ def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
     else:
         parts.extend(["No k-means maps given (`--kmeans plots/kmeans` after `dvc repro kmeans`).", ""])
     for name, record in records.items():
-        times.append({"analysis": name, "experiments": len(record["experiments"]),
+        times.append({"analysis": name, "experiments": len(record.get("experiments", record.get("cells", []))),
                       "wall clock (s)": float(record.get("seconds", float("nan")))})
     if times:
         parts.extend(["## Run times on this machine", "", markdown_table(pd.DataFrame(times), digits=0), ""])
