@@ -116,7 +116,8 @@ def representation_map(run_params: Path, stores: str, steps: list[int], blocks: 
             cells.append(cell)
             print(f"t={t:4d} block {block}: val mIoU {cell['miou_all']:.3f} (small {cell['miou_small']}, "
                   f"large {cell['miou_large']}) in {cell['seconds']} s", flush=True)
-    return {"split": "val", "steps": steps, "blocks": blocks, "classes": {g: groups[g] for g in ("small", "large")},
+    return {"split": "val", "checkpoint_sha256": opened[steps[0]].record.checkpoint_sha256, "steps": steps,
+            "blocks": blocks, "classes": {g: groups[g] for g in ("small", "large")},
             "classifier": {"members": members, "optimizer_steps": fit_steps, "seed": seed,
                            "recipe": config.recipe.value},
             "train_images": len(opened[steps[0]].image_ids("train")),
