@@ -155,7 +155,7 @@ def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
     robust = robustness_table(records["baselines"], labels_of("baselines")) if "baselines" in records else pd.DataFrame()
     if len(robust):
         plot_robustness(robust, out.parent / "robustness.png")
-        parts.extend(["Columns: severity (0 = clean, 1..5 as CIFAR-10-C); rows: run and corruption.", "",
+        parts.extend(["Columns: severity (0 = clean, 1..5 with CIFAR-10-C's constants at 32 px); rows: run and corruption.", "",
                       markdown_table(robust), "", "![test mIoU under corruptions](robustness.png)", ""])
     else:
         missing("baselines")

@@ -29,6 +29,7 @@ from pipeline.enums import (
     Autocast,
     Codec,
     Corruption,
+    CorruptionConstants,
     FixedSigma,
     LabelFormat,
     LossWeighting,
@@ -347,6 +348,9 @@ class RobustnessConfig(Section):
     # 1 (mild) .. 5 (strong), as ImageNet-C numbers them
     severities: Annotated[tuple[Annotated[StrictInt, Field(ge=1, le=5)], ...], Field(strict=False, min_length=1)] = (1, 3, 5)
     seed: Seed = 0  # the Gaussian noise's draws
+    # The severities' published constants: auto = ImageNet-C's for images of 128 px and more, CIFAR-10-C's below
+    # (pipeline/analysis/corruptions.py); metrics/robustness.json records which were used.
+    constants: Choice[CorruptionConstants] = CorruptionConstants.AUTO
 
 
 class KMeansConfig(Section):

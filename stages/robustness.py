@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.analysis.corruptions import corrupt
+from pipeline.analysis.corruptions import constants_for, corrupt
 from pipeline.analysis.robustness import vote_on_images
 from pipeline.atomic import write_json_atomic
 from pipeline.data.images import read_rgb
@@ -47,13 +47,16 @@ def main() -> None:
     rows, shown = [], []
     for corruption, severity in levels:
         rng = np.random.default_rng([config.seed, severity])
-        images = clean if severity == 0 else [corrupt(image, corruption, severity, rng) for image in clean]
+        images = clean if severity == 0 else [corrupt(image, corruption, severity, rng, config.constants)
+                                              for image in clean]
         shown.append(images[0])
         prediction = vote_on_images(model, diffusion, ensemble, params, np.stack(images))
         metrics = score(masks.reshape(-1), prediction, params.dataset.names(), params.dataset.ignore_label)
         rows.append({"corruption": corruption, "severity": severity, "miou": metrics["miou"]})
         print(f"robustness: {corruption} severity {severity}: test mIoU {metrics['miou']:.4f}", flush=True)
-    results = {"clean": rows[0]["miou"], "representation": params.features.representation_id()}
+    constants = constants_for(params.dataset.image_size, config.constants)
+    results = {"clean": rows[0]["miou"], "representation": params.features.representation_id(),
+               "constants": {"cifar10c": "CIFAR-10-C", "imagenetc": "ImageNet-C"}[constants.value]}
     for row in rows[1:]:
         results.setdefault(row["corruption"], {})[str(row["severity"])] = row["miou"]
     write_json_atomic(results, args.metrics)

@@ -199,8 +199,9 @@ def test_robustness_clean_level_is_evaluates_test_score(project, tmp_path):
     assert result.returncode == 0, result.stderr
     robust = json.loads((tmp_path / "r.json").read_text())
     assert robust["clean"] == evaluated["miou"]  # the same features, the same vote: the stores' path and this one
-    assert set(robust) == {"clean", "representation", "gaussian_noise", "contrast"}
+    assert set(robust) == {"clean", "representation", "constants", "gaussian_noise", "contrast"}
     assert set(robust["contrast"]) == {"1", "5"} and robust["representation"] == "ddpm"
+    assert robust["constants"] == "CIFAR-10-C"  # 32 px images: CIFAR-10-C's constants under auto
     with Image.open(tmp_path / "r.png") as strip:  # clean + 4 corrupted side by side, labelled (tests/test_figures.py)
         assert strip.format == "PNG" and strip.width > 3 * strip.height
     table = pd.read_csv(tmp_path / "r.csv")
