@@ -20,6 +20,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from analyses import active_learning
 from analyses.experiments import ANALYSES
 from analyses.representation_map import plot_map
 from analyses.results import robustness_table, sample_efficiency_table, split_table
@@ -111,6 +112,21 @@ def representation_map_section(record: dict, folder: Path) -> list[str]:
     return lines
 
 
+def active_learning_section(record: dict, folder: Path) -> list[str]:
+    """Uncertainty picking against random picking: the curve (mean and std over seeds) and its table."""
+    active_learning.plot(record, folder / "active_learning.png")
+    table = active_learning.summary(record)
+    wide = table.pivot(index="labeled", columns="strategy", values=["val_mean", "val_std"])
+    wide.columns = [f"{strategy} {stat.removeprefix('val_')}" for stat, strategy in wide.columns]
+    return [f"Start from {record['start']} labeled train images (the same for both strategies per seed), add "
+            f"{record['add']} a round for {record['rounds']} rounds, by the ensemble's disagreement "
+            f"({record['score']}) or at random; {len(record['seeds'])} seeds; the ensemble "
+            f"({record['fit']['members']} members, {record['fit']['optimizer_steps']} optimizer steps each) refit "
+            f"every round; val mIoU. `{record.get('command', 'python -m analyses.active_learning')}`, "
+            f"{record.get('seconds', float('nan')):.0f} s.", "",
+            markdown_table(wide.reset_index()), "", "![val mIoU against labeled images](active_learning.png)", ""]
+
+
 def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
     """Write ``out`` (Markdown) and its figures into ``out``'s folder; returns the Markdown."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,12 +166,18 @@ def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
                       markdown_table(shown), "", "![mIoU against labeled images](sample_efficiency.png)", ""])
     else:
         missing("sample_efficiency")
+    parts.extend(["## Active learning (val)", ""])
+    if "active_learning" in records:
+        parts.extend(active_learning_section(records["active_learning"], out.parent))
+    else:
+        parts.extend(["No recorded run (run `python -m analyses.active_learning` after `dvc repro`).", ""])
     split_section("noise", "Noise variants")
     parts.extend(["## Corruption robustness (test split)", ""])
     robust = robustness_table(records["baselines"], labels_of("baselines")) if "baselines" in records else pd.DataFrame()
     if len(robust):
         plot_robustness(robust, out.parent / "robustness.png")
-        parts.extend(["Columns: severity (0 = clean, 1..5 with CIFAR-10-C's constants at 32 px); rows: run and corruption.", "",
+        parts.extend(["Columns: severity (0 = clean, 1..5 with CIFAR-10-C's constants at 32 px); rows: run and "
+                      "corruption.", "",
                       markdown_table(robust), "", "![test mIoU under corruptions](robustness.png)", ""])
     else:
         missing("baselines")
@@ -171,7 +193,7 @@ def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
     else:
         parts.extend(["No k-means maps given (`--kmeans plots/kmeans` after `dvc repro kmeans`).", ""])
     for name, record in records.items():
-        times.append({"analysis": name, "experiments": len(record.get("experiments", record.get("cells", []))),
+        times.append({"analysis": name, "experiments": len(record.get("experiments", record.get("cells", record.get("curves", [])))),
                       "wall clock (s)": float(record.get("seconds", float("nan")))})
     if times:
         parts.extend(["## Run times on this machine", "", markdown_table(pd.DataFrame(times), digits=0), ""])
