@@ -127,10 +127,10 @@ def representation_map(run_params: Path, stores: str, steps: list[int], blocks: 
 def plot_map(result: dict, path: Path) -> None:
     """One heatmap per class group: blocks down, steps across, val mIoU in each cell."""
     steps, blocks = result["steps"], result["blocks"]
-    size = (3.2 + 1.1 * len(steps) * len(GROUPS), 1.2 + 0.45 * len(blocks))
-    figure, axes = plt.subplots(1, len(GROUPS), figsize=size, squeeze=False)
+    size = (2.8 + 0.75 * len(steps), len(GROUPS) * (1.0 + 0.38 * len(blocks)) + 0.6)
+    figure, axes = plt.subplots(len(GROUPS), 1, figsize=size, squeeze=False)
     lookup = {(c["block"], c["t"]): c for c in result["cells"]}
-    for axis, group in zip(axes[0], GROUPS):
+    for axis, group in zip(axes[:, 0], GROUPS):
         grid = np.array([[np.nan if lookup[(b, t)][f"miou_{group}"] is None else lookup[(b, t)][f"miou_{group}"]
                           for t in steps] for b in blocks])
         top = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
@@ -144,11 +144,12 @@ def plot_map(result: dict, path: Path) -> None:
         axis.set_xlabel("diffusion step t")
         axis.set_ylabel("decoder block")
         names = result["classes"].get(group)
-        axis.set_title(f"{group} classes" + (f" ({len(names)})" if names else ""), fontsize=10)
+        axis.set_title(f"{group} classes" + (f" ({len(names)}: {', '.join(n.removeprefix('digit_') for n in names)})"
+                                              if names else ""), fontsize=9)
         figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="val mIoU")
-    figure.suptitle(f"Representation map: one block at one step, {result['classifier']['members']}-member MLP, "
+    figure.suptitle(f"One decoder block at one step: val mIoU\n({result['classifier']['members']}-member MLP, "
                     f"{result['classifier']['optimizer_steps']} steps, {result['train_images']} train images, "
-                    f"scored on {result['val_images']} val images", fontsize=10)
+                    f"{result['val_images']} val images)", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp.png")
