@@ -73,9 +73,11 @@ def main() -> None:
     window: list[dict[str, float]] = []
 
     def on_step(step: int, losses: dict[str, float]) -> None:  # each log_every window's mean, as it closes
+        if live is None:  # ranks other than 0 log nothing
+            return
         bar.update(1)
         window.append(losses)
-        if live is not None and (step % ddpm.train.log_every == 0 or step == ddpm.train.steps):
+        if step % ddpm.train.log_every == 0 or step == ddpm.train.steps:
             log_step(live, step, loss_curve(window, len(window))[0][1])
             window.clear()
 
