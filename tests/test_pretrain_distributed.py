@@ -141,26 +141,41 @@ def test_the_world_comes_from_torchrun_variables_and_bad_ones_are_named():
         distributed.timeout_s({"DDPM_SEG_DIST_TIMEOUT": "soon"})
 
 
-@pytest.mark.slow  # 7 processes start torch: ~30 s of CPU, ~20 s on two idle cores
-def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_unbroken_checkpoint(tmp_path):
-    params = write_params(tmp_path / "params.yaml", {"ddpm.train.steps": 16, "ddpm.train.state_every": 4,
-                                                     "ddpm.train.batch_size": 8, "ddpm.model.dropout": 0.1})
-    data = tmp_path / "prepared"  # pretrain reads unlabeled/ only: 16 random 32 px images stand in for prepare's
-    (data / "unlabeled").mkdir(parents=True)
-    for index, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)):
-        Image.fromarray(pixels).save(data / "unlabeled" / f"{index:02d}.png")
-    env = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               DDPM_SEG_DIST_TIMEOUT="60")
+class Project:
+    """A pretrain stage's inputs under ``root``, and its command line; ranks started as torchrun starts them."""
 
-    def arguments(out: Path) -> list[str]:
-        return ["-m", "stages.pretrain", "--params", str(params), "--data", str(data),
+    def __init__(self, root: Path, timeout_s: int):
+        self.params = write_params(root / "params.yaml", {"ddpm.train.steps": 16, "ddpm.train.state_every": 4,
+                                                          "ddpm.train.batch_size": 8, "ddpm.model.dropout": 0.1})
+        self.data = root / "prepared"  # pretrain reads unlabeled/ only: 16 random 32 px images stand in for prepare's
+        (self.data / "unlabeled").mkdir(parents=True)
+        for index, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)):
+            Image.fromarray(pixels).save(self.data / "unlabeled" / f"{index:02d}.png")
+        self.env = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1", OMP_NUM_THREADS="1",
+                        MASTER_ADDR="127.0.0.1", DDPM_SEG_DIST_TIMEOUT=str(timeout_s))
+
+    def arguments(self, out: Path) -> list[str]:
+        return ["-m", "stages.pretrain", "--params", str(self.params), "--data", str(self.data),
                 "--out", str(out), "--curves", str(out.with_suffix(".curves"))]
 
-    def launch(out: Path, port: int) -> list[subprocess.Popen]:  # what torchrun does: one process per rank
-        return [subprocess.Popen([sys.executable, *arguments(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                                                     MASTER_PORT=str(port)))
+    def launch(self, out: Path) -> list[subprocess.Popen]:  # what torchrun does: one process per rank
+        port = free_port()
+        return [subprocess.Popen([sys.executable, *self.arguments(out)], cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=dict(self.env, RANK=str(rank), LOCAL_RANK=str(rank),
+                                                                             WORLD_SIZE="2", MASTER_PORT=str(port)))
                 for rank in (0, 1)]
+
+
+def wait_for(path: Path, process: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while not path.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+
+
+@pytest.mark.slow  # 7 processes start torch: ~30 s of CPU, ~20 s on two idle cores
+def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_unbroken_checkpoint(tmp_path):
+    project = Project(tmp_path, timeout_s=60)
+    arguments, launch, env = project.arguments, project.launch, project.env
 
     # The unbroken run, through torchrun itself (a static rendezvous on 127.0.0.1).
     whole = tmp_path / "unbroken" / "trained.pt"  # torch.save records the file's name: the same name in another folder
@@ -173,10 +188,8 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_unbroken_check
 
     out = tmp_path / "trained.pt"
     state = tmp_path / "trained.pt.state"
-    ranks = launch(out, free_port())
-    deadline = time.time() + 120
-    while not state.exists() and time.time() < deadline and ranks[0].poll() is None:
-        time.sleep(0.01)
+    ranks = launch(out)
+    wait_for(state, ranks[0])
     ranks[1].send_signal(signal.SIGKILL)
     killed_at = time.time()
     try:
@@ -193,7 +206,7 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_unbroken_check
     saved = torch.load(state, weights_only=True)
     assert 4 <= saved["step"] < 16 and len(saved["rank_torch_rng"]) == 2  # each rank's dropout generator
 
-    ranks = launch(out, free_port())
+    ranks = launch(out)
     outputs = [rank.communicate(timeout=300) for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     assert f"resuming from step {saved['step']}" in outputs[0][0]
@@ -202,3 +215,26 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_unbroken_check
         (whole.with_suffix(".curves") / "plots/metrics/loss.tsv").read_bytes()
     assert not state.exists()
     print(f"\nrank 0 stopped {stopped_in:.1f} s after rank 1 was killed at step {saved['step']} or later")
+
+
+@pytest.mark.slow  # ~15 s: two ranks start, then one waits out the timeout
+def test_a_hung_rank_is_given_up_on_after_the_timeout(tmp_path):
+    project = Project(tmp_path, timeout_s=5)
+    out = tmp_path / "trained.pt"
+    ranks = project.launch(out)
+    wait_for(out.with_name("trained.pt.state"), ranks[0])
+    ranks[1].send_signal(signal.SIGSTOP)  # alive, its sockets open, but silent
+    hung_at = time.time()
+    try:
+        _, err = ranks[0].communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        ranks[0].kill()
+        pytest.fail("rank 0 waited for ever for a hung rank")
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+    waited = time.time() - hung_at
+    assert ranks[0].returncode == 2, err[-3000:]
+    assert "pretrain rank 0 of 2 stopped: a collective failed" in err and "DDPM_SEG_DIST_TIMEOUT=5 s" in err, err[-3000:]
+    assert 4 < waited < 40 and not out.exists()
+    print(f"\nrank 0 gave up {waited:.1f} s after rank 1 hung (DDPM_SEG_DIST_TIMEOUT=5)")
