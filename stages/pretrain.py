@@ -101,6 +101,8 @@ def main() -> None:
     source = {"kind": "trained", "steps": ddpm.train.steps, "unlabeled_images": len(images), "ema_rate": ddpm.train.ema_rate}
     if ddpm.train.init is not UNetInit.GUIDED:  # recorded when not the default, so a default checkpoint keeps its bytes
         source["init"] = ddpm.train.init.value
+    if world.distributed:  # likewise: the rank count changes the weights' last bits (docs/determinism.md)
+        source["ranks"] = world.size
     save_checkpoint(args.out, ema, diffusion, source)
     write_curves(args.curves, loss_curve(history, ddpm.train.log_every))
     state_path.unlink(missing_ok=True)

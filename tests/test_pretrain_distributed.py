@@ -191,7 +191,8 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_unbroken_check
              for node in (0, 1)]
     logs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][1][-3000:] + logs[1][1][-3000:]
-    assert load_checkpoint(whole)[2]["source"] == {"kind": "trained", "steps": 24, "unlabeled_images": 16, "ema_rate": 0.999}
+    assert load_checkpoint(whole)[2]["source"] == {"kind": "trained", "steps": 24, "unlabeled_images": 16, "ema_rate": 0.999,
+                                                   "ranks": 2}
 
     out = tmp_path / "trained.pt"
     state = tmp_path / "trained.pt.state"
