@@ -225,16 +225,17 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_to_the_unbroken_check
     print(f"\nrank 0 stopped {stopped_in:.1f} s after rank 1 was killed at step {saved['step']} or later")
 
 
-@pytest.mark.slow  # ~15 s: two ranks start, then one waits out the timeout
+@pytest.mark.slow  # ~20 s: two ranks start, then one waits out the timeout
 def test_a_hung_rank_is_given_up_on_after_the_timeout(tmp_path):
-    project = Project(tmp_path, timeout_s=5)
+    # 10 s: the timeout also bounds how far apart the ranks may reach the process group's start-up
+    project = Project(tmp_path, timeout_s=10)
     out = tmp_path / "trained.pt"
     ranks = project.launch(out)
     wait_for(out.with_name("trained.pt.state"), ranks[0])
     ranks[1].send_signal(signal.SIGSTOP)  # alive, its sockets open, but silent
     hung_at = time.time()
     try:
-        _, err = ranks[0].communicate(timeout=60)
+        _, err = ranks[0].communicate(timeout=90)
     except subprocess.TimeoutExpired:
         ranks[0].kill()
         pytest.fail("rank 0 waited for ever for a hung rank")
@@ -243,6 +244,6 @@ def test_a_hung_rank_is_given_up_on_after_the_timeout(tmp_path):
         ranks[1].communicate()
     waited = time.time() - hung_at
     assert ranks[0].returncode == 2, err[-3000:]
-    assert "pretrain rank 0 of 2 stopped: a collective failed" in err and "DDPM_SEG_DIST_TIMEOUT=5 s" in err, err[-3000:]
-    assert 4 < waited < 40 and not out.exists()
-    print(f"\nrank 0 gave up {waited:.1f} s after rank 1 hung (DDPM_SEG_DIST_TIMEOUT=5)")
+    assert "pretrain rank 0 of 2 stopped: a collective failed" in err and "DDPM_SEG_DIST_TIMEOUT=10 s" in err, err[-3000:]
+    assert 9 < waited < 60 and not out.exists()
+    print(f"\nrank 0 gave up {waited:.1f} s after rank 1 hung (DDPM_SEG_DIST_TIMEOUT=10)")
