@@ -1,4 +1,7 @@
-"""Stage pretrain: train the DDPM on the unlabeled images, or import a guided-diffusion checkpoint."""
+"""Stage pretrain: train the DDPM on the unlabeled images, or import a guided-diffusion checkpoint.
+
+On several processes: ``torchrun --nproc_per_node N -m stages.pretrain ...`` (docs/scaling.md). The ranks split
+each global batch of ddpm.train.batch_size; rank 0 writes the checkpoint, the resumable state and the curves."""
 from __future__ import annotations
 
 import hashlib
@@ -13,12 +16,14 @@ from tqdm import tqdm
 
 import pipeline.data.images
 import pipeline.data.layout
+import pipeline.diffusion.distributed
 import pipeline.diffusion.flags
 import pipeline.diffusion.gaussian
 import pipeline.diffusion.schedule
 import pipeline.diffusion.train
 import pipeline.diffusion.unet
 from pipeline.data.layout import load_unlabeled
+from pipeline.diffusion import distributed
 from pipeline.diffusion.diffusers_unet import import_diffusers_folder
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import save_checkpoint, train_ddpm
@@ -26,7 +31,7 @@ from pipeline.diffusion.unet import check_model_builds, create_unet, load_guided
 from pipeline.enums import UNetInit
 from pipeline.hashing import file_sha256
 from pipeline.outputs.live import log_step, open_curves, write_curves
-from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
+from pipeline.runtime import stage_main, stage_params, stage_parser
 
 # The default ddpm.checkpoint: a placeholder file meaning "train, import nothing". dvc.yaml depends on
 # ${ddpm.checkpoint}, and DVC cannot depend on a null path, so "no checkpoint" has to be a real file.
@@ -40,11 +45,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
     parser.add_argument("--curves", type=Path, required=True, help="dvclive folder for the loss curves")
     args = parser.parse_args()
+    world = distributed.world_from_env()  # rank 0 of 1 unless torchrun started this process
     params = stage_params(args.params)
     check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
     ddpm = params.ddpm
     diffusion = Diffusion(ddpm.noise_schedule, ddpm.diffusion_steps, ddpm.rescale_timesteps)
-    live = open_curves(args.curves)
+    if not world.main:
+        live = None
+        if ddpm.checkpoint not in (None, SCRATCH):
+            return  # an import is one process's work: rank 0's
+    else:
+        live = open_curves(args.curves)
     if ddpm.checkpoint not in (None, SCRATCH):
         model, diffusion, source, message = import_checkpoint(params, diffusion)
         save_checkpoint(args.out, model, diffusion, source)
@@ -53,27 +64,45 @@ def main() -> None:
         return
     flags = params.unet_config()
     images = load_unlabeled(args.data)
-    device = pick_device(params.runtime.device)
+    fingerprint = run_fingerprint(ddpm, flags.to_dict(), images)
     torch.manual_seed(ddpm.train.seed)  # module init (the UNet's random weights)
     model = create_unet(flags, init=ddpm.train.init.value)
     start = time.perf_counter()
-    bar = tqdm(total=ddpm.train.steps, desc="pretrain", unit="step", mininterval=5)
+    bar = tqdm(total=ddpm.train.steps, desc="pretrain", unit="step", mininterval=5, disable=not world.main)
     state_path = args.out.with_name(args.out.name + ".state")
     window: list[dict[str, float]] = []
 
     def on_step(step: int, losses: dict[str, float]) -> None:  # each log_every window's mean, as it closes
+        if live is None:  # ranks other than 0 log nothing
+            return
         bar.update(1)
         window.append(losses)
         if step % ddpm.train.log_every == 0 or step == ddpm.train.steps:
             log_step(live, step, loss_curve(window, len(window))[0][1])
             window.clear()
 
-    ema, history = train_ddpm(model, diffusion, images, ddpm.train, device=device, on_step=on_step,
-                              state_path=state_path, fingerprint=run_fingerprint(ddpm, flags.to_dict(), images))
+    device = distributed.start(world, params.runtime.device)
+    try:
+        ema, history = train_ddpm(model, diffusion, images, ddpm.train, device=device, on_step=on_step,
+                                  state_path=state_path, fingerprint=fingerprint, world=world)
+    except RuntimeError as error:
+        if not (world.distributed and distributed.is_collective_failure(error)):
+            raise
+        raise distributed.RankLostError(
+            f"pretrain rank {world.rank} of {world.size} stopped: a collective failed ({distributed.first_line(error)}). "
+            f"Another rank died, hung past {distributed.TIMEOUT_ENV}={distributed.timeout_s():g} s or lost the network "
+            f"(see its log); the last resumable state ({state_path}) is kept, so the same launch resumes from it"
+        ) from error
+    finally:
+        distributed.stop(world)
     bar.close()
+    if not world.main:
+        return
     source = {"kind": "trained", "steps": ddpm.train.steps, "unlabeled_images": len(images), "ema_rate": ddpm.train.ema_rate}
     if ddpm.train.init is not UNetInit.GUIDED:  # recorded when not the default, so a default checkpoint keeps its bytes
         source["init"] = ddpm.train.init.value
+    if world.distributed:  # likewise: the rank count changes the weights' last bits (docs/determinism.md)
+        source["ranks"] = world.size
     save_checkpoint(args.out, ema, diffusion, source)
     write_curves(args.curves, loss_curve(history, ddpm.train.log_every))
     state_path.unlink(missing_ok=True)
@@ -99,7 +128,7 @@ def run_fingerprint(ddpm, model_flags: dict, images) -> str:
                                         "schedule": ddpm.noise_schedule, "rescale": ddpm.rescale_timesteps},
                                        sort_keys=True, default=str).encode())
     for module in (pipeline.diffusion.train, pipeline.diffusion.unet, pipeline.diffusion.flags, pipeline.diffusion.gaussian,
-                   pipeline.diffusion.schedule, pipeline.data.images, pipeline.data.layout):
+                   pipeline.diffusion.schedule, pipeline.diffusion.distributed, pipeline.data.images, pipeline.data.layout):
         digest.update(Path(module.__file__).read_bytes())
     for path in images.paths:
         digest.update(path.name.encode())

@@ -4,6 +4,12 @@ The recipe's options (``ddpm.train``): the ε-MSE weighting (uniform or Min-SNR-
 schedule (linear warm-up, then constant or cosine) and the batch size. A run writes a resumable state
 every ``state_every`` steps, so a killed run continues instead of starting again.
 
+The same function trains on several processes (``pipeline.diffusion.distributed``, launched by torchrun): the
+global batch ``batch_size`` is split into equal, disjoint shares, one per rank, DDP averages the ranks'
+gradients, and rank 0 alone keeps the EMA and writes the states. Every rank draws the whole batch's timesteps
+and noise from the one seeded generator and keeps its share, so the run computes what one process computes on
+the same batches, up to the order of float sums (docs/scaling.md).
+
 A checkpoint is a plain dict loadable with ``torch.load(weights_only=True)``: format, model flags,
 diffusion schedule, the EMA state dict used for features, and where it came from.
 """
@@ -23,11 +29,13 @@ from pipeline.atomic import save_torch_atomic
 from pipeline.config import TrainConfig
 from pipeline.data.images import to_model_input
 from pipeline.data.layout import ImageFiles
+from pipeline.diffusion import distributed
+from pipeline.diffusion.distributed import ONE_PROCESS, World
 from pipeline.diffusion.flags import UNetConfig, config_from_flags
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.unet import UNetModel, check_state_dict, create_unet
 from pipeline.enums import LossWeighting, LrSchedule, NoiseSchedule
-from pipeline.errors import DatasetError, ModelFlagsError, NumericsError
+from pipeline.errors import ConfigError, DatasetError, ModelFlagsError, NumericsError
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"
 STATE_FORMAT = "ddpm-segmentation-pretrain-state/1"
@@ -53,12 +61,14 @@ def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
     return torch.randperm(count, generator=torch.Generator().manual_seed(epoch_seed)).numpy()
 
 
-def batch_at(images: np.ndarray | ImageFiles, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Step ``step``'s (1-based) batch as ``[B, 3, H, W] float32`` in [-1, 1]; epochs drop the last partial batch."""
+def batch_at(images: np.ndarray | ImageFiles, batch_size: int, seed: int, step: int,
+             share: slice = slice(None)) -> torch.Tensor:
+    """Step ``step``'s (1-based) batch as ``[B, 3, H, W] float32`` in [-1, 1]; epochs drop the last partial batch.
+    ``share``: the positions of the batch to read (a rank's share of the global batch; all of it by default)."""
     per_epoch = len(images) // batch_size
     epoch, position = divmod(step - 1, per_epoch)
     order = epoch_order(len(images), seed, epoch)
-    return to_model_input(images[order[position * batch_size : (position + 1) * batch_size]])
+    return to_model_input(images[order[position * batch_size : (position + 1) * batch_size][share]])
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -87,40 +97,65 @@ class Trainer:
     """The mutable state of a pretraining run: what a resumable state file holds."""
 
     model: UNetModel
-    ema: UNetModel
+    ema: UNetModel | None  # rank 0's only
     optimizer: torch.optim.Optimizer
-    generator: torch.Generator  # timesteps and noise
+    generator: torch.Generator  # timesteps and noise, the same on every rank
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # batch-mean losses of every step so far
+    world: World = ONE_PROCESS
 
-    def state(self, fingerprint: str) -> dict:
-        return {"format": STATE_FORMAT, "fingerprint": fingerprint, "step": self.step, "history": self.history,
-                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "torch_rng": torch.get_rng_state()}
+    def state(self, fingerprint: str) -> dict | None:
+        """The resumable state, on rank 0 (None on the others). With several ranks, every rank must call it:
+        each rank's global generator (dropout) is gathered into ``rank_torch_rng``."""
+        rank_rngs = distributed.gather(torch.get_rng_state(), self.world) if self.world.distributed else None
+        if not self.world.main:
+            return None
+        state = {"format": STATE_FORMAT, "fingerprint": fingerprint, "step": self.step, "history": self.history,
+                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                 "torch_rng": torch.get_rng_state()}
+        if rank_rngs is not None:
+            state["rank_torch_rng"] = rank_rngs
+        return state
 
     def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
+        # Dropout draws from each rank's global generator. A state written by another number of ranks restores
+        # all but those draws (rank 0 takes the saved rank 0's, the others a seed of their own).
+        rank_rngs = state.get("rank_torch_rng") or [state["torch_rng"]]
+        if len(rank_rngs) == self.world.size:
+            torch.set_rng_state(rank_rngs[self.world.rank])
+        elif self.world.main:
+            torch.set_rng_state(rank_rngs[0])
+        else:
+            seed_rank_dropout(int(state["step"]), self.world)
         self.step, self.history = int(state["step"]), list(state["history"])
 
 
-def load_state(path: Path, fingerprint: str) -> dict | None:
-    """The resumable state at ``path`` if it belongs to this run (same fingerprint), else None with a note."""
+def seed_rank_dropout(seed: int, world: World) -> None:
+    """Seed the global generator of a rank other than 0, so that its dropout masks differ from rank 0's."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, world.rank]).generate_state(1)[0]))
+
+
+def load_state(path: Path, fingerprint: str, quiet: bool = False) -> dict | None:
+    """The resumable state at ``path`` if it belongs to this run (same fingerprint), else None with a note
+    (none when ``quiet``: ranks other than 0 say nothing)."""
+    say = (lambda message: None) if quiet else print
     if not path.is_file():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged state costs a restart, never the run
-        print(f"pretrain: ignoring unreadable resumable state {path} ({type(error).__name__}); starting afresh")
+        say(f"pretrain: ignoring unreadable resumable state {path} ({type(error).__name__}); starting afresh")
         return None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
-        print(f"pretrain: {path} was written for other params, code or images; starting afresh")
+        say(f"pretrain: {path} was written for other params, code or images; starting afresh")
         return None
-    print(f"pretrain: resuming from step {state['step']} ({path})")
+    say(f"pretrain: resuming from step {state['step']} ({path})")
     return state
 
 
@@ -135,7 +170,8 @@ def train_ddpm(
     on_ema: Callable[[int, UNetModel], None] | None = None,
     state_path: Path | None = None,
     fingerprint: str = "",
-) -> tuple[UNetModel, list[dict[str, float]]]:
+    world: World = ONE_PROCESS,
+) -> tuple[UNetModel | None, list[dict[str, float]]]:
     """Train ``model`` for ``config.steps`` Adam steps on ``[N, H, W, 3] uint8`` images (an array or
     ``ImageFiles``, which give the same batches); return the EMA model and every step's batch-mean losses.
 
@@ -144,48 +180,89 @@ def train_ddpm(
     step and ``on_ema(step, ema)`` too (e.g. to snapshot the EMA). With ``state_path``, a resumable state
     is written there every ``config.state_every`` steps and a run whose state matches ``fingerprint``
     continues from it; the result equals an unbroken run's bit for bit.
+
+    With ``world`` of several ranks (the process group joined, ``distributed.start``) each rank computes its
+    share of every global batch of ``config.batch_size``; every rank returns the same history, rank 0 the EMA
+    model (the others None), and only rank 0 calls ``on_ema`` and writes the state.
     """
     if len(images) < config.batch_size:
         raise DatasetError(
             f"{len(images)} unlabeled images are fewer than ddpm.train.batch_size={config.batch_size}; "
             f"add images or lower the batch size"
         )
+    if config.batch_size % world.size:
+        raise ConfigError(
+            f"ddpm.train.batch_size={config.batch_size} does not split evenly across {world.size} ranks; use a "
+            f"multiple of {world.size} (it is the global batch: the recipe does not change with the rank count)")
     model.to(device).train()
-    ema = copy.deepcopy(model).eval()
-    for param in ema.parameters():
-        param.requires_grad_(False)
+    ema = None
+    if world.main:
+        ema = copy.deepcopy(model).eval()
+        for param in ema.parameters():
+            param.requires_grad_(False)
     trainer = Trainer(model, ema, torch.optim.Adam(model.parameters(), lr=config.lr),
-                      torch.Generator().manual_seed(config.seed))
-    state = load_state(state_path, fingerprint) if state_path is not None else None
+                      torch.Generator().manual_seed(config.seed), world=world)
+    state = load_state(state_path, fingerprint, quiet=not world.main) if state_path is not None else None
+    check_same_start(state, state_path, world)
     if state is not None:
         trainer.restore(state)
+    elif not world.main:
+        seed_rank_dropout(config.seed, world)
+    network = distributed.wrap(model, world, device)  # after restore: DDP starts every rank from rank 0's weights
     weights = mse_weights(diffusion, config).to(device)  # per-timestep ε-MSE weights, moved once
+    share = world.share(config.batch_size)
     while trainer.step < config.steps:
         trainer.step += 1
-        losses = _train_step(trainer, diffusion, batch_at(images, config.batch_size, config.seed, trainer.step).to(device),
-                             weights, lr_at(trainer.step, config), config.ema_rate)
+        batch = batch_at(images, config.batch_size, config.seed, trainer.step, share).to(device)
+        losses = _train_step(trainer, network, diffusion, batch, weights, lr_at(trainer.step, config), config.ema_rate)
         trainer.history.append(losses)
         if on_step is not None:
             on_step(trainer.step, losses)
-        if on_ema is not None:
+        if on_ema is not None and ema is not None:
             on_ema(trainer.step, ema)
         if state_path is not None and config.state_every and trainer.step % config.state_every == 0 and trainer.step < config.steps:
-            save_torch_atomic(trainer.state(fingerprint), state_path)
-    return ema.cpu(), trainer.history
+            state = trainer.state(fingerprint)
+            if state is not None:
+                save_torch_atomic(state, state_path)
+    return (ema.cpu() if ema is not None else None), trainer.history
 
 
-def _train_step(trainer: Trainer, diffusion: Diffusion, x_start: torch.Tensor, weights: torch.Tensor, lr: float,
-                ema_rate: float) -> dict[str, float]:
-    device = x_start.device
-    t = torch.randint(0, diffusion.num_timesteps, (x_start.shape[0],), generator=trainer.generator)
-    noise = torch.randn(x_start.shape, generator=trainer.generator).to(device)
+def check_same_start(state: dict | None, path: Path | None, world: World) -> None:
+    """Every rank must resume from the same step: each reads the state file, so it must be on a filesystem
+    every machine shares (or absent on all)."""
+    if not world.distributed:
+        return
+    steps = distributed.gather(0 if state is None else int(state["step"]), world)
+    if len(set(steps)) > 1:
+        raise ConfigError(
+            f"the ranks found different resumable states at {path} (steps by rank: {steps}, 0 = none); put the "
+            f"checkpoint's folder on a filesystem every machine shares, or delete the state files to start afresh")
+
+
+def _train_step(trainer: Trainer, network: nn.Module, diffusion: Diffusion, x_start: torch.Tensor, weights: torch.Tensor,
+                lr: float, ema_rate: float) -> dict[str, float]:
+    """One Adam step on this rank's share ``x_start`` of the global batch; returns the global batch's mean losses."""
+    device, world = x_start.device, trainer.world
+    # The whole global batch's timesteps and noise, of which this rank keeps its share (all of it in one process).
+    share = slice(world.rank * x_start.shape[0], (world.rank + 1) * x_start.shape[0])
+    full = x_start.shape[0] * world.size
+    t = torch.randint(0, diffusion.num_timesteps, (full,), generator=trainer.generator)[share]
+    noise = torch.randn((full, *x_start.shape[1:]), generator=trainer.generator)[share].to(device)
     t = t.to(device)
     x_t = diffusion.q_sample(x_start, t, noise)
-    terms = diffusion.training_losses(trainer.model(x_t, diffusion.model_timesteps(t)), x_start, x_t, t, noise)
-    loss = (terms["loss"] + (weights[t] - 1) * terms["mse"]).mean()  # weighted mse + vb
-    if not torch.isfinite(loss):
+    terms = diffusion.training_losses(network(x_t, diffusion.model_timesteps(t)), x_start, x_t, t, noise)
+    per_image = terms["loss"] + (weights[t] - 1) * terms["mse"]  # weighted mse + vb
+    loss = per_image.mean()  # with DDP's gradient average, the global batch's mean (the shares are equal)
+    losses = None
+    if world.distributed:  # the global batch's means, so that every rank logs and checks the same numbers
+        sums = torch.stack([per_image.detach().sum(), *(value.detach().sum() for value in terms.values())])
+        means = (distributed.sum_across(sums, world) / full).tolist()
+        checked, losses = torch.tensor(means[0]), dict(zip(terms, means[1:]))
+    else:
+        checked = loss
+    if not torch.isfinite(checked):
         raise NumericsError(
-            f"pretrain: the loss became {loss.item()} at step {trainer.step}; likely cause: ddpm.train.lr="
+            f"pretrain: the loss became {checked.item()} at step {trainer.step}; likely cause: ddpm.train.lr="
             f"{lr:g} is too high (try a lower one or warmup_steps), or the images hold extreme values. "
             f"No checkpoint was written; the last resumable state (if any) is kept")
     for group in trainer.optimizer.param_groups:
@@ -193,7 +270,10 @@ def _train_step(trainer: Trainer, diffusion: Diffusion, x_start: torch.Tensor, w
     trainer.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     trainer.optimizer.step()
-    update_ema(trainer.ema, trainer.model, ema_rate_at(trainer.step, ema_rate))
+    if trainer.ema is not None:
+        update_ema(trainer.ema, trainer.model, ema_rate_at(trainer.step, ema_rate))
+    if losses is not None:
+        return losses
     return {name: value.detach().mean().item() for name, value in terms.items()}
 
 
