@@ -118,12 +118,12 @@ def test_a_state_of_other_params_is_not_resumed(tmp_path, capsys):
     assert steps == [1, 2, 3, 4]
 
 
-@pytest.mark.slow
 def files_under(directory: Path) -> dict[str, bytes]:
     return {path.relative_to(directory).as_posix(): path.read_bytes() for path in sorted(directory.rglob("*"))
             if path.is_file()}
 
 
+@pytest.mark.slow
 def test_killed_pretraining_resumes_to_a_byte_identical_checkpoint(tmp_path):
     project = make_project(tmp_path, {"dataset.unlabeled_images": 32, "ddpm.train.steps": 40,
                                       "ddpm.train.state_every": 10, "ddpm.train.batch_size": 8})
