@@ -49,9 +49,29 @@ def sample_efficiency_experiments(counts=TRAIN_IMAGES, seeds=SUBSET_SEEDS, all_i
     return tuple(runs)
 
 
+# Fit seeds (ensemble.seed: the members' inits and row orders) of every baseline, so each row has a spread. Seed 0
+# keeps the experiment's plain name (the runs recorded before seeds were added); the others are <name>-fs<seed>.
+FIT_SEEDS = (0, 1, 2)
+
+
+def with_fit_seeds(experiments: tuple[Experiment, ...], seeds=FIT_SEEDS) -> tuple[Experiment, ...]:
+    """Each experiment once per fit seed, under the same label (the report's row); the same stores for every seed."""
+    return tuple(experiment if seed == 0 else
+                 Experiment(f"{experiment.name}-fs{seed}", experiment.label,
+                            (*experiment.overrides, f"ensemble.seed={seed}"))
+                 for experiment in experiments for seed in seeds)
+
+
+def seed_of(name: str) -> int:
+    """The fit seed an experiment of ``with_fit_seeds`` runs: ``bl-rgb-fs2`` -> 2, ``bl-rgb`` -> 0."""
+    head, _, tail = name.rpartition("-fs")
+    return int(tail) if head and tail.isdigit() else 0
+
+
 ANALYSES = {
-    # The method beside simpler representations through the same stages; robustness runs for each of them.
-    "baselines": Analysis(("evaluate", "robustness"), (
+    # The method beside simpler representations through the same stages, each with FIT_SEEDS fit seeds; robustness
+    # runs for each of them.
+    "baselines": Analysis(("evaluate", "robustness"), with_fit_seeds((
         Experiment("bl-ddpm", "DDPM features (the pipeline's default)"),
         Experiment("bl-rgb", "raw RGB pixels", ("features.representation=rgb", "t_steps=[50]")),
         Experiment("bl-rgb-patch", "5x5 RGB neighbourhood",
@@ -63,7 +83,7 @@ ANALYSES = {
         Experiment("bl-random-unet-dense", "random UNet, all layers drawn",
                    ("ddpm.train.steps=0", "ddpm.train.init=dense")),
         Experiment("bl-ddpm-200", "DDPM after 200 of 800 pretraining steps", ("ddpm.train.steps=200",)),
-    )),
+    ))),
     # fit and evaluate only: the stores already hold every train image.
     "sample_efficiency": Analysis(("evaluate",), sample_efficiency_experiments()),
     # The paper's noise variants (its appendix table): re-extracts the stores.

@@ -30,6 +30,8 @@ from analyses.run_page import build_comparison_page, build_run_page
 def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
     """``frame`` as a GitHub Markdown table, numbers rounded to ``digits``."""
     def cell(value) -> str:
+        if isinstance(value, float) and value != value:  # NaN: nothing to show (e.g. the std of one seed)
+            return "-"
         return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]

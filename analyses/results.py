@@ -5,6 +5,8 @@ from typing import Any, Iterator, Sequence
 
 import pandas as pd
 
+from analyses.experiments import seed_of
+
 # What the report reads of each run (dvc.yaml's metrics files).
 METRICS_FILES = ("metrics/val.json", "metrics/eval.json", "metrics/robustness.json")
 
@@ -66,10 +68,20 @@ def miou(row: dict, split: str) -> float | None:
 
 
 def split_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
-    """One row per experiment of ``labels`` (name -> label) in that order: val and test mIoU."""
-    rows = [{"run": labels[name], "experiment": name, "val mIoU": miou(record["experiments"][name], "val"),
-             "test mIoU": miou(record["experiments"][name], "test")}
-            for name in labels if name in record["experiments"]]
+    """One row per label of ``labels`` (experiment name -> label; experiments of one label are fit seeds of one run),
+    in that order: the first recorded experiment's name, the seeds recorded, and the mean and std over them of val
+    and test mIoU (std empty for one seed)."""
+    groups: dict[str, list[str]] = {}
+    for name, label in labels.items():
+        if name in record["experiments"]:
+            groups.setdefault(label, []).append(name)
+    rows = []
+    for label, names in groups.items():
+        val = pd.Series([miou(record["experiments"][n], "val") for n in names], dtype=float)
+        test = pd.Series([miou(record["experiments"][n], "test") for n in names], dtype=float)
+        rows.append({"run": label, "experiment": names[0], "seeds": len(names), "val mIoU": val.mean(),
+                     "val std": val.std() if len(names) > 1 else None, "test mIoU": test.mean(),
+                     "test std": test.std() if len(names) > 1 else None})
     return pd.DataFrame(rows)
 
 
@@ -95,6 +107,8 @@ def robustness_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
     """Test mIoU per corruption and severity (columns), one row per (run, corruption); severity 0 = clean."""
     rows = []
     for name, label in labels.items():
+        if seed_of(name) != 0:  # one row per run: its first fit seed
+            continue
         result = record["experiments"].get(name, {}).get("metrics", {}).get("metrics/robustness.json")
         if not result:
             continue

@@ -15,9 +15,9 @@ import yaml
 import zarr
 from PIL import Image
 
-from analyses.experiments import ANALYSES
+from analyses.experiments import ANALYSES, FIT_SEEDS, seed_of
 from analyses.report import build_report
-from analyses.results import experiment_rows, sample_efficiency_table
+from analyses.results import experiment_rows, sample_efficiency_table, split_table
 from pipeline.analysis.corruptions import corrupt
 from pipeline.analysis.kmeans import kmeans
 from pipeline.api import Segmenter
@@ -353,4 +353,25 @@ def test_the_baselines_hold_both_random_unets_each_named_for_its_init():
         params_from_dict({"ddpm": {"train": {k.split(".")[2]: (int(v) if v.isdigit() else v)
                                              for k, v in (o.split("=") for o in experiment.overrides)}}})
     names = [e.name for e in ANALYSES["baselines"].experiments]
-    assert names.index("bl-random-unet-dense") == names.index("bl-random-unet") + 1  # beside each other
+    assert names.index("bl-random-unet-dense") == names.index("bl-random-unet") + len(FIT_SEEDS)  # beside each other
+
+
+def test_every_baseline_runs_three_fit_seeds_and_its_row_has_their_spread():
+    experiments = ANALYSES["baselines"].experiments
+    labels = {e.label for e in experiments}
+    assert len(experiments) == len(labels) * 3 and FIT_SEEDS == (0, 1, 2)
+    seeded = {e.name: e for e in experiments}["bl-rgb-fs2"]
+    assert seeded.overrides[-1] == "ensemble.seed=2" and seeded.label == "raw RGB pixels"
+    assert seed_of("bl-rgb-fs2") == 2 and seed_of("bl-rgb") == 0 and seed_of("bl-ddpm-200") == 0
+
+    def row(val, test):
+        return {"params": {}, "metrics": {"metrics/val.json": {"miou": val}, "metrics/eval.json": {"miou": test}}}
+
+    record = {"experiments": {"bl-rgb": row(0.1, 0.2), "bl-rgb-fs1": row(0.2, 0.3), "bl-rgb-fs2": row(0.3, 0.4),
+                              "bl-ddpm": row(0.5, 0.6)}}
+    table = split_table(record, {e.name: e.label for e in experiments})
+    rgb = table.set_index("run").loc["raw RGB pixels"]
+    assert rgb["seeds"] == 3 and abs(rgb["val mIoU"] - 0.2) < 1e-12 and abs(rgb["val std"] - 0.1) < 1e-12
+    assert rgb["experiment"] == "bl-rgb"
+    ddpm = table.set_index("run").loc["DDPM features (the pipeline's default)"]
+    assert ddpm["seeds"] == 1 and ddpm["val std"] != ddpm["val std"]  # NaN: one seed has no spread
