@@ -34,13 +34,13 @@ LossWeighting = _choice("LossWeighting", "ddpm.train.loss_weighting", "uniform",
 LrSchedule = _choice("LrSchedule", "ddpm.train.lr_schedule", "constant", "cosine")
 # What fit and evaluate learn from (docs/analyses.md, the baselines): ddpm = the decoder activations of
 # ddpm.checkpoint at each t (the method); rgb = each pixel's 3 colour values in [-1, 1] (t, blocks and the
-# Which published severity constants the robustness corruptions use (pipeline/analysis/corruptions.py): auto =
-# ImageNet-C's for images of 128 px and more, CIFAR-10-C's below; or one of them whatever the size.
-CorruptionConstants = _choice("CorruptionConstants", "robustness.constants", "auto", "cifar10c", "imagenetc")
 # checkpoint's weights unused); rgb_patch = its features.patch_size x patch_size RGB neighbourhood (replicate-padded).
 Representation = _choice("Representation", "features.representation", "ddpm", "rgb", "rgb_patch")
 # Test-image corruptions of the robustness stage (pipeline/analysis/corruptions.py holds each one's severities).
 Corruption = _choice("Corruption", "robustness.corruptions", "gaussian_noise", "blur", "jpeg", "contrast")
+# Which published severity constants the robustness corruptions use (pipeline/analysis/corruptions.py): auto =
+# ImageNet-C's for images of 128 px and more, CIFAR-10-C's below; or one of them whatever the size.
+CorruptionConstants = _choice("CorruptionConstants", "robustness.constants", "auto", "cifar10c", "imagenetc")
 # features.autocast / ensemble.autocast: the dtype of matrix products under torch.autocast.
 Autocast = _choice("Autocast", "autocast", "none", "bfloat16", "float16")
 # plateau: a member group stops when its epoch loss has not improved by min_delta for `patience` epochs.
