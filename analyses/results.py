@@ -80,8 +80,8 @@ def split_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
         val = pd.Series([miou(record["experiments"][n], "val") for n in names], dtype=float)
         test = pd.Series([miou(record["experiments"][n], "test") for n in names], dtype=float)
         rows.append({"run": label, "experiment": names[0], "seeds": len(names), "val mIoU": val.mean(),
-                     "val std": val.std() if len(names) > 1 else None, "test mIoU": test.mean(),
-                     "test std": test.std() if len(names) > 1 else None})
+                     "val std": val.std() if len(names) > 1 else float("nan"), "test mIoU": test.mean(),
+                     "test std": test.std() if len(names) > 1 else float("nan")})
     return pd.DataFrame(rows)
 
 
