@@ -406,7 +406,7 @@ class SegnetConfig(Section):
     ``SegformerForSemanticSegmentation``, random init) trained on the label stage's kept samples, its epoch
     chosen on the val split. One entry per encoder stage in each of the five lists (the same length each);
     a stage's map is its input's side divided by its stride (rounded up) and must be at least its
-    ``sr_ratios`` entry (the attention's key/value reduction). The defaults are a ~0.2M-parameter net for
+    ``sr_ratios`` entry (the attention's key/value reduction). The defaults are a 0.42M-parameter net for
     32 px images whose first stage keeps the full resolution; SegFormer-B0 is hidden_sizes [32, 64, 160, 256],
     depths [2, 2, 2, 2], attention_heads [1, 2, 5, 8], sr_ratios [8, 4, 2, 1], patch_sizes [7, 3, 3, 3],
     strides [4, 2, 2, 2], decoder_hidden_size 256. The optimiser is the paper's: Adam, lr 1e-3, batch 8."""
