@@ -33,7 +33,7 @@ def main() -> None:
         stems, images, masks = load_split(args.data, split)
         prediction, _ = segment_images(network, images, device=device)
         metrics = score(masks.reshape(-1), prediction.reshape(-1), dataset.names(), dataset.ignore_label)
-        check_finite_metrics(metrics, split.value, dataset.ignore_label)
+        check_finite_metrics(metrics, split.value, dataset.ignore_label, stage="evaluate_segnet")
         results[split] = {**metrics, "images": len(stems)}
     test = results[Split.TEST]
     val = results.get(Split.VAL)

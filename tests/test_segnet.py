@@ -121,6 +121,24 @@ def test_the_stage_scores_every_epoch_on_val_and_saves_the_best(project, trained
     assert not (trained / "segnet.pt.state").exists()  # the state goes once the network is written
 
 
+def test_train_segnet_reads_no_test_image_and_without_val_keeps_the_last_epoch(project, tmp_path, monkeypatch, capsys):
+    root, params = project
+    val_only = tmp_path / "val_only"  # the val split and nothing else: no test image can be chosen on
+    (val_only / "real").mkdir(parents=True)
+    (val_only / "real" / "val").symlink_to(root / "prepared" / "real" / "val")
+    run(monkeypatch, train_stage.main, *train_args(root, params, tmp_path / "a")[:4], "--data", val_only,
+        "--out", tmp_path / "a" / "segnet.pt", "--curves", tmp_path / "a" / "curves")
+    assert read_segnet(tmp_path / "a" / "segnet.pt")["training"]["chosen_on"] == "val"
+    no_val = tmp_path / "no_val"
+    (no_val / "real").mkdir(parents=True)
+    (no_val / "real" / "test").symlink_to(root / "prepared" / "real" / "test")
+    run(monkeypatch, train_stage.main, *train_args(root, params, tmp_path / "b")[:4], "--data", no_val,
+        "--out", tmp_path / "b" / "segnet.pt", "--curves", tmp_path / "b" / "curves")
+    training = read_segnet(tmp_path / "b" / "segnet.pt")["training"]
+    assert training["epoch"] == 4 and training["chosen_on"] == "last epoch" and training["val_miou"] is None
+    assert "no val images, so no epoch can be chosen: the last one is kept" in capsys.readouterr().out
+
+
 def test_a_killed_train_segnet_resumes_after_its_last_epoch_and_ends_as_an_unbroken_run(project, trained, tmp_path,
                                                                                      monkeypatch, capsys):
     root, params = project

@@ -137,11 +137,11 @@ def score(truth: np.ndarray, prediction: np.ndarray, class_names: list[str], ign
     return metrics
 
 
-def check_finite_metrics(metrics: dict, split: str, ignore_label: int) -> None:
+def check_finite_metrics(metrics: dict, split: str, ignore_label: int, stage: str = "evaluate") -> None:
     """Refuse NaN/inf among a metrics dict's numbers (JSON has no NaN: ``dvc metrics`` could not read it)."""
     bad = [key for key, value in metrics.items() if isinstance(value, float) and not math.isfinite(value)]
     if bad:
         raise NumericsError(
-            f"evaluate: {', '.join(bad)} of the {split} split came out as {metrics[bad[0]]}; likely cause: its masks hold "
+            f"{stage}: {', '.join(bad)} of the {split} split came out as {metrics[bad[0]]}; likely cause: its masks hold "
             f"no labeled pixels ({metrics.get('labeled_pixels')} of {metrics.get('pixels')} are not the ignore label "
             f"{ignore_label}): check the {split} masks and dataset.ignore_label. No metrics were written")
