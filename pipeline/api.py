@@ -4,6 +4,7 @@
     segmenter = Segmenter.from_run(".")          # params.yaml, checkpoints/ddpm.pt, ensemble/ensemble.pt
     results = segmenter.predict(["a.png", image_array])
     results[0].mask, results[0].uncertainty      # [H, W] uint8 classes, [H, W] float32 nats
+    distilled = Segmenter.from_run(".", model="segnet")  # DatasetDDPM's network (segnet/segnet.pt): one forward pass
 
 An image goes through prepare's rule (``dataset.non_square``: an error, or a centre crop; then a bicubic
 resize to ``dataset.image_size``), its features come from the one feature path extract writes its stores with
@@ -12,6 +13,10 @@ through ``pipeline.ensemble.predict.vote``, the function evaluate scores with, r
 evaluate reads them from a store. So on the test images ``mask`` equals evaluate's predictions.
 Results are mapped back to the input's own size (nearest); pixels a centre crop cut away get the
 ignore label and NaN uncertainty. Memory is set by one batch of images, never by how many are given.
+
+``model="segnet"`` (``SegnetSegmenter``) runs DatasetDDPM's distilled SegFormer instead: the same image
+preparation and result mapping, but one forward pass of the network per batch (no DDPM, no features, no
+ensemble); its ``uncertainty`` is the entropy of the network's softmax (nats), not an ensemble's disagreement.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Iterable, Iterator, Sequence
 
 import dask.array as da
 import numpy as np
+import torch
 from PIL import Image
 
 from pipeline.config import Params, load_params
@@ -37,6 +43,7 @@ from pipeline.features.compute import features_for_images
 from pipeline.features.record import fit_record, rows_per_chunk
 from pipeline.hashing import file_sha256
 from pipeline.runtime import pick_device
+from pipeline.segnet.network import load_segnet, segment_images, segnet_record
 
 ImageInput = str | Path | np.ndarray  # a file, or an [H, W, 3] uint8 array
 
@@ -126,9 +133,24 @@ class Segmenter:
         return cls(loaded, model, diffusion, members)
 
     @classmethod
-    def from_run(cls, run: str | Path = ".") -> "Segmenter":
-        """A finished run's folder: its params.yaml, checkpoints/ddpm.pt and ensemble/ensemble.pt (dvc.yaml's outs)."""
+    def load_segnet(cls, params: str | Path | Params, segnet: str | Path) -> "SegnetSegmenter":
+        """DatasetDDPM's distilled network (train_segnet's file), checked against ``params``' segnet and dataset keys."""
+        loaded = params if isinstance(params, Params) else load_params(params)
+        dataset = loaded.dataset
+        network, _ = load_segnet(Path(segnet), segnet_record(loaded.segnet, num_classes=dataset.num_classes,
+                                                             image_size=dataset.image_size,
+                                                             ignore_label=dataset.ignore_label))
+        return SegnetSegmenter(loaded, network)
+
+    @classmethod
+    def from_run(cls, run: str | Path = ".", model: str = "ensemble") -> "Segmenter":
+        """A finished run's folder: its params.yaml with checkpoints/ddpm.pt and ensemble/ensemble.pt
+        (``model="ensemble"``), or with segnet/segnet.pt (``model="segnet"``) (dvc.yaml's outs)."""
         run = Path(run)
+        if model == "segnet":
+            return cls.load_segnet(run / "params.yaml", run / "segnet" / "segnet.pt")
+        if model != "ensemble":
+            raise PipelineError(f"model={model!r} is not a model of a run; use ensemble or segnet")
         return cls.load(run / "params.yaml", run / "checkpoints" / "ddpm.pt", run / "ensemble" / "ensemble.pt")
 
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Segmentation]:
@@ -166,3 +188,20 @@ class Segmenter:
             results.append(back_to_input_size(batch[index], prediction.reshape(size, size),
                                               disagreement.reshape(size, size), params.dataset.ignore_label))
         return results
+
+
+class SegnetSegmenter(Segmenter):
+    """DatasetDDPM's distilled SegFormer applied to new images: ``predict`` and ``segment_prepared`` as the
+    ensemble's, one forward pass per batch of ``segnet.batch_size`` images; ``uncertainty`` = softmax entropy (nats)."""
+
+    def __init__(self, params: Params, network: torch.nn.Module):  # noqa: D107 (no DDPM, no ensemble: not super's)
+        self.params = params
+        self.device = pick_device(params.runtime.device)
+        self.network = network.to(self.device).eval()
+        self.batch_size = params.segnet.batch_size
+
+    def _segment_batch(self, batch: list[PreparedImage]) -> list[Segmentation]:
+        masks, entropy = segment_images(self.network, np.stack([item.square for item in batch]),
+                                        batch_size=len(batch), device=self.device)
+        return [back_to_input_size(item, mask, uncertainty, self.params.dataset.ignore_label)
+                for item, mask, uncertainty in zip(batch, masks, entropy)]

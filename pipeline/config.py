@@ -50,7 +50,7 @@ from pipeline.presets import ENSEMBLE_RECIPES, MODEL_PRESETS, PRESETS, RECIPE_KE
 
 __all__ = ["Autocast", "Codec", "ConfigError", "Corruption", "DatasetConfig", "DDPMConfig", "EnsembleConfig", "EvaluateConfig",
            "FeaturesConfig", "LabelFormat", "LossWeighting", "LrSchedule", "ModelFlags", "ModelPreset", "NoiseSchedule",
-           "NonSquarePolicy", "Params", "Recipe", "Representation", "RuntimeConfig", "Stopping", "StoreLayout", "TrainConfig", "UNetInit", "UpsampleMode", "load_params",
+           "NonSquarePolicy", "Params", "Recipe", "Representation", "RuntimeConfig", "SegnetConfig", "Stopping", "StoreLayout", "TrainConfig", "UNetInit", "UpsampleMode", "load_params",
            "params_from_dict"]
 
 BUILTIN_DATASET = "digits"
@@ -405,6 +405,39 @@ class DatasetDDPMConfig(Section):
     grid_images: Positive = 8  # images of each side (kept, dropped) in plots/samples.png
 
 
+class SegnetConfig(Section):
+    """Stages train_segnet and evaluate_segnet (DatasetDDPM): a SegFormer (transformers'
+    ``SegformerForSemanticSegmentation``, random init) trained on the label stage's kept samples, its epoch
+    chosen on the val split. One entry per encoder stage in each of the five lists (the same length each);
+    a stage's map is its input's side divided by its stride (rounded up) and must be at least its
+    ``sr_ratios`` entry (the attention's key/value reduction). The defaults are a 0.42M-parameter net for
+    32 px images whose first stage keeps the full resolution; SegFormer-B0 is hidden_sizes [32, 64, 160, 256],
+    depths [2, 2, 2, 2], attention_heads [1, 2, 5, 8], sr_ratios [8, 4, 2, 1], patch_sizes [7, 3, 3, 3],
+    strides [4, 2, 2, 2], decoder_hidden_size 256. The optimiser is the paper's: Adam, lr 1e-3, batch 8."""
+
+    hidden_sizes: Annotated[tuple[Positive, ...], Field(strict=False, min_length=1)] = (32, 64, 128)
+    depths: Annotated[tuple[Positive, ...], Field(strict=False, min_length=1)] = (1, 1, 1)
+    attention_heads: Annotated[tuple[Positive, ...], Field(strict=False, min_length=1)] = (1, 2, 4)
+    sr_ratios: Annotated[tuple[Positive, ...], Field(strict=False, min_length=1)] = (4, 2, 1)
+    patch_sizes: Annotated[tuple[Positive, ...], Field(strict=False, min_length=1)] = (3, 3, 3)
+    strides: Annotated[tuple[Positive, ...], Field(strict=False, min_length=1)] = (1, 2, 2)
+    mlp_ratio: Positive = 4
+    decoder_hidden_size: Positive = 64
+    lr: Rate = 1e-3
+    batch_size: Positive = 8
+    epochs: Positive = 20
+    seed: Seed = 0
+
+    def stage_sides(self, image_size: int) -> list[int]:
+        """The side of each encoder stage's map for ``image_size`` inputs (a stride-s conv with padding
+        patch // 2 gives ceil(side / s) for odd patches)."""
+        sides, side = [], image_size
+        for patch, stride in zip(self.patch_sizes, self.strides):
+            side = (side + 2 * (patch // 2) - patch) // stride + 1
+            sides.append(side)
+        return sides
+
+
 class SuggestConfig(Section):
     """Stage suggest: the unlabeled images worth labeling next, by the ensemble's disagreement on them."""
 
@@ -446,6 +479,7 @@ class Params(Section):
     segment: SegmentConfig = SegmentConfig()
     sample: SampleConfig = SampleConfig()
     datasetddpm: DatasetDDPMConfig = DatasetDDPMConfig()
+    segnet: SegnetConfig = SegnetConfig()
     suggest: SuggestConfig = SuggestConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
@@ -524,6 +558,7 @@ def _validate(params: Params) -> None:
                           f"{params.suggest.count}: the diversity pick chooses count images among the candidates")
     _validate_tls(features)
     _validate_datasetddpm(params)
+    _validate_segnet(params.segnet, params.dataset.image_size)
     check_widths(params.unet_config())  # torch-free; the stages that build a UNet also build it on the meta device
 
 
@@ -557,6 +592,25 @@ def _validate_datasetddpm(params: Params) -> None:
         raise ConfigError(f"datasetddpm.drop_least_uncertain={params.datasetddpm.drop_least_uncertain} is more than the "
                           f"{dropped} images datasetddpm.drop_uncertain={params.datasetddpm.drop_uncertain} drops of "
                           f"sample.images={sample.images} (it shifts that window); lower it or sample more images")
+
+
+def _validate_segnet(segnet: SegnetConfig, image_size: int) -> None:
+    """The SegFormer's per-stage lists agree in length, heads divide widths, and every stage's map is big enough."""
+    lists = ("hidden_sizes", "depths", "attention_heads", "sr_ratios", "patch_sizes", "strides")
+    lengths = {key: len(getattr(segnet, key)) for key in lists}
+    if len(set(lengths.values())) != 1:
+        shown = ", ".join(f"segnet.{key} has {length}" for key, length in lengths.items())
+        raise ConfigError(f"the segnet's per-stage lists differ in length ({shown}); give one entry per encoder "
+                          f"stage in each")
+    for stage, (width, heads) in enumerate(zip(segnet.hidden_sizes, segnet.attention_heads)):
+        if width % heads:
+            raise ConfigError(f"segnet.hidden_sizes[{stage}]={width} is not a multiple of segnet.attention_heads"
+                              f"[{stage}]={heads}; each head gets an equal share of the channels")
+    for stage, (side, ratio) in enumerate(zip(segnet.stage_sides(image_size), segnet.sr_ratios)):
+        if side < ratio:
+            raise ConfigError(f"segnet.sr_ratios[{stage}]={ratio} is more than encoder stage {stage}'s map side {side} "
+                              f"(dataset.image_size={image_size} through segnet.strides {list(segnet.strides)}); "
+                              f"lower it to at most {max(side, 1)} or use smaller strides")
 
 
 def dropped_count(fraction: float, images: int) -> int:

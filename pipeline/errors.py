@@ -32,6 +32,10 @@ class StoreError(PipelineError):
     """A feature store that is missing, incomplete, or made with other params than the ones asked for."""
 
 
+class SegnetError(PipelineError):
+    """A segnet file (DatasetDDPM's distilled network) that is not one, or was trained for other params."""
+
+
 def check_decoder_blocks(blocks: Sequence[int], num_decoder_blocks: int) -> None:
     """The one range check of decoder block indices (``output_blocks[i]``), for every UNet and reader."""
     for block in blocks:

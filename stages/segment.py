@@ -2,7 +2,9 @@
 (<stem>.png), a figure of the image, the prediction over it and the uncertainty with the class legend
 (<stem>.overlay.png), the members' Jensen-Shannon disagreement (<stem>.uncertainty.npy, and
 <stem>.uncertainty.png to look at), plus summary.csv. A bad image is
-reported at the end (exit code 2) and costs only its own outputs."""
+reported at the end (exit code 2) and costs only its own outputs. ``--model segnet`` segments with
+DatasetDDPM's distilled network (``--segnet``, train_segnet's file) in one forward pass instead of the DDPM
+and the ensemble; its uncertainty is the entropy of the network's softmax."""
 from __future__ import annotations
 
 import sys
@@ -36,14 +38,21 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/ddpm.pt"))
     parser.add_argument("--ensemble", type=Path, default=Path("ensemble/ensemble.pt"))
+    parser.add_argument("--model", choices=("ensemble", "segnet"), default="ensemble",
+                        help="ensemble: the DDPM's features and the MLP ensemble (--checkpoint, --ensemble); segnet: "
+                             "DatasetDDPM's distilled network (--segnet), one forward pass")
+    parser.add_argument("--segnet", type=Path, default=Path("segnet/segnet.pt"), help="train_segnet's network file")
     parser.add_argument("--images", type=Path, required=True, help="folder of .png/.jpg images to segment")
     parser.add_argument("--out", type=Path, required=True, help="folder for the masks, overlays, maps and summary.csv")
     args = parser.parse_args()
     if not args.images.is_dir():
         raise DatasetError(f"--images {args.images} is not a folder; give a folder of .png/.jpg images")
-    params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit and evaluate
-    check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
-    segmenter = Segmenter.load(params, args.checkpoint, args.ensemble)
+    if args.model == "segnet":
+        segmenter = Segmenter.load_segnet(stage_params(args.params), args.segnet)
+    else:
+        params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit and evaluate
+        check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
+        segmenter = Segmenter.load(params, args.checkpoint, args.ensemble)
     paths = list_images(args.images)
     stems = [path.stem for path in paths]
     if len(set(stems)) != len(stems):

@@ -102,6 +102,7 @@ LAYERS = [
     ("diffusion/",),
     ("features/",),
     ("ensemble/",),
+    ("segnet/",),
     ("analysis/", "outputs/", "api.py", "datasetddpm/"),
 ]
 
@@ -152,9 +153,12 @@ MAY_IMPORT = {
     "kmeans": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/analysis/kmeans.py"},
     "sample": {"pipeline/data/", "pipeline/diffusion/"},
     "label": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/", "pipeline/api.py",
-              "pipeline/datasetddpm/", "pipeline/outputs/figures.py"},
+              "pipeline/datasetddpm/", "pipeline/outputs/figures.py", "pipeline/segnet/network.py"},
+    # the network alone, never its training code: DatasetDDPM's distilled network is something segment can run
+    "train_segnet": {"pipeline/data/", "pipeline/ensemble/metrics.py", "pipeline/segnet/", "pipeline/outputs/live.py"},
+    "evaluate_segnet": {"pipeline/data/", "pipeline/ensemble/metrics.py", "pipeline/segnet/network.py"},
     "segment": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/", "pipeline/api.py",
-                "pipeline/outputs/"},
+                "pipeline/outputs/", "pipeline/segnet/network.py"},
     "suggest": {"pipeline/data/", "pipeline/diffusion/", "pipeline/features/", "pipeline/ensemble/",
                 "pipeline/analysis/suggest.py", "pipeline/outputs/figures.py", "pipeline/outputs/suggestions.py"},
 }

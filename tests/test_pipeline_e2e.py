@@ -30,7 +30,10 @@ TINY = {
     "evaluate": {"overlays": 2},
     "sample": {"images": 4, "batch_size": 2, "steps": 5},
     "datasetddpm": {"drop_uncertain": 0.25},
+    "segnet": {"epochs": 2},
 }
+# DatasetDDPM's network: they rerun when label's kept samples change, which a 3-step DDPM's labels may not do
+SEGNET_STAGES = ("train_segnet", "evaluate_segnet")
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -73,6 +76,12 @@ def ignored_pixels(root: Path) -> int:
     return sum(int((np.load(path) == 255).sum()) for path in (root / "data" / "prepared" / "real" / "test").glob("*.npy"))
 
 
+def without_segnet(stages: list[str]) -> list[str]:
+    """The stages but DatasetDDPM's network's, which follow label's kept samples (SEGNET_STAGES), in order."""
+    assert [stage for stage in stages if stage in SEGNET_STAGES] in ([], list(SEGNET_STAGES)), stages
+    return [stage for stage in stages if stage not in SEGNET_STAGES]
+
+
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
@@ -90,9 +99,8 @@ def reproduced(workspace):
 
 def test_repro_writes_metrics_plots_and_stores(reproduced):
     root, env, output, _ = reproduced
-    assert stages_run(output) == ["prepare", "pretrain", "extract", "fit", "sample",
-                                  "label", "evaluate", "robustness", "kmeans", "segment",
-                                  "suggest"]
+    assert stages_run(output) == ["prepare", "pretrain", "extract", "fit", "sample", "label", "train_segnet",
+                                  "evaluate_segnet", "evaluate", "robustness", "kmeans", "segment", "suggest"]
     # segment.images defaults to prepare's demo canvases (dataset.demo_images: 6)
     assert sorted(pd.read_csv(root / "segmentations" / "summary.csv")["image"]) == [f"demo_{i:05d}" for i in range(6)]
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
@@ -137,7 +145,13 @@ def test_repro_writes_metrics_plots_and_stores(reproduced):
         "Per-class IoU on the test split (paper protocol)": 11,
         "Confusion on the test split (a seeded sample of labeled pixels)": 4 * 32 * 32 - ignored_pixels(root),
         "Test mIoU under corruptions (robustness stage; severity 0 = clean)": 4 * 4,  # severities 0, 1, 3, 5 x 4 corruptions
-        "Per-image uncertainty of the DatasetDDPM samples, least to most uncertain (label stage; kept = true)": 4}
+        "Per-image uncertainty of the DatasetDDPM samples, least to most uncertain (label stage; kept = true)": 4,
+        "DatasetDDPM segnet training loss per epoch (train_segnet; cross-entropy on the ensemble's labels of the samples)": 2,
+        "DatasetDDPM segnet val mIoU per epoch (paper protocol; the best epoch is kept)": 2}
+    # DatasetDDPM's network, chosen on val, scored on test beside the ensemble
+    segnet = json.loads((root / "metrics" / "datasetddpm.json").read_text())
+    assert segnet["split"] == "test" and segnet["images"] == 4 and segnet["synthetic_images"] == 3
+    assert segnet["epoch"] in (1, 2) and segnet["epoch_chosen_on"] == "val" and 0 <= segnet["miou"] <= 1
     assert len(list((root / "plots" / "overlays").glob("*.png"))) == 2
     assert (root / "features" / "t150.zarr" / "zarr.json").is_file()
 
@@ -231,6 +245,8 @@ STAGE_OUTPUTS = {"prepare": ["data/prepared", "data/demo"], "pretrain": ["checkp
                  "fit": ["ensemble/ensemble.pt", "dvclive/fit"],
                  "sample": ["samples/images.zarr"],
                  "label": ["data/synthetic", "metrics/label.json", "plots/sample_uncertainty.csv", "plots/samples.png"],
+                 "train_segnet": ["segnet/segnet.pt", "dvclive/train_segnet"],
+                 "evaluate_segnet": ["metrics/datasetddpm.json"],
                  "evaluate": ["metrics/eval.json", "metrics/val.json", "predictions", "plots/per_class_iou.csv",
                               "plots/confusion.csv"],
                  "robustness": ["metrics/robustness.json", "plots/robustness.csv", "plots/corruptions.png"],
@@ -271,7 +287,8 @@ def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
     dvc = str(Path(sys.executable).parent / "dvc")
     fewer = run([dvc, "exp", "run", "-S", "t_steps=[50,150]"], root, env)
     # extract reruns (t_steps is its param) but computes nothing: it keeps t50 and t150 and sets t250 aside
-    assert stages_run(fewer) == ["extract", "fit", "label", "evaluate", "robustness", "segment", "suggest"]
+    assert without_segnet(stages_run(fewer)) == ["extract", "fit", "label", "evaluate", "robustness", "segment",
+                                                 "suggest"]
     assert fewer.count("is complete and current") == 2 and "t250.zarr: not a step of t_steps" in fewer
     # `dvc metrics diff` compares the committed baseline's mIoU with this experiment's workspace mIoU.
     diff = subprocess.run([dvc, "metrics", "diff", "--all", "--json"], cwd=root, env=env, capture_output=True, text=True)
@@ -280,7 +297,8 @@ def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
                                          capture_output=True, text=True, check=True).stdout)["miou"]
     assert miou["old"] == baseline and miou["new"] == json.loads((root / "metrics" / "eval.json").read_text())["miou"]
     more = run([dvc, "exp", "run", "-S", "t_steps=[50,150,250,350]"], root, env)
-    assert stages_run(more) == ["extract", "fit", "label", "evaluate", "robustness", "segment", "suggest"]
+    assert without_segnet(stages_run(more)) == ["extract", "fit", "label", "evaluate", "robustness", "segment",
+                                                "suggest"]
     assert "t=350: " in more and "computed" in more and more.count("is complete and current") == 3
     # Back to the first steps by editing params.yaml and `dvc repro`: extract sets the t350 store aside (into
     # its own folder's dvc-ignored removed_steps/), so fit's inputs hash as in the first run and nothing is stale.
@@ -302,7 +320,7 @@ def test_changing_blocks_within_the_stored_blocks_reruns_no_extract_stage(reprod
     channels = dict(zip(stored["blocks"], stored["block_channels"]))
     fewer = run([dvc, "exp", "run", "-S", "blocks=[3,1]"], root, env)
     # robustness, segment and suggest compute their features from blocks themselves; kmeans has blocks of its own
-    assert stages_run(fewer) == ["fit", "label", "evaluate", "robustness", "segment", "suggest"]
+    assert without_segnet(stages_run(fewer)) == ["fit", "label", "evaluate", "robustness", "segment", "suggest"]
     import torch
 
     ensemble = torch.load(root / "ensemble" / "ensemble.pt", weights_only=True)
@@ -358,9 +376,8 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
                 "blocks=[2,3,4,5,6]", "features.store_blocks=[2,3,4,5,6]", "features.layout=native",
                 "t_steps=[50,150,250]"]
     output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
-    assert stages_run(output) == ["prepare", "pretrain", "extract", "fit", "sample",
-                                  "label", "evaluate", "robustness", "kmeans", "segment",
-                                  "suggest"]
+    assert stages_run(output) == ["prepare", "pretrain", "extract", "fit", "sample", "label", "train_segnet",
+                                  "evaluate_segnet", "evaluate", "robustness", "kmeans", "segment", "suggest"]
     assert "imported models/mini.pt" in output
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert set(metrics["per_class_iou"]) == {"class_0", "class_1", "class_2"} and metrics["images"] == 2

@@ -2,13 +2,12 @@
 
 ``predict_split`` runs the ensemble over a split's lazy feature matrix row-chunk by row-chunk and keeps
 only per-pixel results (a uint8 class and a float32 disagreement per pixel), never the features.
-``score`` turns predictions and truth into the metrics dict that DVC reads, with the paper's IoU
-protocol as ``miou`` and the stricter one (ignore pixels out of every union, absent classes out of the
-mean) as ``miou_strict``.
+``score`` (``pipeline.ensemble.metrics``, shared with the distilled network's evaluate_segnet) turns
+predictions and truth into the metrics dict that DVC reads, with the paper's IoU protocol as ``miou`` and
+the stricter one (ignore pixels out of every union, absent classes out of the mean) as ``miou_strict``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,20 +16,10 @@ import numpy as np
 import torch
 
 from pipeline.ensemble.fit import fit_ensemble
-from pipeline.ensemble.metrics import (
-    iou_per_class,
-    iou_per_class_paper,
-    label_counts,
-    mean_iou,
-    mean_iou_paper,
-    pixel_accuracy,
-    strict_confusion,
-    top_decile_mean,
-)
+from pipeline.ensemble.metrics import check_finite_metrics, score  # noqa: F401 (evaluate's and benchmarks' names)
 from pipeline.ensemble.model import EnsembleMLP
 from pipeline.ensemble.predict import vote
 from pipeline.enums import Autocast
-from pipeline.errors import NumericsError
 from pipeline.features.store import FeatureStore, lazy_matrix
 
 
@@ -60,42 +49,6 @@ def predict_split(model: EnsembleMLP, stores: Sequence[FeatureStore], split: str
     prediction, disagreement = vote(model, matrix, batch_pixels=batch_pixels, device=device, precision=precision)
     size = int(round(stores[0].pixels_per_image(split) ** 0.5))
     return SplitPrediction(stores[0].image_ids(split), size, labels.compute(), prediction, disagreement)
-
-
-def score(truth: np.ndarray, prediction: np.ndarray, class_names: list[str], ignore_label: int,
-          disagreement: np.ndarray | None = None, pixels_per_image: int | None = None) -> dict:
-    """The metrics dict: ``miou`` (the paper's protocol), ``miou_strict``, pixel accuracy (labeled pixels),
-    per-class IoU under both protocols and, given the disagreement, the paper's uncertainty score (mean
-    over images of the top-decile mean disagreement)."""
-    counts = label_counts(truth, prediction, len(class_names))
-    confusion = strict_confusion(counts, ignore_label)
-
-    def rounded(values: np.ndarray) -> dict:
-        return {name: (None if np.isnan(v) else round(float(v), 6)) for name, v in zip(class_names, values)}
-
-    metrics = {
-        "miou": round(mean_iou_paper(counts, ignore_label), 6),
-        "miou_strict": round(mean_iou(confusion, ignore_label), 6),
-        "pixel_accuracy": round(pixel_accuracy(confusion), 6),
-    }
-    if disagreement is not None:
-        per_image = torch.from_numpy(disagreement).reshape(-1, pixels_per_image)
-        metrics["uncertainty"] = round(float(np.mean([top_decile_mean(row) for row in per_image])), 6)
-    metrics["per_class_iou"] = rounded(iou_per_class_paper(counts, ignore_label))
-    metrics["per_class_iou_strict"] = rounded(iou_per_class(confusion, ignore_label))
-    metrics["pixels"] = int(truth.size)
-    metrics["labeled_pixels"] = int(confusion.sum())
-    return metrics
-
-
-def check_finite_metrics(metrics: dict, split: str, ignore_label: int) -> None:
-    """Refuse NaN/inf among a metrics dict's numbers (JSON has no NaN: ``dvc metrics`` could not read it)."""
-    bad = [key for key, value in metrics.items() if isinstance(value, float) and not math.isfinite(value)]
-    if bad:
-        raise NumericsError(
-            f"evaluate: {', '.join(bad)} of the {split} split came out as {metrics[bad[0]]}; likely cause: its masks hold "
-            f"no labeled pixels ({metrics.get('labeled_pixels')} of {metrics.get('pixels')} are not the ignore label "
-            f"{ignore_label}): check the {split} masks and dataset.ignore_label. No metrics were written")
 
 
 def fit_and_score(train: tuple[np.ndarray, np.ndarray], scored: tuple[np.ndarray, np.ndarray], *, config,

@@ -1,8 +1,12 @@
 """Segmentation metrics as pure functions of arrays (no printing, no files)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+
+from pipeline.errors import NumericsError
 
 
 def confusion_matrix(truth: np.ndarray, prediction: np.ndarray, num_classes: int, ignore_label: int) -> np.ndarray:
@@ -105,3 +109,39 @@ def top_decile_mean(values: torch.Tensor) -> float:
     """Mean of the highest 10% of values: the paper's per-image uncertainty score."""
     count = max(1, values.numel() // 10)
     return float(values.reshape(-1).sort().values[-count:].mean())
+
+
+def score(truth: np.ndarray, prediction: np.ndarray, class_names: list[str], ignore_label: int,
+          disagreement: np.ndarray | None = None, pixels_per_image: int | None = None) -> dict:
+    """The metrics dict: ``miou`` (the paper's protocol), ``miou_strict``, pixel accuracy (labeled pixels),
+    per-class IoU under both protocols and, given the disagreement, the paper's uncertainty score (mean
+    over images of the top-decile mean disagreement)."""
+    counts = label_counts(truth, prediction, len(class_names))
+    confusion = strict_confusion(counts, ignore_label)
+
+    def rounded(values: np.ndarray) -> dict:
+        return {name: (None if np.isnan(v) else round(float(v), 6)) for name, v in zip(class_names, values)}
+
+    metrics = {
+        "miou": round(mean_iou_paper(counts, ignore_label), 6),
+        "miou_strict": round(mean_iou(confusion, ignore_label), 6),
+        "pixel_accuracy": round(pixel_accuracy(confusion), 6),
+    }
+    if disagreement is not None:
+        per_image = torch.from_numpy(disagreement).reshape(-1, pixels_per_image)
+        metrics["uncertainty"] = round(float(np.mean([top_decile_mean(row) for row in per_image])), 6)
+    metrics["per_class_iou"] = rounded(iou_per_class_paper(counts, ignore_label))
+    metrics["per_class_iou_strict"] = rounded(iou_per_class(confusion, ignore_label))
+    metrics["pixels"] = int(truth.size)
+    metrics["labeled_pixels"] = int(confusion.sum())
+    return metrics
+
+
+def check_finite_metrics(metrics: dict, split: str, ignore_label: int, stage: str = "evaluate") -> None:
+    """Refuse NaN/inf among a metrics dict's numbers (JSON has no NaN: ``dvc metrics`` could not read it)."""
+    bad = [key for key, value in metrics.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        raise NumericsError(
+            f"{stage}: {', '.join(bad)} of the {split} split came out as {metrics[bad[0]]}; likely cause: its masks hold "
+            f"no labeled pixels ({metrics.get('labeled_pixels')} of {metrics.get('pixels')} are not the ignore label "
+            f"{ignore_label}): check the {split} masks and dataset.ignore_label. No metrics were written")
