@@ -34,6 +34,7 @@ from pipeline.ensemble.evaluation import score  # noqa: E402
 from pipeline.ensemble.fit import fit_ensemble  # noqa: E402
 from pipeline.ensemble.predict import vote  # noqa: E402
 from pipeline.features.store import lazy_matrix, open_step_stores  # noqa: E402
+from pipeline.outputs.figures import save_figure  # noqa: E402
 
 STRATEGIES = ("uncertainty", "random")
 
@@ -118,10 +119,8 @@ def plot(record: dict, path: Path) -> None:
     axis.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
+    save_figure(figure, path)
     plt.close(figure)
-    temporary.replace(path)
 
 
 def main() -> None:

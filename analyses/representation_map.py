@@ -38,6 +38,7 @@ from pipeline.diffusion.train import load_checkpoint  # noqa: E402
 from pipeline.ensemble.evaluation import fit_and_score  # noqa: E402
 from pipeline.features.record import params_record  # noqa: E402
 from pipeline.features.store import lazy_matrix, open_store  # noqa: E402
+from pipeline.outputs.figures import save_figure  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = (10, 50, 100, 150, 250, 400, 600, 800)
@@ -152,10 +153,8 @@ def plot_map(result: dict, path: Path) -> None:
                     f"{result['val_images']} val images)", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
+    save_figure(figure, path)
     plt.close(figure)
-    temporary.replace(path)
 
 
 def main() -> None:

@@ -94,7 +94,7 @@ def test_extract_owns_the_stores_folder_and_fit_and_evaluate_only_read_it():
 # The pipeline's layers, bottom up: a module may import from its own layer and the layers below it, never
 # from above (docs/layout.md draws it). Listed by path prefix under pipeline/.
 LAYERS = [
-    ("errors.py", "enums.py", "hashing.py", "atomic.py", "code_closure.py"),
+    ("errors.py", "enums.py", "hashing.py", "atomic.py", "code_closure.py", "resume.py"),
     ("diffusion/flags.py", "diffusion/schedule.py", "presets.py"),
     ("config.py", "config_messages.py"),
     ("runtime.py", "outputs/live.py"),
@@ -135,7 +135,7 @@ def test_pipeline_imports_point_down_the_layers():
 # What each stage may run, beyond the bottom layers every stage shares: editing extraction or store code
 # never reruns pretraining, and prepare and fit never depend on the UNet.
 SHARED = {"pipeline/errors.py", "pipeline/enums.py", "pipeline/hashing.py", "pipeline/atomic.py", "pipeline/config.py",
-          "pipeline/config_messages.py",
+          "pipeline/config_messages.py", "pipeline/resume.py",
           "pipeline/presets.py", "pipeline/runtime.py", "pipeline/diffusion/flags.py", "pipeline/diffusion/schedule.py"}
 MAY_IMPORT = {
     "prepare": {"pipeline/data/"},

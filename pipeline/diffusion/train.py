@@ -36,6 +36,7 @@ from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.unet import UNetModel, check_state_dict, create_unet
 from pipeline.enums import LossWeighting, LrSchedule, NoiseSchedule
 from pipeline.errors import ConfigError, DatasetError, ModelFlagsError, NumericsError
+from pipeline.resume import load_resumable_state
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"
 STATE_FORMAT = "ddpm-segmentation-pretrain-state/1"
@@ -144,19 +145,8 @@ def seed_rank_dropout(seed: int, world: World) -> None:
 def load_state(path: Path, fingerprint: str, quiet: bool = False) -> dict | None:
     """The resumable state at ``path`` if it belongs to this run (same fingerprint), else None with a note
     (none when ``quiet``: ranks other than 0 say nothing)."""
-    say = (lambda message: None) if quiet else print
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged state costs a restart, never the run
-        say(f"pretrain: ignoring unreadable resumable state {path} ({type(error).__name__}); starting afresh")
-        return None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
-        say(f"pretrain: {path} was written for other params, code or images; starting afresh")
-        return None
-    say(f"pretrain: resuming from step {state['step']} ({path})")
-    return state
+    return load_resumable_state(path, STATE_FORMAT, fingerprint, "pretrain",
+                                lambda state: f"from step {state['step']}", say=(lambda message: None) if quiet else print)
 
 
 def train_ddpm(

@@ -27,6 +27,7 @@ from pipeline.data.images import read_rgb, to_model_input
 from pipeline.data.layout import list_images
 from pipeline.ensemble.metrics import label_counts, mean_iou_paper
 from pipeline.errors import DatasetError
+from pipeline.resume import load_resumable_state
 from pipeline.segnet.network import class_logits, segment_images
 
 STATE_FORMAT = "ddpm-segmentation-segnet-state/1"
@@ -91,18 +92,8 @@ def choose_epoch(history: Sequence[EpochRecord]) -> int:
 
 def load_state(path: Path, fingerprint: str) -> dict | None:
     """The resumable state at ``path`` if it belongs to this run (same fingerprint), else None with a note."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 (a damaged state costs a restart, never the run)
-        print(f"train_segnet: ignoring unreadable resumable state {path} ({type(error).__name__}); starting afresh")
-        return None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
-        print(f"train_segnet: {path} belongs to another run (params, code or data changed); starting afresh")
-        return None
-    print(f"train_segnet: resuming after epoch {state['epoch']} ({path})")
-    return state
+    return load_resumable_state(path, STATE_FORMAT, fingerprint, "train_segnet",
+                                lambda state: f"after epoch {state['epoch']}")
 
 
 def train_segnet(network: torch.nn.Module, train: LabeledFolder, config: SegnetConfig, *, ignore_label: int,
