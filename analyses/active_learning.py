@@ -92,7 +92,8 @@ def run(params, stores_pattern: str, *, start: int, add: int, rounds: int, seeds
                                            batch_pixels=16384, device=device, precision=precision)
                     new = pick_uncertain(disagreement, pool, add, pixels, params.suggest.score)
                 labeled = sorted(labeled + new)
-    return {"split": "val", "checkpoint_sha256": stores[0].record.checkpoint_sha256, "start": start, "add": add, "rounds": rounds, "seeds": seeds,
+    return {"split": "val", "checkpoint_sha256": stores[0].record.checkpoint_sha256, "start": start, "add": add,
+            "rounds": rounds, "seeds": seeds,
             "fit": {"members": members, "optimizer_steps": fit_steps, "recipe": config.recipe.value},
             "score": params.suggest.score.value, "pool_images": images, "curves": curves}
 

@@ -145,8 +145,11 @@ def seed_rank_dropout(seed: int, world: World) -> None:
 def load_state(path: Path, fingerprint: str, quiet: bool = False) -> dict | None:
     """The resumable state at ``path`` if it belongs to this run (same fingerprint), else None with a note
     (none when ``quiet``: ranks other than 0 say nothing)."""
-    return load_resumable_state(path, STATE_FORMAT, fingerprint, "pretrain",
-                                lambda state: f"from step {state['step']}", say=(lambda message: None) if quiet else print)
+    def progress(state: dict) -> str:
+        return f"from step {state['step']}"
+
+    return load_resumable_state(path, STATE_FORMAT, fingerprint, "pretrain", progress,
+                                say=(lambda message: None) if quiet else print)
 
 
 def train_ddpm(
