@@ -36,6 +36,8 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/ddpm.pt"))
     parser.add_argument("--ensemble", type=Path, default=Path("ensemble/ensemble.pt"))
+    parser.add_argument("--mae", type=Path, default=Path("checkpoints/mae.pt"),
+                        help="the pretrain_mae stage's checkpoint (read with features.representation: mae)")
     parser.add_argument("--images", type=Path, required=True, help="folder of .png/.jpg images to segment")
     parser.add_argument("--out", type=Path, required=True, help="folder for the masks, overlays, maps and summary.csv")
     args = parser.parse_args()
@@ -43,7 +45,7 @@ def main() -> None:
         raise DatasetError(f"--images {args.images} is not a folder; give a folder of .png/.jpg images")
     params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit and evaluate
     check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
-    segmenter = Segmenter.load(params, args.checkpoint, args.ensemble)
+    segmenter = Segmenter.load(params, args.checkpoint, args.ensemble, args.mae)
     paths = list_images(args.images)
     stems = [path.stem for path in paths]
     if len(set(stems)) != len(stems):

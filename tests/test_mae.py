@@ -1,0 +1,209 @@
+"""features.representation: mae: the ViTMAE pretraining (resumable), its features in patch-grid order through the
+one feature path, its params refused with the key named, and a store of it that fit reads unchanged."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from pipeline.config import ConfigError, FeaturesConfig, MaeConfig, params_from_dict
+from pipeline.enums import Representation
+from pipeline.ensemble.files import load_ensemble
+from pipeline.errors import EnsembleError
+from pipeline.features.compute import features_for_images
+from pipeline.features.record import fit_record
+from pipeline.features.store import open_store
+from pipeline.hashing import file_sha256
+from pipeline.selfsup.mae import encoder_tokens, load_mae, save_mae, token_maps, train_mae, unused_checkpoint
+from tests.conftest import REPO
+from tests.helpers import make_project
+
+TINY = MaeConfig(patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                 decoder_intermediate_size=32, steps=6, batch_size=8, warmup_steps=2, state_every=2)
+TINY_PARAMS = {key: value for key, value in TINY.model_dump().items()}
+IMAGES = (np.random.default_rng(0).random((24, 16, 16, 3)) * 255).astype(np.uint8)
+CPU = torch.device("cpu")
+
+
+def tiny_encoder(tmp_path, steps: int = 0):
+    config = TINY.model_copy(update={"steps": steps})
+    encoder, _ = train_mae(config, 16, IMAGES, device=CPU)
+    save_mae(tmp_path / "mae.pt", encoder, config, 16, {"kind": "test"})
+    return load_mae(tmp_path / "mae.pt")
+
+
+def test_token_maps_are_one_map_per_block_on_the_patch_grid(tmp_path):
+    model = tiny_encoder(tmp_path)
+    assert model.config.mask_ratio == 0  # features see every patch
+    maps = token_maps(model, torch.rand(3, 3, 16, 16) * 2 - 1, [0, 1])
+    assert [tuple(block.shape) for block in maps] == [(3, 32, 4, 4)] * 2
+    with pytest.raises(ConfigError, match=r"blocks \[0, 2\] asks for MAE encoder block\(s\) \[2\]"):
+        token_maps(model, torch.zeros(1, 3, 16, 16), [0, 2])
+
+
+def test_unshuffled_tokens_are_in_patch_grid_order_whatever_the_shuffle(tmp_path):
+    model = tiny_encoder(tmp_path)
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    shuffle = torch.rand(2, 16)  # ViTMAE orders the patches by argsort(noise) even at mask ratio 0
+    with torch.no_grad():
+        embedded, block = encoder_tokens(model, x0, [0, 2], noise=shuffle)
+        # the embeddings in grid order, made directly: the patch conv's [N, C, 4, 4] output, row-major, plus positions
+        grid = model.embeddings.patch_embeddings.projection(x0).flatten(2).transpose(1, 2)
+        expected = grid + model.embeddings.position_embeddings[:, 1:]
+        in_order = encoder_tokens(model, x0, [2])[0]
+    torch.testing.assert_close(embedded, expected)
+    assert not torch.equal(torch.argsort(shuffle[0]), torch.arange(16))  # the shuffle did move patches
+    torch.testing.assert_close(block, in_order, atol=1e-5, rtol=1e-5)  # the blocks' tokens do not depend on it
+
+
+def test_the_feature_path_gives_the_token_maps_bilinearly_upsampled(tmp_path):
+    model = tiny_encoder(tmp_path)
+    images = list(IMAGES[:3])
+    options = FeaturesConfig(representation=Representation.MAE, batch_size=2)
+    rows = dict(features_for_images(model, None, images, options=options, t_steps=[50], blocks=[1, 0]))
+    x0 = torch.from_numpy(IMAGES[:3]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        maps = torch.cat([F.interpolate(block, size=(16, 16), mode="bilinear", align_corners=False)
+                          for block in token_maps(model, x0, [1, 0])], dim=1)
+    expected = maps.permute(0, 2, 3, 1).reshape(3, 256, 64).to(torch.float16)
+    assert sorted(rows) == [0, 1, 2] and rows[0].dtype == torch.float16 and rows[0].shape == (256, 64)
+    for index in range(3):
+        torch.testing.assert_close(rows[index], expected[index], atol=2e-3, rtol=2e-3)
+
+
+def test_pretraining_killed_after_a_state_resumes_to_the_unbroken_checkpoint(tmp_path):
+    torch.set_num_threads(1)
+    whole, whole_history = train_mae(TINY, 16, IMAGES, device=CPU)
+    (tmp_path / "unbroken").mkdir()
+    save_mae(tmp_path / "unbroken" / "mae.pt", whole, TINY, 16, {"kind": "test"})
+
+    state = tmp_path / "mae.pt.state"
+
+    def killed_at_5(step, _):
+        if step == 5:
+            raise KeyboardInterrupt  # as a kill: after the state of step 4, before the end
+    with pytest.raises(KeyboardInterrupt):
+        train_mae(TINY, 16, IMAGES, device=CPU, on_step=killed_at_5, state_path=state, fingerprint="run")
+    assert torch.load(state, weights_only=True)["step"] == 4
+    torch.manual_seed(123)  # a new process's global generator: the state restores it
+    resumed, history = train_mae(TINY, 16, IMAGES, device=CPU, state_path=state, fingerprint="run")
+    save_mae(tmp_path / "mae.pt", resumed, TINY, 16, {"kind": "test"})
+    assert history == whole_history and len(history) == 6
+    assert (tmp_path / "mae.pt").read_bytes() == (tmp_path / "unbroken" / "mae.pt").read_bytes()
+    other, _ = train_mae(TINY, 16, IMAGES, device=CPU, state_path=state, fingerprint="other params")
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), whole.state_dict().values()))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"mae": {"patch_size": 5}}, r"mae.patch_size=5 does not divide dataset.image_size=32"),
+    ({"mae": {"mask_ratio": 0.0}}, r"mae.mask_ratio"),
+    ({"mae": {"mask_ratio": 1.0}}, r"mae.mask_ratio"),
+    ({"mae": {"hidden_size": 30}}, r"mae.hidden_size=30 is not a multiple of mae.num_attention_heads=4"),
+    ({"features": {"representation": "mae"}, "mae": {"num_hidden_layers": 3}},
+     r"blocks \[0, 1, 2, 3\] .* encoder block\(s\) \[3\], .* mae.num_hidden_layers"),
+    ({"features": {"representation": "mae", "store_blocks": [0, 1, 5]}, "blocks": [0, 1]},
+     r"features.store_blocks \[0, 1, 5\] .* encoder block\(s\) \[5\]"),
+    ({"features": {"representation": "mae", "layout": "native"}}, r"features.layout=native .* the MAE's patch tokens"),
+])
+def test_bad_mae_params_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        params_from_dict(override)
+
+
+def test_mae_params_are_ignored_when_the_representation_is_not_mae():
+    assert params_from_dict({"mae": {"num_hidden_layers": 1}}).blocks == (0, 1, 2, 3)
+
+
+def test_the_unused_placeholder_is_the_same_bytes_whatever_the_params(tmp_path):
+    unused_checkpoint(tmp_path / "a.pt")
+    (tmp_path / "b").mkdir()
+    unused_checkpoint(tmp_path / "b" / "a.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "a.pt").read_bytes()
+    with pytest.raises(ConfigError, match="placeholder .* features.representation: mae"):
+        load_mae(tmp_path / "a.pt")
+
+
+def run_here(stage: str, *args) -> None:
+    """Run a stage's main in this process (the imports of a fresh process cost more than these tiny stages)."""
+    module = __import__(f"stages.{stage}", fromlist=["main"])
+    argv, threads = sys.argv, os.environ.get("DDPM_SEG_THREADS")
+    sys.argv, os.environ["DDPM_SEG_THREADS"] = [stage, *map(str, args)], "1"
+    try:
+        module.main()
+    finally:
+        sys.argv = argv
+        if threads is None:
+            del os.environ["DDPM_SEG_THREADS"]
+        else:
+            os.environ["DDPM_SEG_THREADS"] = threads
+
+
+@pytest.fixture(scope="module")
+def mae_project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mae")
+    project = make_project(root, {"features.representation": "mae", "t_steps": [50], "blocks": [0, 1],
+                                  "features.store_blocks": [0, 1], "dataset.unlabeled_images": 16,
+                                  "mae": {**TINY_PARAMS, "patch_size": 8, "steps": 3, "state_every": 0}})
+    project["mae"] = root / "mae.pt"
+    run_here("pretrain_mae", "--params", project["params"], "--data", project["data"], "--out", project["mae"],
+             "--curves", root / "curves")
+    assert (root / "curves" / "plots" / "metrics" / "loss.tsv").is_file()
+    return project
+
+
+def test_a_mae_store_records_its_checkpoint_and_fit_reads_it_unchanged(mae_project, tmp_path):
+    project = mae_project
+    store = tmp_path / "t50.zarr"
+    run_here("extract", "--params", project["params"], "--t", "50", "--data", project["data"],
+             "--checkpoint", project["checkpoint"], "--mae", project["mae"], "--out", store)
+    params = params_from_dict(yaml.safe_load(project["params"].read_text()))
+    opened = open_store(store, {"representation": "mae"})
+    assert opened.record.representation == "mae" and opened.record.checkpoint_sha256 == file_sha256(project["mae"])
+    assert opened.record.feature_dim == 64 and opened.record.block_channels == (32, 32)
+    assert opened.features("train").shape == (6 * 32 * 32, 64)
+    ensemble = tmp_path / "ensemble.pt"
+    run_here("fit", "--params", project["params"], "--stores", str(tmp_path / "t{t}.zarr"), "--out", ensemble,
+             "--curves", tmp_path / "fit")
+    assert load_ensemble(ensemble, fit_record(params, file_sha256(project["mae"]))).dim == 64
+    ddpm = params.model_copy(update={"features": params.features.model_copy(update={"representation": Representation.DDPM})})
+    with pytest.raises(EnsembleError, match=r"checkpoint_sha256 .*representation 'mae' \(asked: 'ddpm'\)"):
+        load_ensemble(ensemble, fit_record(ddpm, file_sha256(project["checkpoint"])))
+
+
+@pytest.mark.slow
+def test_the_stage_killed_mid_training_resumes_to_a_byte_identical_checkpoint(mae_project, tmp_path):
+    params = tmp_path / "params.yaml"
+    data = yaml.safe_load(mae_project["params"].read_text())
+    data["mae"].update({"steps": 40, "state_every": 10})
+    params.write_text(yaml.safe_dump(data))
+    env = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1")
+
+    def command(out):
+        return [sys.executable, "-m", "stages.pretrain_mae", "--params", str(params), "--data",
+                str(mae_project["data"]), "--out", str(out), "--curves", str(out.with_suffix(".curves"))]
+
+    whole = tmp_path / "unbroken" / "mae.pt"  # torch.save records the file's name in its archive
+    whole.parent.mkdir()
+    run_here("pretrain_mae", *command(whole)[3:])  # the unbroken run in this process, one thread as the stage's
+    out, state = tmp_path / "mae.pt", tmp_path / "mae.pt.state"
+    process = subprocess.Popen(command(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists() and not out.exists(), "the kill should land mid-training, after a state was written"
+    killed_at = torch.load(state, weights_only=True)["step"]
+    result = subprocess.run(command(out), env=env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from step {killed_at}" in result.stdout
+    assert out.read_bytes() == whole.read_bytes() and not state.exists()
