@@ -244,7 +244,8 @@ class FeaturesConfig(Section):
     tls_cert: Optional[StrictStr] = None
     tls_key: Optional[StrictStr] = None
     # Baselines through the same stages (docs/analyses.md): ddpm, rgb or rgb_patch (patch_size x patch_size
-    # pixels). The RGB ones ignore t (each store of t_steps holds the same values: run them with one step).
+    # pixels), or mae (the masked autoencoder of section mae). All but ddpm ignore t (each store of t_steps holds
+    # the same values: run them with one step).
     representation: Choice[Representation] = Representation.DDPM
     patch_size: Annotated[StrictInt, Field(ge=1, description="an odd number: the pixel is the centre")] = 5
     # The features of noise_draws noise draws, averaged (the paper's noise variants; 1 = one draw). Draw j uses
@@ -256,7 +257,7 @@ class FeaturesConfig(Section):
     layout: Choice[StoreLayout] = StoreLayout.PIXELS
 
     def representation_id(self) -> str:
-        """What a store records as its representation: ``ddpm``, ``rgb`` or ``rgb_patch<k>``."""
+        """What a store records as its representation: ``ddpm``, ``rgb``, ``rgb_patch<k>`` or ``mae``."""
         if self.representation is Representation.RGB_PATCH:
             return f"rgb_patch{self.patch_size}"
         return self.representation.value
