@@ -52,7 +52,8 @@ def main() -> None:
     encoder, history = train_mae(config, size, images, device=pick_device(params.runtime.device), on_step=on_step,
                                  state_path=state_path, fingerprint=run_fingerprint(config, size, images))
     bar.close()
-    save_mae(args.out, encoder, config, size, {"kind": "trained", "steps": config.steps, "unlabeled_images": len(images)})
+    source = {"kind": "trained", "steps": config.steps, "unlabeled_images": len(images)}
+    save_mae(args.out, encoder, config, size, source)
     write_curves(args.curves, loss_curve(history, config.log_every))
     state_path.unlink(missing_ok=True)
     print(f"pretrain_mae: trained {config.steps} steps on {len(images)} images in {time.perf_counter() - start:.0f}s "
@@ -73,7 +74,8 @@ def run_fingerprint(config, image_size: int, images) -> str:
 
 
 def loss_curve(history: list[dict[str, float]], every: int) -> list[tuple[int, dict[str, float]]]:
-    """Mean loss over windows of ``every`` steps: ``(last step, {"loss": mean})`` per window (the last may be shorter)."""
+    """Mean loss over windows of ``every`` steps: ``(last step, {"loss": mean})`` per window (the last may be
+    shorter)."""
     return [(min(first + every, len(history)),
              {"loss": sum(h["loss"] for h in history[first : first + every]) / len(history[first : first + every])})
             for first in range(0, len(history), every)]

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import yaml
 
 from pipeline.config import ConfigError, FeaturesConfig, MaeConfig, params_from_dict
-from pipeline.enums import Representation
 from pipeline.ensemble.files import load_ensemble
+from pipeline.enums import Representation
 from pipeline.errors import EnsembleError
 from pipeline.features.compute import features_for_images
 from pipeline.features.record import fit_record
@@ -160,23 +160,66 @@ def mae_project(tmp_path_factory):
     return project
 
 
-def test_a_mae_store_records_its_checkpoint_and_fit_reads_it_unchanged(mae_project, tmp_path):
-    project = mae_project
-    store = tmp_path / "t50.zarr"
+@pytest.fixture(scope="module")
+def mae_run(mae_project, tmp_path_factory):
+    """The MAE project's extract@50 store and the ensemble fit reads from it, both made by the stages."""
+    root = tmp_path_factory.mktemp("mae_run")
+    project = {**mae_project, "stores": root / "t{t}.zarr", "ensemble": root / "ensemble.pt"}
     run_here("extract", "--params", project["params"], "--t", "50", "--data", project["data"],
-             "--checkpoint", project["checkpoint"], "--mae", project["mae"], "--out", store)
-    params = params_from_dict(yaml.safe_load(project["params"].read_text()))
-    opened = open_store(store, {"representation": "mae"})
-    assert opened.record.representation == "mae" and opened.record.checkpoint_sha256 == file_sha256(project["mae"])
+             "--checkpoint", project["checkpoint"], "--mae", project["mae"], "--out", root / "t50.zarr")
+    run_here("fit", "--params", project["params"], "--stores", project["stores"], "--out", project["ensemble"],
+             "--curves", root / "fit")
+    return project
+
+
+def test_a_mae_store_records_its_checkpoint_and_fit_reads_it_unchanged(mae_run):
+    params = params_from_dict(yaml.safe_load(mae_run["params"].read_text()))
+    opened = open_store(str(mae_run["stores"]).format(t=50), {"representation": "mae"})
+    assert opened.record.representation == "mae" and opened.record.checkpoint_sha256 == file_sha256(mae_run["mae"])
     assert opened.record.feature_dim == 64 and opened.record.block_channels == (32, 32)
     assert opened.features("train").shape == (6 * 32 * 32, 64)
-    ensemble = tmp_path / "ensemble.pt"
-    run_here("fit", "--params", project["params"], "--stores", str(tmp_path / "t{t}.zarr"), "--out", ensemble,
-             "--curves", tmp_path / "fit")
-    assert load_ensemble(ensemble, fit_record(params, file_sha256(project["mae"]))).dim == 64
-    ddpm = params.model_copy(update={"features": params.features.model_copy(update={"representation": Representation.DDPM})})
+    assert load_ensemble(mae_run["ensemble"], fit_record(params, file_sha256(mae_run["mae"]))).dim == 64
+    ddpm_features = params.features.model_copy(update={"representation": Representation.DDPM})
+    ddpm = params.model_copy(update={"features": ddpm_features})
     with pytest.raises(EnsembleError, match=r"checkpoint_sha256 .*representation 'mae' \(asked: 'ddpm'\)"):
-        load_ensemble(ensemble, fit_record(ddpm, file_sha256(project["checkpoint"])))
+        load_ensemble(mae_run["ensemble"], fit_record(ddpm, file_sha256(mae_run["checkpoint"])))
+
+
+def test_segment_and_the_api_vote_on_the_bytes_the_mae_store_holds(mae_run, monkeypatch):
+    import pipeline.api
+    from pipeline.api import Segmenter
+    from pipeline.data.layout import Split, list_examples
+    from pipeline.features.record import params_record
+    from pipeline.features.store import lazy_matrix
+
+    params = params_from_dict(yaml.safe_load(mae_run["params"].read_text()))
+    store = open_store(str(mae_run["stores"]).format(t=50), params_record(params, 50))
+    stored = lazy_matrix([store], "test", params.blocks)[0].compute()
+    segmenter = Segmenter.load(params, mae_run["checkpoint"], mae_run["ensemble"], mae_run["mae"])
+    seen = []
+
+    def keep(model, matrix, **options):
+        seen.append(np.asarray(matrix.compute()))
+        return np.zeros(matrix.shape[0], np.uint8), np.zeros(matrix.shape[0], np.float32)
+
+    monkeypatch.setattr(pipeline.api, "vote", keep)
+    files = [example.image_path for example in list_examples(mae_run["data"], Split.TEST)]
+    assert len(segmenter.predict(files)) == len(files) == 4
+    assert np.concatenate(seen).tobytes() == stored.tobytes()
+    with pytest.raises(ConfigError, match="MAE checkpoint of the pretrain_mae stage"):
+        Segmenter.load(params, mae_run["checkpoint"], mae_run["ensemble"])
+
+
+def test_the_stage_writes_the_placeholder_when_the_representation_is_not_mae(mae_project, tmp_path):
+    data = yaml.safe_load(mae_project["params"].read_text())
+    data["features"]["representation"] = "ddpm"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    run_here("pretrain_mae", "--params", tmp_path / "params.yaml", "--data", mae_project["data"],
+             "--out", tmp_path / "mae.pt", "--curves", tmp_path / "curves")
+    (tmp_path / "unused").mkdir()
+    unused_checkpoint(tmp_path / "unused" / "mae.pt")
+    assert (tmp_path / "mae.pt").read_bytes() == (tmp_path / "unused" / "mae.pt").read_bytes()
+    assert not (tmp_path / "curves" / "plots").exists()
 
 
 @pytest.mark.slow

@@ -152,7 +152,8 @@ def features_for_images(
                 maps = feature_maps(model, diffusion, x0, t_steps=[t], blocks=blocks, noise=noise,
                                     upsample=options.upsample, autocast_dtype=autocast_dtype)
             elif mae:  # the MAE's patch tokens, upsampled as the DDPM's maps are
-                with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                enabled = autocast_dtype is not None
+                with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=enabled):
                     tokens = token_maps(model, x0, blocks)
                 maps = upsample_concat(tokens, size, options.upsample)
             else:  # the RGB baselines: the pixels' colours (no UNet runs)
