@@ -41,6 +41,20 @@ def tiny_encoder(tmp_path, steps: int = 0):
     return load_mae(tmp_path / "mae.pt")
 
 
+def test_a_new_mae_has_mae_s_sine_cosine_positions_in_encoder_and_decoder():
+    """transformers 5.x leaves them at zero when it builds a ViTMAE from a config; without them pretraining
+    collapsed to predicting zeros (pipeline.selfsup.mae._init_as_mae)."""
+    from pipeline.selfsup.mae import build_pretraining_model
+
+    model = build_pretraining_model(TINY, 16)
+    for table in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
+        patches = table[0, 1:]  # [16 patches, width]; row 0 is the CLS token's
+        assert not table.requires_grad and float(patches.abs().max()) == pytest.approx(1.0)
+        assert torch.cdist(patches, patches).add(torch.eye(16)).min() > 0.1  # every patch its own position
+    again = build_pretraining_model(TINY, 16)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
 def test_token_maps_are_one_map_per_block_on_the_patch_grid(tmp_path):
     model = tiny_encoder(tmp_path)
     assert model.config.mask_ratio == 0  # features see every patch
