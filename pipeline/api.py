@@ -105,7 +105,8 @@ def _resize_nearest(values: np.ndarray, side: int) -> np.ndarray:
 
 
 class Segmenter:
-    """A finished run's feature model (the DDPM, or the MAE of representation mae) and ensemble, applied to new images."""
+    """A finished run's feature model (the DDPM, or the MAE of representation mae) and ensemble, applied to new
+    images."""
 
     def __init__(self, params: Params, model: UNetModel, diffusion: Diffusion | None, ensemble: EnsembleMLP):
         self.params, self.model, self.diffusion = params, model, diffusion

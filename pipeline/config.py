@@ -571,8 +571,8 @@ def _validate_mae(params: Params) -> None:
     """The MAE's shape against the image size; with representation mae, blocks and store_blocks against its depth."""
     mae, size = params.mae, params.dataset.image_size
     if size % mae.patch_size:
-        raise ConfigError(f"mae.patch_size={mae.patch_size} does not divide dataset.image_size={size}; choose a divisor "
-                          f"of {size} (e.g. {next(p for p in (4, 2, 1) if size % p == 0)})")
+        raise ConfigError(f"mae.patch_size={mae.patch_size} does not divide dataset.image_size={size}; choose a "
+                          f"divisor of {size} (e.g. {next(p for p in (4, 2, 1) if size % p == 0)})")
     for prefix in ("", "decoder_"):
         width, heads = getattr(mae, f"{prefix}hidden_size"), getattr(mae, f"{prefix}num_attention_heads")
         if width % heads:

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--t", type=int, required=True, help="diffusion step")
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset")
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--mae", type=Path, default=None, help="the pretrain_mae stage's checkpoint (representation mae)")
+    parser.add_argument("--mae", type=Path, default=None, help="pretrain_mae's checkpoint (representation mae)")
     parser.add_argument("--out", required=True, help="zarr store to write: a path, or an fsspec URL (s3://bucket/t50.zarr)")
     args = parser.parse_args()
     params = stage_params(args.params)

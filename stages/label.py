@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, required=True, help="the sample stage's zarr store")
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--ensemble", type=Path, required=True)
-    parser.add_argument("--mae", type=Path, default=None, help="the pretrain_mae stage's checkpoint (representation mae)")
+    parser.add_argument("--mae", type=Path, default=None, help="pretrain_mae's checkpoint (representation mae)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the kept images and masks")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON: counts kept and dropped, uncertainty quantiles")
     parser.add_argument("--table", type=Path, required=True, help="CSV: every image's uncertainty, rank and fate")

@@ -30,7 +30,7 @@ from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--mae", type=Path, default=None, help="the pretrain_mae stage's checkpoint (representation mae)")
+    parser.add_argument("--mae", type=Path, default=None, help="pretrain_mae's checkpoint (representation mae)")
     parser.add_argument("--ensemble", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (its test split is corrupted)")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON: test mIoU per corruption and severity")

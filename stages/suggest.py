@@ -27,7 +27,7 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--ensemble", type=Path, required=True)
-    parser.add_argument("--mae", type=Path, default=None, help="the pretrain_mae stage's checkpoint (representation mae)")
+    parser.add_argument("--mae", type=Path, default=None, help="pretrain_mae's checkpoint (representation mae)")
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (its unlabeled/ folder is the pool)")
     parser.add_argument("--out", type=Path, required=True, help="folder: suggestions.csv, images/, Label Studio tasks")
     parser.add_argument("--plot", type=Path, required=True, help="PNG: the suggested images and their uncertainty")

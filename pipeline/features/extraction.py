@@ -57,7 +57,8 @@ def worker_device(name: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=2)
-def loaded_model(checkpoint: str, device: str, mae_checkpoint: str | None = None) -> tuple[torch.nn.Module, Diffusion | None]:
+def loaded_model(checkpoint: str, device: str,
+                 mae_checkpoint: str | None = None) -> tuple[torch.nn.Module, Diffusion | None]:
     """Each process (the stage, or a dask worker) loads a checkpoint once, then reuses it for every task: the
     DDPM's UNet and diffusion, or with ``mae_checkpoint`` the MAE's encoder and None (``load_feature_model``).
 
