@@ -1,7 +1,7 @@
 """Segment new images with a finished run: one code path for the segment stage and for notebooks.
 
     from pipeline.api import Segmenter
-    segmenter = Segmenter.from_run(".")          # params.yaml, checkpoints/ddpm.pt, ensemble/ensemble.pt
+    segmenter = Segmenter.from_run(".")          # params.yaml, checkpoints/{ddpm,mae}.pt, ensemble/ensemble.pt
     results = segmenter.predict(["a.png", image_array])
     results[0].mask, results[0].uncertainty      # [H, W] uint8 classes, [H, W] float32 nats
     distilled = Segmenter.from_run(".", model="segnet")  # DatasetDDPM's network (segnet/segnet.pt): one forward pass
@@ -32,14 +32,13 @@ from PIL import Image
 from pipeline.config import Params, load_params
 from pipeline.data.images import crop_square, read_rgb
 from pipeline.diffusion.gaussian import Diffusion
-from pipeline.diffusion.train import load_checkpoint
-from pipeline.diffusion.unet import UNetModel, for_inference
+from pipeline.diffusion.unet import UNetModel
 from pipeline.ensemble.files import load_ensemble
 from pipeline.ensemble.model import EnsembleMLP
 from pipeline.ensemble.predict import vote
 from pipeline.enums import NonSquarePolicy
 from pipeline.errors import PipelineError
-from pipeline.features.compute import features_for_images
+from pipeline.features.compute import feature_checkpoint, features_for_images, load_feature_model
 from pipeline.features.record import fit_record, rows_per_chunk
 from pipeline.hashing import file_sha256
 from pipeline.runtime import pick_device
@@ -113,9 +112,10 @@ def _resize_nearest(values: np.ndarray, side: int) -> np.ndarray:
 
 
 class Segmenter:
-    """A finished run's DDPM and ensemble, applied to new images."""
+    """A finished run's feature model (the DDPM, or the MAE of representation mae) and ensemble, applied to new
+    images."""
 
-    def __init__(self, params: Params, model: UNetModel, diffusion: Diffusion, ensemble: EnsembleMLP):
+    def __init__(self, params: Params, model: UNetModel, diffusion: Diffusion | None, ensemble: EnsembleMLP):
         self.params, self.model, self.diffusion = params, model, diffusion
         self.device = pick_device(params.runtime.device)
         self.ensemble = ensemble.to(self.device)
@@ -124,12 +124,17 @@ class Segmenter:
         self.chunk_rows = rows_per_chunk(params.features.chunk_pixels, size * size)  # a store's row chunk
 
     @classmethod
-    def load(cls, params: str | Path | Params, checkpoint: str | Path, ensemble: str | Path) -> "Segmenter":
-        """From the three files of a run (the paths dvc.yaml gives the segment stage); ``params`` a file or loaded params."""
+    def load(cls, params: str | Path | Params, checkpoint: str | Path, ensemble: str | Path,
+             mae_checkpoint: str | Path | None = None) -> "Segmenter":
+        """From the files of a run (the paths dvc.yaml gives the segment stage; ``mae_checkpoint`` is read only
+        with features.representation: mae); ``params`` a file or loaded params."""
         loaded = params if isinstance(params, Params) else load_params(params)
-        model, diffusion, _ = load_checkpoint(checkpoint)  # not extract's cache: a notebook may see a new file
-        model = for_inference(model, pick_device(loaded.runtime.device))
-        members = load_ensemble(Path(ensemble), fit_record(loaded, file_sha256(checkpoint)))
+        # not extract's cache: a notebook may see a new file
+        model, diffusion = load_feature_model(loaded.features, checkpoint, mae_checkpoint,
+                                              pick_device(loaded.runtime.device))
+        members = load_ensemble(Path(ensemble),
+                                fit_record(loaded, file_sha256(feature_checkpoint(loaded.features, checkpoint,
+                                                                                  mae_checkpoint))))
         return cls(loaded, model, diffusion, members)
 
     @classmethod
@@ -144,14 +149,15 @@ class Segmenter:
 
     @classmethod
     def from_run(cls, run: str | Path = ".", model: str = "ensemble") -> "Segmenter":
-        """A finished run's folder: its params.yaml with checkpoints/ddpm.pt and ensemble/ensemble.pt
+        """A finished run's folder: its params.yaml with checkpoints/ddpm.pt (and mae.pt) and ensemble/ensemble.pt
         (``model="ensemble"``), or with segnet/segnet.pt (``model="segnet"``) (dvc.yaml's outs)."""
         run = Path(run)
         if model == "segnet":
             return cls.load_segnet(run / "params.yaml", run / "segnet" / "segnet.pt")
         if model != "ensemble":
             raise PipelineError(f"model={model!r} is not a model of a run; use ensemble or segnet")
-        return cls.load(run / "params.yaml", run / "checkpoints" / "ddpm.pt", run / "ensemble" / "ensemble.pt")
+        return cls.load(run / "params.yaml", run / "checkpoints" / "ddpm.pt", run / "ensemble" / "ensemble.pt",
+                        run / "checkpoints" / "mae.pt")
 
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Segmentation]:
         """Files or ``[H, W, 3] uint8`` arrays -> one ``Segmentation`` each; a bad image raises its error."""

@@ -49,8 +49,9 @@ from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
 from pipeline.presets import ENSEMBLE_RECIPES, MODEL_PRESETS, PRESETS, RECIPE_KEYS
 
 __all__ = ["Autocast", "Codec", "ConfigError", "Corruption", "DatasetConfig", "DDPMConfig", "EnsembleConfig", "EvaluateConfig",
-           "FeaturesConfig", "LabelFormat", "LossWeighting", "LrSchedule", "ModelFlags", "ModelPreset", "NoiseSchedule",
-           "NonSquarePolicy", "Params", "Recipe", "Representation", "RuntimeConfig", "SegnetConfig", "Stopping", "StoreLayout", "TrainConfig", "UNetInit", "UpsampleMode", "load_params",
+           "FeaturesConfig", "LabelFormat", "LossWeighting", "LrSchedule", "MaeConfig", "ModelFlags", "ModelPreset",
+           "NoiseSchedule", "NonSquarePolicy", "Params", "Recipe", "Representation", "RuntimeConfig", "SegnetConfig",
+           "Stopping", "StoreLayout", "TrainConfig", "UNetInit", "UpsampleMode", "load_params",
            "params_from_dict"]
 
 BUILTIN_DATASET = "digits"
@@ -245,7 +246,8 @@ class FeaturesConfig(Section):
     tls_cert: Optional[StrictStr] = None
     tls_key: Optional[StrictStr] = None
     # Baselines through the same stages (docs/analyses.md): ddpm, rgb or rgb_patch (patch_size x patch_size
-    # pixels). The RGB ones ignore t (each store of t_steps holds the same values: run them with one step).
+    # pixels), or mae (the masked autoencoder of section mae). All but ddpm ignore t (each store of t_steps holds
+    # the same values: run them with one step).
     representation: Choice[Representation] = Representation.DDPM
     patch_size: Annotated[StrictInt, Field(ge=1, description="an odd number: the pixel is the centre")] = 5
     # The features of noise_draws noise draws, averaged (the paper's noise variants; 1 = one draw). Draw j uses
@@ -257,7 +259,7 @@ class FeaturesConfig(Section):
     layout: Choice[StoreLayout] = StoreLayout.PIXELS
 
     def representation_id(self) -> str:
-        """What a store records as its representation: ``ddpm``, ``rgb`` or ``rgb_patch<k>``."""
+        """What a store records as its representation: ``ddpm``, ``rgb``, ``rgb_patch<k>`` or ``mae``."""
         if self.representation is Representation.RGB_PATCH:
             return f"rgb_patch{self.patch_size}"
         return self.representation.value
@@ -464,6 +466,47 @@ class RuntimeConfig(Section):
     threads: Optional[Positive] = None
 
 
+class MaeConfig(Section):
+    """``mae``: the masked autoencoder of ``features.representation: mae`` (He et al. 2022, transformers' ViTMAE),
+    trained from random weights on the unlabeled images by the pretrain_mae stage (nothing is trained, and a
+    placeholder written, while the representation is another). The image size is ``dataset.image_size``; its
+    features are the patch tokens of the encoder blocks ``blocks`` lists (0 = the first), at mask ratio 0.
+    Defaults: a small ViT for 32 px on a CPU (not chosen on val)."""
+
+    patch_size: Positive = 4  # must divide dataset.image_size: 32 px -> an 8 x 8 grid of tokens
+    hidden_size: Positive = 128  # the encoder's width; a multiple of num_attention_heads
+    num_hidden_layers: Positive = 4  # encoder blocks; `blocks` selects among them
+    num_attention_heads: Positive = 4
+    intermediate_size: Positive = 512  # the encoder MLP's width
+    # The light decoder, used only in pretraining (MAE's asymmetric design).
+    decoder_hidden_size: Positive = 64
+    decoder_num_hidden_layers: Positive = 2
+    decoder_num_attention_heads: Positive = 4
+    decoder_intermediate_size: Positive = 256
+    mask_ratio: Annotated[float, Field(gt=0, lt=1, description="a fraction of the patches in (0, 1)")] = 0.75
+    norm_pix_loss: bool = True  # the loss on each masked patch's normalised pixels (MAE's default)
+    steps: Annotated[StrictInt, Field(ge=0, description="0 keeps the random init")] = 2000
+    batch_size: Positive = 64
+    # AdamW (betas 0.9, 0.95 as MAE) with linear warm-up then a half-cosine to 0 (transformers' schedule).
+    lr: Rate = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    warmup_steps: NonNegative = 100
+    seed: Seed = 0
+    log_every: Positive = 10
+    state_every: Annotated[StrictInt, Field(ge=0, description="0 = off")] = 100  # a resumable state every N steps
+
+    def vit_config(self, image_size: int) -> dict[str, Any]:
+        """The keyword arguments of transformers' ``ViTMAEConfig`` for ``image_size`` px images."""
+        return {"image_size": image_size, "patch_size": self.patch_size, "num_channels": 3,
+                "hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads, "intermediate_size": self.intermediate_size,
+                "decoder_hidden_size": self.decoder_hidden_size,
+                "decoder_num_hidden_layers": self.decoder_num_hidden_layers,
+                "decoder_num_attention_heads": self.decoder_num_attention_heads,
+                "decoder_intermediate_size": self.decoder_intermediate_size,
+                "mask_ratio": self.mask_ratio, "norm_pix_loss": self.norm_pix_loss}
+
+
 class Params(Section):
     t_steps: IntList = (50, 150, 250)
     # null = the blocks of ddpm.preset (digits: [0, 1, 2, 3]; adm256: the paper's [5, 6, 7, 8, 12]);
@@ -481,6 +524,7 @@ class Params(Section):
     datasetddpm: DatasetDDPMConfig = DatasetDDPMConfig()
     segnet: SegnetConfig = SegnetConfig()
     suggest: SuggestConfig = SuggestConfig()
+    mae: MaeConfig = MaeConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     def unet_config(self) -> UNetConfig:
@@ -557,9 +601,32 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"suggest.candidates={params.suggest.candidates} must be >= suggest.count="
                           f"{params.suggest.count}: the diversity pick chooses count images among the candidates")
     _validate_tls(features)
+    _validate_mae(params)
     _validate_datasetddpm(params)
     _validate_segnet(params.segnet, params.dataset.image_size)
     check_widths(params.unet_config())  # torch-free; the stages that build a UNet also build it on the meta device
+
+
+def _validate_mae(params: Params) -> None:
+    """The MAE's shape against the image size; with representation mae, blocks and store_blocks against its depth."""
+    mae, size = params.mae, params.dataset.image_size
+    if size % mae.patch_size:
+        raise ConfigError(f"mae.patch_size={mae.patch_size} does not divide dataset.image_size={size}; choose a "
+                          f"divisor of {size} (e.g. {next(p for p in (4, 2, 1) if size % p == 0)})")
+    for prefix in ("", "decoder_"):
+        width, heads = getattr(mae, f"{prefix}hidden_size"), getattr(mae, f"{prefix}num_attention_heads")
+        if width % heads:
+            raise ConfigError(f"mae.{prefix}hidden_size={width} is not a multiple of mae.{prefix}num_attention_heads="
+                              f"{heads}; each attention head takes an equal share of the width")
+    if params.features.representation is not Representation.MAE:
+        return
+    for key, blocks in (("blocks", params.blocks), ("features.store_blocks", params.features.store_blocks)):
+        beyond = [block for block in blocks if not 0 <= block < mae.num_hidden_layers]
+        if beyond:
+            raise ConfigError(f"{key} {list(blocks)} (null = ddpm.preset's blocks) asks for encoder block(s) {beyond}, "
+                              f"but with features.representation=mae the blocks are the MAE encoder's, 0 to "
+                              f"mae.num_hidden_layers - 1 = {mae.num_hidden_layers - 1}; choose blocks within that "
+                              f"or raise mae.num_hidden_layers")
 
 
 def _validate_stopping(ensemble: EnsembleConfig) -> None:
@@ -667,8 +734,9 @@ def _validate_store_blocks(params: Params) -> None:
             f"{sorted(set(stored) | set(params.blocks))} (the extract stages rerun), or choose blocks within "
             f"{list(stored)}")
     if features.layout is StoreLayout.NATIVE and features.representation is not Representation.DDPM:
-        raise ConfigError(f"features.layout=native keeps decoder maps, but features.representation="
-                          f"{features.representation.value} stores pixel colours; use features.layout: pixels for it")
+        what = "the MAE's patch tokens" if features.representation is Representation.MAE else "pixel colours"
+        raise ConfigError(f"features.layout=native keeps the DDPM's decoder maps, but features.representation="
+                          f"{features.representation.value} stores {what}; use features.layout: pixels for it")
 
 
 def _validate_tls(features: FeaturesConfig) -> None:

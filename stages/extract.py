@@ -1,5 +1,6 @@
 """Stage extract: decoder features of every train/val/test image at each diffusion step of ``t_steps``, one zarr
-store per step.
+store per step (or the features of features.representation: RGB, or the MAE's patch tokens, the same at every
+step).
 
 ``--stores features/t{t}.zarr`` is the pipeline's form: one stage owns the stores' folder (a persisted DVC
 output). It keeps the stores already complete and current (``finished_store_is_current``: same record, images,
@@ -12,15 +13,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from pipeline.code_closure import closure_sha256
 from pipeline.data.layout import Split, list_examples
-from pipeline.diffusion.train import load_checkpoint
 from pipeline.diffusion.unet import check_model_builds
 from pipeline.enums import Representation
 from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
 from pipeline.features.activations import feature_dim, representation_dim
+from pipeline.features.compute import feature_checkpoint, load_feature_model
 from pipeline.features.extraction import ExtractJob, extraction_runner, loaded_model, worker_device
 from pipeline.features.locations import set_aside_stores_of_other_steps, take_back_set_aside_store
 from pipeline.features.record import StoreRecord, extraction_provenance, inputs_sha256, params_record
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--t", type=int, help="one diffusion step only (with --out), instead of --stores")
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset")
     parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--mae", type=Path, default=None, help="pretrain_mae's checkpoint (representation mae)")
     parser.add_argument("--out", help="with --t: the zarr store to write, a path or an fsspec URL (s3://bucket/t50.zarr)")
     args = parser.parse_args()
     if (args.stores is None) == (args.t is None) or (args.t is None) != (args.out is None):
@@ -47,27 +50,35 @@ def main() -> None:
     steps = [args.t] if args.t is not None else list(params.t_steps)
     check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
     options = params.features
+    mae = options.representation is Representation.MAE
+    mae_checkpoint = str(args.mae) if mae and args.mae is not None else None
+    source = feature_checkpoint(options, args.checkpoint, mae_checkpoint)  # the weights the features come from
     # Validate the checkpoint, steps and blocks up front. In process, this load is the one extraction reuses.
     if options.workers or options.scheduler:
-        model, diffusion, _ = load_checkpoint(args.checkpoint)
+        model, diffusion = load_feature_model(options, args.checkpoint, mae_checkpoint, torch.device("cpu"))
     else:
-        model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)))
-    check_timesteps(steps, diffusion.num_timesteps)
+        model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)), mae_checkpoint)
+    if diffusion is not None:
+        check_timesteps(steps, diffusion.num_timesteps)
     examples = {split.value: list_examples(args.data, split, allow_empty=split is Split.VAL) for split in Split}
     blocks = options.store_blocks
-    shapes = model.decoder_block_shapes()
-    try:
-        feature_dim(model, blocks)
-    except ModelFlagsError as error:  # its message names `blocks`: say which key holds them here
-        raise ConfigError(f"features.store_blocks {list(blocks)} (null = ddpm.preset's blocks): {error}") from None
+    if not mae:
+        shapes = model.decoder_block_shapes()
+        try:
+            feature_dim(model, blocks)
+        except ModelFlagsError as error:  # its message names `blocks`: say which key holds them here
+            raise ConfigError(f"features.store_blocks {list(blocks)} (null = ddpm.preset's blocks): {error}") from None
     if model.config.image_size != params.dataset.image_size:
-        raise ConfigError(f"{args.checkpoint} is a model for {model.config.image_size} px images but "
+        raise ConfigError(f"{source} is a model for {model.config.image_size} px images but "
                           f"dataset.image_size={params.dataset.image_size}; make them equal")
     # each stored block's (channels, map side); none for the RGB baselines, whose columns are no decoder blocks
-    stored = [shapes[b][:2] for b in blocks] if options.representation is Representation.DDPM else []
+    if mae:  # each encoder block: hidden_size columns, from a map of image_size / patch_size tokens a side
+        stored = [(model.config.hidden_size, model.config.image_size // model.config.patch_size)] * len(blocks)
+    else:
+        stored = [shapes[b][:2] for b in blocks] if options.representation is Representation.DDPM else []
     dim = representation_dim(model, blocks, options.representation, options.patch_size)
     del model
-    checkpoint_sha256 = file_sha256(args.checkpoint)
+    checkpoint_sha256 = file_sha256(source)
     code_sha256 = closure_sha256("stages.extract")
     inputs = inputs_sha256({s: [(e.stem, e.image_path, e.mask_path) for e in ex] for s, ex in examples.items()})
     where = (f"dask scheduler {options.scheduler}" if options.scheduler
@@ -92,7 +103,7 @@ def main() -> None:
                                       clevel=options.clevel, provenance=provenance)
             job = ExtractJob(
                 checkpoint=str(args.checkpoint), store=str(out), t=t, blocks=tuple(blocks), features=options,
-                device=params.runtime.device,
+                device=params.runtime.device, mae_checkpoint=mae_checkpoint,
                 image_paths={s: tuple(str(e.image_path) for e in ex) for s, ex in examples.items()},
                 mask_paths={s: tuple(str(e.mask_path) for e in ex) for s, ex in examples.items()},
             )

@@ -13,6 +13,7 @@ from pipeline.atomic import building_dir
 from pipeline.data.images import read_rgb
 from pipeline.data.layout import Split, list_examples
 from pipeline.diffusion.unet import check_model_builds
+from pipeline.enums import Representation
 from pipeline.features.compute import features_for_images
 from pipeline.features.extraction import loaded_model, worker_device
 from pipeline.runtime import stage_main, stage_params, stage_parser
@@ -27,7 +28,10 @@ def main() -> None:
     args = parser.parse_args()
     params = stage_params(args.params)
     check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
-    config, options = params.kmeans, params.features
+    # the DDPM's decoder blocks (kmeans.blocks, kmeans.t_steps) whatever features.representation the run learns from
+    # (the paper's figure is of DDPM features; this stage does not depend on features.representation)
+    config = params.kmeans
+    options = params.features.model_copy(update={"representation": Representation.DDPM})
     model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)))
     examples = list_examples(args.data, Split.TEST)[: config.images]
     images = np.stack([read_rgb(example.image_path) for example in examples])

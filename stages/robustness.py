@@ -17,6 +17,8 @@ from pipeline.data.layout import Split, list_examples
 from pipeline.diffusion.unet import check_model_builds
 from pipeline.ensemble.evaluation import score
 from pipeline.ensemble.files import load_ensemble
+from pipeline.enums import Representation
+from pipeline.features.compute import feature_checkpoint
 from pipeline.features.extraction import loaded_model, worker_device
 from pipeline.features.record import fit_record
 from pipeline.hashing import file_sha256
@@ -28,6 +30,7 @@ from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--mae", type=Path, default=None, help="pretrain_mae's checkpoint (representation mae)")
     parser.add_argument("--ensemble", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (its test split is corrupted)")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON: test mIoU per corruption and severity")
@@ -36,8 +39,10 @@ def main() -> None:
     args = parser.parse_args()
     params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit and evaluate
     check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
-    model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)))
-    ensemble = load_ensemble(args.ensemble, fit_record(params, file_sha256(args.checkpoint)))
+    mae = str(args.mae) if params.features.representation is Representation.MAE and args.mae else None
+    source = feature_checkpoint(params.features, args.checkpoint, mae)  # the weights the features come from
+    model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)), mae)
+    ensemble = load_ensemble(args.ensemble, fit_record(params, file_sha256(source)))
     ensemble.to(pick_device(params.runtime.device))
     examples = list_examples(args.data, Split.TEST)
     clean = [read_rgb(example.image_path) for example in examples]

@@ -11,10 +11,10 @@ from pathlib import Path
 from pipeline.analysis.suggest import choose, pool_sample, score_pool
 from pipeline.atomic import building_dir
 from pipeline.data.layout import list_images
-from pipeline.diffusion.train import load_checkpoint
-from pipeline.diffusion.unet import check_model_builds, for_inference
+from pipeline.diffusion.unet import check_model_builds
 from pipeline.ensemble.files import load_ensemble
 from pipeline.errors import DatasetError
+from pipeline.features.compute import feature_checkpoint, load_feature_model
 from pipeline.features.record import fit_record
 from pipeline.hashing import file_sha256
 from pipeline.outputs.figures import palette
@@ -27,6 +27,7 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--ensemble", type=Path, required=True)
+    parser.add_argument("--mae", type=Path, default=None, help="pretrain_mae's checkpoint (representation mae)")
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (its unlabeled/ folder is the pool)")
     parser.add_argument("--out", type=Path, required=True, help="folder: suggestions.csv, images/, Label Studio tasks")
     parser.add_argument("--plot", type=Path, required=True, help="PNG: the suggested images and their uncertainty")
@@ -40,9 +41,9 @@ def main() -> None:
     check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
     config, dataset = params.suggest, params.dataset
     device = pick_device(params.runtime.device)
-    model, diffusion, _ = load_checkpoint(args.checkpoint)
-    model = for_inference(model, device)
-    ensemble = load_ensemble(args.ensemble, fit_record(params, file_sha256(args.checkpoint))).to(device)
+    model, diffusion = load_feature_model(params.features, args.checkpoint, args.mae, device)
+    source = feature_checkpoint(params.features, args.checkpoint, args.mae)  # the weights the features come from
+    ensemble = load_ensemble(args.ensemble, fit_record(params, file_sha256(source))).to(device)
     if not args.data.is_dir():
         raise DatasetError(f"prepared dataset {args.data} does not exist; run the prepare stage (`dvc repro prepare`)")
     folder = args.data / "unlabeled"

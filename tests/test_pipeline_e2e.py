@@ -99,8 +99,9 @@ def reproduced(workspace):
 
 def test_repro_writes_metrics_plots_and_stores(reproduced):
     root, env, output, _ = reproduced
-    assert stages_run(output) == ["prepare", "pretrain", "extract", "fit", "sample", "label", "train_segnet",
-                                  "evaluate_segnet", "evaluate", "robustness", "kmeans", "segment", "suggest"]
+    assert stages_run(output) == ["prepare", "pretrain", "pretrain_mae", "extract", "fit", "sample", "label",
+                                  "train_segnet", "evaluate_segnet", "evaluate", "robustness", "kmeans", "segment",
+                                  "suggest"]
     # segment.images defaults to prepare's demo canvases (dataset.demo_images: 6)
     assert sorted(pd.read_csv(root / "segmentations" / "summary.csv")["image"]) == [f"demo_{i:05d}" for i in range(6)]
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
@@ -241,6 +242,7 @@ def test_changed_diffusion_code_makes_the_extract_stage_stale(reproduced):
 
 # Each stage's outputs, in pipeline order; the training curves too, which must hold no wall-clock values.
 STAGE_OUTPUTS = {"prepare": ["data/prepared", "data/demo"], "pretrain": ["checkpoints/ddpm.pt", "dvclive/pretrain"],
+                 "pretrain_mae": ["checkpoints/mae.pt", "dvclive/pretrain_mae"],
                  "extract": ["features"],
                  "fit": ["ensemble/ensemble.pt", "dvclive/fit"],
                  "sample": ["samples/images.zarr"],
@@ -376,8 +378,9 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
                 "blocks=[2,3,4,5,6]", "features.store_blocks=[2,3,4,5,6]", "features.layout=native",
                 "t_steps=[50,150,250]"]
     output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
-    assert stages_run(output) == ["prepare", "pretrain", "extract", "fit", "sample", "label", "train_segnet",
-                                  "evaluate_segnet", "evaluate", "robustness", "kmeans", "segment", "suggest"]
+    assert stages_run(output) == ["prepare", "pretrain", "pretrain_mae", "extract", "fit", "sample", "label",
+                                  "train_segnet", "evaluate_segnet", "evaluate", "robustness", "kmeans", "segment",
+                                  "suggest"]
     assert "imported models/mini.pt" in output
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert set(metrics["per_class_iou"]) == {"class_0", "class_1", "class_2"} and metrics["images"] == 2
@@ -390,3 +393,24 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
     assert checkpoint["source"]["kind"] == "imported" and checkpoint["model_flags"]["learn_sigma"] is True
     store = zarr.open_group(root / "features" / "t50.zarr", mode="r")  # the native layout, through DVC
     assert store.attrs["record"]["layout"] == "native" and store["train/block2"].shape == (2, 64, 16, 16)
+
+
+def test_the_mae_representation_runs_through_the_same_stages(workspace):
+    """`dvc exp run -S features.representation=mae`: pretrain_mae trains (a tiny ViTMAE), every stage after it runs on
+    the MAE's features, and the store, ensemble and robustness results say so."""
+    root, env = workspace
+    run(["git", "checkout", "HEAD", "--", "params.yaml"], root, env)  # the tiny digits params, whatever ran before
+    dvc = str(Path(sys.executable).parent / "dvc")
+    settings = ["features.representation=mae", "t_steps=[50]", "mae.hidden_size=32", "mae.intermediate_size=64",
+                "mae.decoder_hidden_size=16", "mae.decoder_intermediate_size=32", "mae.steps=4", "mae.batch_size=8",
+                "mae.log_every=1"]
+    output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
+    ran = stages_run(output)
+    assert {"pretrain_mae", "extract", "fit", "label", "evaluate", "robustness", "segment", "suggest"} <= set(ran)
+    assert "pretrain_mae: trained 4 steps" in output
+    record = zarr.open_group(root / "features" / "t50.zarr", mode="r").attrs["record"]
+    assert record["representation"] == "mae" and record["feature_dim"] == 4 * 32
+    assert json.loads((root / "metrics" / "robustness.json").read_text())["representation"] == "mae"
+    assert 0 <= json.loads((root / "metrics" / "val.json").read_text())["miou"] <= 1
+    curve = pd.read_csv(root / "dvclive" / "pretrain_mae" / "plots" / "metrics" / "loss.tsv", sep="\t")
+    assert list(curve["step"]) == [1, 2, 3, 4]

@@ -33,10 +33,13 @@ def feature_dim(model: UNetModel, blocks: Sequence[int], num_steps: int = 1) -> 
 
 def representation_dim(model: UNetModel, blocks: Sequence[int], representation: Representation | str,
                        patch_size: int) -> int:
-    """Features per pixel and step of ``features.representation``: the blocks' channels, 3 or 3 x patch_size²."""
+    """Features per pixel and step of ``features.representation``: the blocks' channels, 3, 3 x patch_size², or
+    for mae (``model`` the MAE's encoder) its width per block."""
     representation = Representation(representation)
     if representation is Representation.DDPM:
         return feature_dim(model, blocks)
+    if representation is Representation.MAE:
+        return model.config.hidden_size * len(blocks)
     return 3 * (patch_size**2 if representation is Representation.RGB_PATCH else 1)
 
 

@@ -19,10 +19,9 @@ import torch
 
 from pipeline.config import FeaturesConfig
 from pipeline.diffusion.gaussian import Diffusion
-from pipeline.diffusion.train import load_checkpoint
-from pipeline.diffusion.unet import UNetModel, for_inference
+from pipeline.enums import Representation
 from pipeline.errors import ConfigError
-from pipeline.features.compute import features_for_images
+from pipeline.features.compute import features_for_images, load_feature_model
 from pipeline.features.store import StoreWriter, background_writes
 from pipeline.runtime import pick_device
 
@@ -39,6 +38,7 @@ class ExtractJob:
     device: str
     image_paths: dict[str, tuple[str, ...]]  # split -> image files in store order
     mask_paths: dict[str, tuple[str, ...]]
+    mae_checkpoint: str | None = None  # features.representation mae: the pretrain_mae stage's checkpoint
 
 
 def worker_device(name: str) -> torch.device:
@@ -57,20 +57,22 @@ def worker_device(name: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=2)
-def loaded_model(checkpoint: str, device: str) -> tuple[UNetModel, Diffusion]:
-    """Each process (the stage, or a dask worker) loads a checkpoint once, then reuses it for every task.
+def loaded_model(checkpoint: str, device: str,
+                 mae_checkpoint: str | None = None) -> tuple[torch.nn.Module, Diffusion | None]:
+    """Each process (the stage, or a dask worker) loads a checkpoint once, then reuses it for every task: the
+    DDPM's UNet and diffusion, or with ``mae_checkpoint`` the MAE's encoder and None (``load_feature_model``).
 
     A ``use_fp16`` model runs in float16 on CUDA and in float32, with one warning, on a CPU
     (``pipeline.diffusion.unet.for_inference``)."""
-    model, diffusion, _ = load_checkpoint(checkpoint)
-    return for_inference(model, device), diffusion
+    options = FeaturesConfig(representation=Representation.MAE if mae_checkpoint else Representation.DDPM)
+    return load_feature_model(options, checkpoint, mae_checkpoint, torch.device(device))
 
 
 def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Callable[[], None] | None = None) -> int:
     """Extract and write images ``indices`` of ``split`` (through ``features_for_images``, the one feature
     path); returns how many were written."""
     device = worker_device(job.device)
-    model, diffusion = loaded_model(job.checkpoint, str(device))
+    model, diffusion = loaded_model(job.checkpoint, str(device), job.mae_checkpoint)
     writer = StoreWriter.reopen(job.store)
     images, masks = job.image_paths[split], job.mask_paths[split]
     features = features_for_images(model, diffusion, [images[i] for i in indices], options=job.features,
