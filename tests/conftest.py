@@ -25,12 +25,3 @@ def reference_dir() -> Path:
 def reference() -> Path:
     return reference_dir()
 
-
-# The longest file (one `dvc repro` and several experiments on its module fixture) is collected first, so that under
-# `--dist loadfile` one xdist worker starts it at once while the other works through everything else; collected in
-# alphabetical order it started halfway and set the suite's wall time alone.
-LONGEST_FIRST = ("test_pipeline_e2e.py",)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # a stable sort: each file keeps its order
