@@ -15,7 +15,6 @@ finished run (``features/t{t}.zarr``) and changes nothing in it.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.analysis.suggest import image_score  # noqa: E402
+from pipeline.atomic import write_json_atomic  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.ensemble.evaluation import score  # noqa: E402
 from pipeline.ensemble.fit import fit_ensemble  # noqa: E402
@@ -119,8 +119,7 @@ def plot(record: dict, path: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(figure, path)
+    save_figure(figure, path)  # makes the folder, writes a temporary and renames
     plt.close(figure)
 
 
@@ -144,10 +143,7 @@ def main() -> None:
                  seeds=args.seeds, members=args.members, fit_steps=args.fit_steps)
     record["seconds"] = round(time.perf_counter() - begin, 1)
     record["command"] = " ".join(["python -m analyses.active_learning", *__import__("sys").argv[1:]])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_name(args.out.name + ".tmp")
-    temporary.write_text(json.dumps(record, indent=1) + "\n")
-    temporary.replace(args.out)
+    write_json_atomic(record, args.out)
     plot(record, args.figure)
     print(summary(record).to_string(index=False))
     print(f"{record['seconds']} s -> {args.out}, {args.figure}")

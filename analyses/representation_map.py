@@ -20,7 +20,6 @@ blocks from the deepest (0, lowest resolution) to the last, columns the steps.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from pipeline.atomic import write_json_atomic  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.diffusion.train import load_checkpoint  # noqa: E402
 from pipeline.ensemble.evaluation import fit_and_score  # noqa: E402
@@ -152,8 +152,7 @@ def plot_map(result: dict, path: Path) -> None:
                     f"{result['classifier']['optimizer_steps']} steps, {result['train_images']} train images, "
                     f"{result['val_images']} val images)", fontsize=10)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(figure, path)
+    save_figure(figure, path)  # makes the folder, writes a temporary and renames
     plt.close(figure)
 
 
@@ -179,10 +178,7 @@ def main() -> None:
                                 fit_steps=args.fit_steps, seed=args.seed)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["command"] = " ".join(["python -m analyses.representation_map", *sys.argv[1:]])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_name(args.out.name + ".tmp")
-    temporary.write_text(json.dumps(result, indent=1) + "\n")
-    temporary.replace(args.out)
+    write_json_atomic(result, args.out)
     plot_map(result, args.figure)
     best = max(result["cells"], key=lambda c: c["miou_all"])
     print(f"{len(result['cells'])} cells in {result['seconds']} s; best: block {best['block']} at t={best['t']} "
