@@ -31,12 +31,13 @@ from pipeline.analysis.suggest import image_score  # noqa: E402
 from pipeline.atomic import write_json_atomic  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.ensemble.evaluation import score  # noqa: E402
-from pipeline.ensemble.fit import fit_ensemble  # noqa: E402
+from pipeline.ensemble.fit import fit_ensemble, image_rows  # noqa: E402
 from pipeline.ensemble.predict import vote  # noqa: E402
 from pipeline.features.store import lazy_matrix, open_step_stores  # noqa: E402
 from pipeline.outputs.figures import save_figure  # noqa: E402
 
 STRATEGIES = ("uncertainty", "random")
+CHUNK_ROWS = 65536  # rows per chunk handed to fit_ensemble and vote
 
 
 def pick_uncertain(disagreement: np.ndarray, candidates: list[int], count: int, pixels: int, how) -> list[int]:
@@ -51,8 +52,10 @@ def run(params, stores_pattern: str, *, start: int, add: int, rounds: int, seeds
     torch.set_num_threads(1)  # the ensemble's arithmetic as in fit and evaluate: results do not depend on cores
     stores = open_step_stores(stores_pattern, params)
     pixels = stores[0].pixels_per_image("train")
-    train, train_labels = (np.asarray(a.compute()) for a in lazy_matrix(stores, "train", params.blocks))
-    val, val_labels = (np.asarray(a.compute()) for a in lazy_matrix(stores, "val", params.blocks))
+    # Streamed from the stores as fit streams them (flat memory at any image size); only the val labels are read.
+    train, train_labels = lazy_matrix(stores, "train", params.blocks)
+    val, val_labels = lazy_matrix(stores, "val", params.blocks)
+    val, val_labels = val.rechunk((CHUNK_ROWS, -1)), np.asarray(val_labels.compute())
     images = len(stores[0].image_ids("train"))
     if start + add * rounds > images:
         raise SystemExit(f"--start {start} + --add {add} x --rounds {rounds} needs {start + add * rounds} train "
@@ -60,7 +63,11 @@ def run(params, stores_pattern: str, *, start: int, add: int, rounds: int, seeds
     config = params.ensemble.model_copy(update={"members": members, "steps": fit_steps, "train_images": None})
     names, ignore = params.dataset.names(), params.dataset.ignore_label
     device = torch.device("cpu")
-    rows = lambda chosen: np.concatenate([np.arange(i * pixels, (i + 1) * pixels) for i in chosen])  # noqa: E731
+
+    def rows(chosen: list[int]) -> tuple[da.Array, da.Array]:  # the chosen images' rows, in CHUNK_ROWS chunks
+        matrix, labels = image_rows(train, train_labels, chosen, pixels)
+        return matrix.rechunk((CHUNK_ROWS, -1)), labels.rechunk(CHUNK_ROWS)
+
     curves = []
     for seed in seeds:
         initial = sorted(int(i) for i in np.random.default_rng(seed).permutation(images)[:start])
@@ -68,14 +75,10 @@ def run(params, stores_pattern: str, *, start: int, add: int, rounds: int, seeds
             labeled, rng = list(initial), np.random.default_rng([seed, 1])
             for round_ in range(rounds + 1):
                 begin = time.perf_counter()
-                chosen = rows(labeled)
-                model, _ = fit_ensemble(da.from_array(train[chosen], chunks=(65536, -1)),
-                                        da.from_array(train_labels[chosen], chunks=65536), num_classes=len(names),
-                                        ignore_label=ignore, config=config.model_copy(update={"seed": seed}),
-                                        device=device)
+                model, _ = fit_ensemble(*rows(labeled), num_classes=len(names), ignore_label=ignore,
+                                        config=config.model_copy(update={"seed": seed}), device=device)
                 precision = config.resolved().autocast
-                prediction, _ = vote(model, da.from_array(val, chunks=(65536, -1)), batch_pixels=16384,
-                                     device=device, precision=precision)
+                prediction, _ = vote(model, val, batch_pixels=16384, device=device, precision=precision)
                 miou = score(val_labels, prediction, names, ignore)["miou"]
                 curves.append({"seed": seed, "strategy": strategy, "round": round_, "labeled": len(labeled),
                                "val_miou": miou, "images": list(labeled),
@@ -88,8 +91,8 @@ def run(params, stores_pattern: str, *, start: int, add: int, rounds: int, seeds
                 if strategy == "random":
                     new = sorted(int(i) for i in rng.choice(pool, size=add, replace=False))
                 else:
-                    _, disagreement = vote(model, da.from_array(train[rows(pool)], chunks=(65536, -1)),
-                                           batch_pixels=16384, device=device, precision=precision)
+                    _, disagreement = vote(model, rows(pool)[0], batch_pixels=16384, device=device,
+                                           precision=precision)
                     new = pick_uncertain(disagreement, pool, add, pixels, params.suggest.score)
                 labeled = sorted(labeled + new)
     return {"split": "val", "checkpoint_sha256": stores[0].record.checkpoint_sha256, "start": start, "add": add,
