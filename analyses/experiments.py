@@ -54,12 +54,28 @@ def sample_efficiency_experiments(counts=TRAIN_IMAGES, seeds=SUBSET_SEEDS, all_i
 FIT_SEEDS = (0, 1, 2)
 
 
-def with_fit_seeds(experiments: tuple[Experiment, ...], seeds=FIT_SEEDS) -> tuple[Experiment, ...]:
-    """Each experiment once per fit seed, under the same label (the report's row); the same stores for every seed."""
+def with_fit_seeds(experiments: tuple[Experiment, ...], seeds=FIT_SEEDS, key: str = "ensemble.seed") -> tuple[Experiment, ...]:
+    """Each experiment once per fit seed (``key``: the ensemble's, or e.g. ``segnet.seed``), under the same label (the
+    report's row); the same stores for every seed."""
     return tuple(experiment if seed == 0 else
                  Experiment(f"{experiment.name}-fs{seed}", experiment.label,
-                            (*experiment.overrides, f"ensemble.seed={seed}"))
+                            (*experiment.overrides, f"{key}={seed}"))
                  for experiment in experiments for seed in seeds)
+
+
+# DatasetDDPM (issue 27): synthetic sets of these sizes (sample.images; label keeps all but the 10% most uncertain),
+# and one size without the filter. Each is trained with FIT_SEEDS segnet seeds; the samples, their labels and the
+# ensemble are the same for every seed of a size (sample.seed fixed), so the spread is the network's training.
+SYNTHETIC_IMAGES = (32, 128, 256)
+UNFILTERED_IMAGES = 128
+
+
+def datasetddpm_experiments(sizes=SYNTHETIC_IMAGES, unfiltered: int = UNFILTERED_IMAGES) -> tuple[Experiment, ...]:
+    runs = [Experiment(f"dd-n{size}", f"{size} samples, 10% most uncertain dropped", (f"sample.images={size}",))
+            for size in sizes]
+    runs.append(Experiment(f"dd-n{unfiltered}-all", f"{unfiltered} samples, none dropped",
+                           (f"sample.images={unfiltered}", "datasetddpm.drop_uncertain=0")))
+    return with_fit_seeds(tuple(runs), key="segnet.seed")
 
 
 def seed_of(name: str) -> int:
@@ -83,9 +99,19 @@ ANALYSES = {
         Experiment("bl-random-unet-dense", "random UNet, all layers drawn",
                    ("ddpm.train.steps=0", "ddpm.train.init=dense")),
         Experiment("bl-ddpm-200", "DDPM after 200 of 800 pretraining steps", ("ddpm.train.steps=200",)),
+        # The competitor pretrained on the same unlabeled images (issue 26): a masked autoencoder at the DDPM's budget
+        # in wall-clock time here (mae.steps' default, 3000 steps = 800 DDPM steps = 4.6 min), and at twice it. Its
+        # features do not depend on t: one store.
+        Experiment("bl-mae", "MAE, the DDPM's pretraining time (3000 steps)",
+                   ("features.representation=mae", "t_steps=[50]")),
+        Experiment("bl-mae-6000", "MAE, twice the DDPM's pretraining time (6000 steps)",
+                   ("features.representation=mae", "t_steps=[50]", "mae.steps=6000")),
     ))),
     # fit and evaluate only: the stores already hold every train image.
     "sample_efficiency": Analysis(("evaluate",), sample_efficiency_experiments()),
+    # DatasetDDPM against the ensemble it distils: sample, label, train_segnet, evaluate_segnet (and evaluate, for the
+    # ensemble's own row) at several synthetic-set sizes, with and without the uncertainty filter.
+    "datasetddpm": Analysis(("evaluate", "evaluate_segnet"), datasetddpm_experiments()),
     # The paper's noise variants (its appendix table): re-extracts the stores.
     "noise": Analysis(("evaluate",), (
         Experiment("nz-fixed", "one fixed noise for all images (default)"),

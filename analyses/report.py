@@ -23,7 +23,7 @@ import pandas as pd
 from analyses import active_learning
 from analyses.experiments import ANALYSES
 from analyses.representation_map import plot_map
-from analyses.results import robustness_table, sample_efficiency_table, split_table
+from analyses.results import datasetddpm_table, robustness_table, sample_efficiency_table, split_table
 from analyses.run_page import build_comparison_page, build_run_page
 
 
@@ -173,6 +173,14 @@ def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
         parts.extend(active_learning_section(records["active_learning"], out.parent))
     else:
         parts.extend(["No recorded run (run `python -m analyses.active_learning` after `dvc repro`).", ""])
+    parts.extend(["## DatasetDDPM: the distilled network against the ensemble", ""])
+    table = datasetddpm_table(records["datasetddpm"], labels_of("datasetddpm")) if "datasetddpm" in records else pd.DataFrame()
+    if len(table):
+        parts.extend(["Samples drawn from the DDPM (`sample.images`, 50 respaced steps), labeled by the ensemble, the "
+                      "10% most uncertain dropped unless said; a SegFormer trained on the kept ones, its epoch chosen "
+                      "on val; mean and std over segnet seeds (`segnet.seed`).", "", markdown_table(table), ""])
+    else:
+        missing("datasetddpm")
     split_section("noise", "Noise variants")
     parts.extend(["## Corruption robustness (test split)", ""])
     robust = robustness_table(records["baselines"], labels_of("baselines")) if "baselines" in records else pd.DataFrame()

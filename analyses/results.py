@@ -85,6 +85,34 @@ def split_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def datasetddpm_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
+    """DatasetDDPM's rows (experiments of one label are segnet seeds of one synthetic set): the samples drawn and kept,
+    the segnet's val and test mIoU (mean, std over seeds) and its chosen epochs; first, the ensemble it distils (the
+    same in every experiment: the real features' fit), from the first recorded experiment."""
+    groups: dict[str, list[str]] = {}
+    for name, label in labels.items():
+        if name in record["experiments"]:
+            groups.setdefault(label, []).append(name)
+    if not groups:
+        return pd.DataFrame()
+    rows = []
+    first = record["experiments"][next(iter(groups.values()))[0]]
+    rows.append({"run": "ensemble on real features (what is distilled)", "seeds": 1, "samples": "-", "kept": "-",
+                 "val mIoU": miou(first, "val"), "val std": float("nan"), "test mIoU": miou(first, "test"),
+                 "test std": float("nan"), "epochs chosen": "-"})
+    for label, names in groups.items():
+        segnet = [record["experiments"][n]["metrics"].get("metrics/datasetddpm.json") or {} for n in names]
+        labeled = record["experiments"][names[0]]["metrics"].get("metrics/label.json") or {}
+        val = pd.Series([m.get("val_miou") for m in segnet], dtype=float)
+        test = pd.Series([m.get("miou") for m in segnet], dtype=float)
+        rows.append({"run": label, "seeds": len(names), "samples": labeled.get("images", "-"),
+                     "kept": labeled.get("kept", "-"), "val mIoU": val.mean(),
+                     "val std": val.std() if len(names) > 1 else float("nan"), "test mIoU": test.mean(),
+                     "test std": test.std() if len(names) > 1 else float("nan"),
+                     "epochs chosen": ", ".join(str(m.get("epoch", "?")) for m in segnet)})
+    return pd.DataFrame(rows)
+
+
 def sample_efficiency_table(record: dict) -> pd.DataFrame:
     """Per number of labeled images: the optimizer steps per member (``ensemble.steps``; ``by epochs`` for runs
     trained by epochs, whose steps grew with the images), the draws (subset seeds), and mean and std over them of

@@ -1,12 +1,15 @@
 """The code a stage runs: the import closure of its module inside this repository, and a hash of it.
 
 tests/test_dvc_deps.py holds dvc.yaml's code deps equal to these closures; the extract stage records the
-hash of its own closure in each store, so that a store written by other extraction code is never reused.
+hash of its own closure in each store, so that a store written by other extraction code is never reused, and
+pretrain and pretrain_mae put it in the fingerprint of their resumable states (run_fingerprint).
 """
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
+from collections.abc import Iterable
 from pathlib import Path
 
 LOCAL_PACKAGES = ("pipeline", "stages")
@@ -64,4 +67,16 @@ def closure_sha256(module: str, root: Path = REPOSITORY) -> str:
         digest.update(f"{name}\0".encode())
         digest.update((root / name).read_bytes())
         digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def run_fingerprint(recipe: dict, stage: str, image_paths: Iterable[Path]) -> str:
+    """What a resumable state must share with the run that continues it: the ``recipe`` (the params that shape
+    training, logging knobs left out), the code ``python -m <stage>`` runs (its import closure, the same files
+    dvc.yaml lists as the stage's deps) and the training images' names and bytes."""
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode())
+    digest.update(closure_sha256(stage).encode())
+    for path in image_paths:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -4,24 +4,13 @@ On several processes: ``torchrun --nproc_per_node N -m stages.pretrain ...`` (do
 each global batch of ddpm.train.batch_size; rank 0 writes the checkpoint, the resumable state and the curves."""
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 from tqdm import tqdm
 
-import pipeline.data.images
-import pipeline.data.layout
-import pipeline.diffusion.distributed
-import pipeline.diffusion.flags
-import pipeline.diffusion.gaussian
-import pipeline.diffusion.schedule
-import pipeline.diffusion.train
-import pipeline.diffusion.unet
+from pipeline.code_closure import run_fingerprint
 from pipeline.data.layout import load_unlabeled
 from pipeline.diffusion import distributed
 from pipeline.diffusion.diffusers_unet import import_diffusers_folder
@@ -30,12 +19,13 @@ from pipeline.diffusion.train import save_checkpoint, train_ddpm
 from pipeline.diffusion.unet import check_model_builds, create_unet, load_guided_diffusion
 from pipeline.enums import UNetInit
 from pipeline.hashing import file_sha256
-from pipeline.outputs.live import log_step, open_curves, write_curves
+from pipeline.outputs.live import log_step, loss_curve, open_curves, write_curves
 from pipeline.runtime import stage_main, stage_params, stage_parser
 
 # The default ddpm.checkpoint: a placeholder file meaning "train, import nothing". dvc.yaml depends on
 # ${ddpm.checkpoint}, and DVC cannot depend on a null path, so "no checkpoint" has to be a real file.
 SCRATCH = "models/scratch"
+LOSS_TERMS = ("loss", "mse", "vb")  # the curves: vb is 0 for a model without learned sigma
 
 
 @stage_main
@@ -64,7 +54,11 @@ def main() -> None:
         return
     flags = params.unet_config()
     images = load_unlabeled(args.data)
-    fingerprint = run_fingerprint(ddpm, flags.to_dict(), images)
+    # training knobs only: log_every and state_every change no weight
+    fingerprint = run_fingerprint({"train": ddpm.train.model_dump(mode="json", exclude={"log_every", "state_every"}),
+                                   "model": flags.to_dict(), "steps": ddpm.diffusion_steps,
+                                   "schedule": ddpm.noise_schedule, "rescale": ddpm.rescale_timesteps},
+                                  "stages.pretrain", images.paths)
     torch.manual_seed(ddpm.train.seed)  # module init (the UNet's random weights)
     model = create_unet(flags, init=ddpm.train.init.value)
     start = time.perf_counter()
@@ -78,7 +72,7 @@ def main() -> None:
         bar.update(1)
         window.append(losses)
         if step % ddpm.train.log_every == 0 or step == ddpm.train.steps:
-            log_step(live, step, loss_curve(window, len(window))[0][1])
+            log_step(live, step, loss_curve(window, len(window), LOSS_TERMS)[0][1])
             window.clear()
 
     device = distributed.start(world, params.runtime.device)
@@ -104,7 +98,7 @@ def main() -> None:
     if world.distributed:  # likewise: the rank count changes the weights' last bits (docs/determinism.md)
         source["ranks"] = world.size
     save_checkpoint(args.out, ema, diffusion, source)
-    write_curves(args.curves, loss_curve(history, ddpm.train.log_every))
+    write_curves(args.curves, loss_curve(history, ddpm.train.log_every, LOSS_TERMS))
     state_path.unlink(missing_ok=True)
     print(f"trained {ddpm.train.steps} steps on {len(images)} images in {time.perf_counter() - start:.0f}s -> {args.out}")
 
@@ -118,31 +112,6 @@ def import_checkpoint(params, diffusion: Diffusion):
         return model, diffusion, source, f"imported diffusers UNet2DModel {path} ({model.num_decoder_blocks} decoder blocks)"
     model = load_guided_diffusion(path, params.unet_config().to_dict())
     return model, diffusion, {"kind": "imported", "path": path, "sha256": file_sha256(path)}, f"imported {path}"
-
-
-def run_fingerprint(ddpm, model_flags: dict, images) -> str:
-    """What a resumable state must share with this run to be continued: the recipe, model, schedule, the
-    training code and the unlabeled images' bytes (logging knobs excluded)."""
-    train = ddpm.train.model_dump(mode="json", exclude={"log_every", "state_every"})
-    digest = hashlib.sha256(json.dumps({"train": train, "model": model_flags, "steps": ddpm.diffusion_steps,
-                                        "schedule": ddpm.noise_schedule, "rescale": ddpm.rescale_timesteps},
-                                       sort_keys=True, default=str).encode())
-    for module in (pipeline.diffusion.train, pipeline.diffusion.unet, pipeline.diffusion.flags, pipeline.diffusion.gaussian,
-                   pipeline.diffusion.schedule, pipeline.diffusion.distributed, pipeline.data.images, pipeline.data.layout):
-        digest.update(Path(module.__file__).read_bytes())
-    for path in images.paths:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def loss_curve(history: list[dict[str, float]], every: int) -> list[tuple[int, dict[str, float]]]:
-    """Mean losses over windows of ``every`` steps: ``(last step, {loss, mse, vb})`` per window (the last
-    window may be shorter; vb is 0 for a model without learned sigma)."""
-    frame = pd.DataFrame(history).reindex(columns=["loss", "mse", "vb"]).fillna(0.0)
-    frame["step"] = np.arange(1, len(frame) + 1)
-    windows = frame.groupby((frame["step"] - 1) // every).agg({"step": "max", "loss": "mean", "mse": "mean", "vb": "mean"})
-    return [(int(row.pop("step")), row) for row in windows.to_dict("records")]
 
 
 if __name__ == "__main__":

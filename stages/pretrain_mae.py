@@ -2,20 +2,15 @@
 (pipeline/selfsup/mae.py); with any other representation, write a placeholder and train nothing."""
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-import pipeline.data.images
-import pipeline.data.layout
-import pipeline.diffusion.train
-import pipeline.selfsup.mae
+from pipeline.code_closure import run_fingerprint
 from pipeline.data.layout import load_unlabeled
 from pipeline.enums import Representation
-from pipeline.outputs.live import log_step, open_curves, write_curves
+from pipeline.outputs.live import log_step, loss_curve, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 from pipeline.selfsup.mae import save_mae, train_mae, unused_checkpoint
 
@@ -50,7 +45,9 @@ def main() -> None:
 
     start = time.perf_counter()
     encoder, history = train_mae(config, size, images, device=pick_device(params.runtime.device), on_step=on_step,
-                                 state_path=state_path, fingerprint=run_fingerprint(config, size, images))
+                                 state_path=state_path, fingerprint=run_fingerprint(
+                                     {"mae": config.model_dump(mode="json", exclude={"log_every", "state_every"}),
+                                      "image_size": size}, "stages.pretrain_mae", images.paths))
     bar.close()
     source = {"kind": "trained", "steps": config.steps, "unlabeled_images": len(images)}
     save_mae(args.out, encoder, config, size, source)
@@ -58,27 +55,6 @@ def main() -> None:
     state_path.unlink(missing_ok=True)
     print(f"pretrain_mae: trained {config.steps} steps on {len(images)} images in {time.perf_counter() - start:.0f}s "
           f"-> {args.out}")
-
-
-def run_fingerprint(config, image_size: int, images) -> str:
-    """What a resumable state must share with this run to be continued: the params (logging knobs excluded), the
-    training code and the unlabeled images' bytes."""
-    recipe = config.model_dump(mode="json", exclude={"log_every", "state_every"})
-    digest = hashlib.sha256(json.dumps({"mae": recipe, "image_size": image_size}, sort_keys=True).encode())
-    for module in (pipeline.selfsup.mae, pipeline.diffusion.train, pipeline.data.images, pipeline.data.layout):
-        digest.update(Path(module.__file__).read_bytes())
-    for path in images.paths:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def loss_curve(history: list[dict[str, float]], every: int) -> list[tuple[int, dict[str, float]]]:
-    """Mean loss over windows of ``every`` steps: ``(last step, {"loss": mean})`` per window (the last may be
-    shorter)."""
-    return [(min(first + every, len(history)),
-             {"loss": sum(h["loss"] for h in history[first : first + every]) / len(history[first : first + every])})
-            for first in range(0, len(history), every)]
 
 
 if __name__ == "__main__":

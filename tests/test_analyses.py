@@ -2,6 +2,7 @@
 k-means, the stages that run them, which stages a sweep reruns, and the report from recorded runs."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image
 
 from analyses.experiments import ANALYSES, FIT_SEEDS, seed_of
 from analyses.report import build_report
-from analyses.results import experiment_rows, sample_efficiency_table, split_table
+from analyses.results import datasetddpm_table, experiment_rows, sample_efficiency_table, split_table
 from pipeline.analysis.corruptions import corrupt
 from pipeline.analysis.kmeans import kmeans
 from pipeline.api import Segmenter
@@ -266,8 +267,8 @@ def test_report_builds_from_recorded_runs(tmp_path):
     Image.new("RGB", (40, 20)).save(kmeans_maps / "test_00000.png")
     text = build_report(results, tmp_path / "report" / "report.md", kmeans_maps)
     assert (tmp_path / "report" / "report.md").read_text() == text
-    for heading in ("## Baselines", "## Sample efficiency", "## Noise variants", "## Corruption robustness",
-                    "## K-means", "## Run times"):
+    for heading in ("## Baselines", "## Sample efficiency", "## DatasetDDPM", "## Noise variants",
+                    "## Corruption robustness", "## K-means", "## Run times"):
         assert heading in text
     assert "No recorded runs" not in text
     for figure in ("sample_efficiency.png", "robustness.png", "kmeans/test_00000.png"):
@@ -278,6 +279,20 @@ def test_report_builds_from_recorded_runs(tmp_path):
     assert list(summary["images"]) == sorted(summary["images"]) and (summary["seeds"] >= 1).all()
     assert set(summary["steps"]) == {"by epochs"}  # the recorded fixture ran before ensemble.steps
     assert "trained by epochs: the optimizer steps grow with the images (confounded)" in text
+
+
+def test_the_datasetddpm_table_groups_segnet_seeds_under_their_synthetic_set_after_the_ensemble():
+    from analyses.report import labels_of
+
+    record = json.loads((FIXTURES / "results" / "datasetddpm.json").read_text())
+    table = datasetddpm_table(record, labels_of("datasetddpm"))
+    assert table.iloc[0]["run"].startswith("ensemble") and table.iloc[0]["val mIoU"] == 0.361
+    filtered = table[table["run"] == "32 samples, 10% most uncertain dropped"].iloc[0]
+    assert (filtered["seeds"], filtered["samples"], filtered["kept"], filtered["epochs chosen"]) == (2, 32, 29, "1, 3")
+    assert filtered["val mIoU"] == pytest.approx(0.11) and filtered["test std"] == pytest.approx(0.0141421, rel=1e-4)
+    unfiltered = table[table["run"] == "128 samples, none dropped"].iloc[0]
+    assert unfiltered["seeds"] == 1 and unfiltered["kept"] == 128 and unfiltered["val std"] != unfiltered["val std"]
+    assert len(table) == 3  # the ensemble, then the two synthetic sets recorded (the others were not run)
 
 
 def test_the_sample_efficiency_table_says_the_steps_and_keeps_mean_and_spread():
@@ -354,6 +369,25 @@ def test_the_baselines_hold_both_random_unets_each_named_for_its_init():
                                              for k, v in (o.split("=") for o in experiment.overrides)}}})
     names = [e.name for e in ANALYSES["baselines"].experiments]
     assert names.index("bl-random-unet-dense") == names.index("bl-random-unet") + len(FIT_SEEDS)  # beside each other
+
+
+def test_every_queued_experiment_sets_params_that_params_yaml_accepts():
+    """Each analysis' ``-S key=value`` applied to params.yaml validates (a typo'd key fails here, not after an hour)."""
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for analysis in ANALYSES.values():
+        for experiment in analysis.experiments:
+            data = copy.deepcopy(base)
+            for override in experiment.overrides:
+                key, _, value = override.partition("=")
+                *path, last = key.split(".")
+                section = data
+                for part in path:
+                    section = section[part]
+                assert last in section, f"{experiment.name}: {key} is not a params.yaml key"
+                section[last] = yaml.safe_load(value)
+            params_from_dict(data)
+    mae = {e.name: e for e in ANALYSES["baselines"].experiments}["bl-mae"]
+    assert "features.representation=mae" in mae.overrides and base["mae"]["steps"] == 3000  # the DDPM's budget
 
 
 def test_every_baseline_runs_three_fit_seeds_and_its_row_has_their_spread():

@@ -139,9 +139,11 @@ SHARED = {"pipeline/errors.py", "pipeline/enums.py", "pipeline/hashing.py", "pip
           "pipeline/presets.py", "pipeline/runtime.py", "pipeline/diffusion/flags.py", "pipeline/diffusion/schedule.py"}
 MAY_IMPORT = {
     "prepare": {"pipeline/data/"},
-    "pretrain": {"pipeline/data/", "pipeline/diffusion/", "pipeline/outputs/live.py"},
+    # both fingerprint their resumable states with their import closure (code_closure.run_fingerprint)
+    "pretrain": {"pipeline/data/", "pipeline/diffusion/", "pipeline/outputs/live.py", "pipeline/code_closure.py"},
     # the MAE's batches are the DDPM's (pipeline.diffusion.train.batch_at), hence diffusion/
-    "pretrain_mae": {"pipeline/data/", "pipeline/diffusion/", "pipeline/selfsup/", "pipeline/outputs/live.py"},
+    "pretrain_mae": {"pipeline/data/", "pipeline/diffusion/", "pipeline/selfsup/", "pipeline/outputs/live.py",
+                     "pipeline/code_closure.py"},
     "extract": {"pipeline/data/", "pipeline/diffusion/", "pipeline/selfsup/", "pipeline/features/",
                 "pipeline/code_closure.py"},
     "fit": {"pipeline/features/store.py", "pipeline/features/record.py", "pipeline/features/locations.py",

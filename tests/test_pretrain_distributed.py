@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing
 from PIL import Image
 
-from pipeline.config import LossWeighting, LrSchedule, TrainConfig
+from pipeline.config import Autocast, LossWeighting, LrSchedule, TrainConfig
 from pipeline.diffusion import distributed
 from pipeline.diffusion.distributed import World, world_from_env
 from pipeline.diffusion.gaussian import Diffusion
@@ -30,8 +30,10 @@ TINY = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult
         "attention_resolutions": [8], "num_head_channels": 32, "use_scale_shift_norm": True,
         "resblock_updown": False, "learn_sigma": True, "dropout": 0.0}
 IMAGES = (np.random.default_rng(0).random((24, 16, 16, 3)) > 0.6).astype(np.uint8) * 255
+# float32 (autocast none): the tolerances below are float32 round-off; bf16 products would round the shares'
+# convolutions differently and the comparison would measure bf16, not DDP
 CONFIG = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=2, lr_schedule=LrSchedule.COSINE,
-                     loss_weighting=LossWeighting.MIN_SNR, ema_rate=0.9)
+                     loss_weighting=LossWeighting.MIN_SNR, ema_rate=0.9, autocast=Autocast.NONE)
 # Two ranks compute each half-batch's mean gradient and DDP averages them: the full batch's mean up to the
 # order of float sums (and the convolutions' blocking over 4 images instead of 8), as a change of torch's thread
 # count is. Adam divides each gradient by its running RMS, so where a gradient is only round-off (a conv bias

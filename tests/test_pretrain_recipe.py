@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import LossWeighting, LrSchedule, TrainConfig
+from pipeline.config import Autocast, LossWeighting, LrSchedule, TrainConfig
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import batch_at, lr_at, mse_weights, train_ddpm
 from pipeline.diffusion.unet import create_unet
@@ -64,6 +64,27 @@ def test_min_snr_changes_training_and_a_gamma_above_every_snr_is_the_uniform_los
     key = "out.2.weight"
     assert torch.equal(uniform.state_dict()[key], capped.state_dict()[key])
     assert not torch.equal(uniform.state_dict()[key], weighted.state_dict()[key])
+
+
+def test_bfloat16_autocast_trains_float32_weights_close_to_the_float32_run_and_resumes_bit_for_bit(tmp_path):
+    base = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=0, state_every=2, autocast=Autocast.NONE)
+    bf16 = base.model_copy(update={"autocast": Autocast.BFLOAT16})
+    full, full_history = train(base)
+    half, half_history = train(bf16)
+    assert all(value.dtype == torch.float32 for value in half.state_dict().values())  # EMA and master weights
+    assert all(np.isfinite(step["loss"]) for step in half_history)
+    key = "out.2.weight"
+    assert not torch.equal(full.state_dict()[key], half.state_dict()[key])  # the products did run in bf16
+    losses = np.array([[step["loss"] for step in history] for history in (full_history, half_history)])
+    assert np.allclose(losses[0], losses[1], rtol=0.05), losses  # same batches and noise, bf16 rounding only
+    state = tmp_path / "ddpm.pt.state"
+    with pytest.raises(Interrupted):
+        train(bf16, on_step=lambda step, losses: (_ for _ in ()).throw(Interrupted) if step == 3 else None,
+              state_path=state, fingerprint="run")
+    resumed, history = train(bf16, state_path=state, fingerprint="run")
+    assert history == half_history
+    for key, value in half.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
 
 
 def test_batches_are_a_function_of_seed_and_step_covering_each_epoch_once():

@@ -37,6 +37,7 @@ from pipeline.diffusion.unet import UNetModel, check_state_dict, create_unet
 from pipeline.enums import LossWeighting, LrSchedule, NoiseSchedule
 from pipeline.errors import ConfigError, DatasetError, ModelFlagsError, NumericsError
 from pipeline.resume import load_resumable_state
+from pipeline.runtime import autocast
 
 CHECKPOINT_FORMAT = "ddpm-segmentation-checkpoint/1"
 STATE_FORMAT = "ddpm-segmentation-pretrain-state/1"
@@ -207,7 +208,8 @@ def train_ddpm(
     while trainer.step < config.steps:
         trainer.step += 1
         batch = batch_at(images, config.batch_size, config.seed, trainer.step, share).to(device)
-        losses = _train_step(trainer, network, diffusion, batch, weights, lr_at(trainer.step, config), config.ema_rate)
+        losses = _train_step(trainer, network, diffusion, batch, weights, lr_at(trainer.step, config), config.ema_rate,
+                             autocast(device, config.autocast.value, "ddpm.train.autocast"))
         trainer.history.append(losses)
         if on_step is not None:
             on_step(trainer.step, losses)
@@ -233,8 +235,9 @@ def check_same_start(state: dict | None, path: Path | None, world: World) -> Non
 
 
 def _train_step(trainer: Trainer, network: nn.Module, diffusion: Diffusion, x_start: torch.Tensor, weights: torch.Tensor,
-                lr: float, ema_rate: float) -> dict[str, float]:
-    """One Adam step on this rank's share ``x_start`` of the global batch; returns the global batch's mean losses."""
+                lr: float, ema_rate: float, precision: torch.autocast) -> dict[str, float]:
+    """One Adam step on this rank's share ``x_start`` of the global batch, the UNet's forward under ``precision``
+    (the loss in float32); returns the global batch's mean losses."""
     device, world = x_start.device, trainer.world
     # The whole global batch's timesteps and noise, of which this rank keeps its share (all of it in one process).
     share = slice(world.rank * x_start.shape[0], (world.rank + 1) * x_start.shape[0])
@@ -243,7 +246,9 @@ def _train_step(trainer: Trainer, network: nn.Module, diffusion: Diffusion, x_st
     noise = torch.randn((full, *x_start.shape[1:]), generator=trainer.generator)[share].to(device)
     t = t.to(device)
     x_t = diffusion.q_sample(x_start, t, noise)
-    terms = diffusion.training_losses(network(x_t, diffusion.model_timesteps(t)), x_start, x_t, t, noise)
+    with precision:
+        output = network(x_t, diffusion.model_timesteps(t))
+    terms = diffusion.training_losses(output.float(), x_start, x_t, t, noise)
     per_image = terms["loss"] + (weights[t] - 1) * terms["mse"]  # weighted mse + vb
     loss = per_image.mean()  # with DDP's gradient average, the global batch's mean (the shares are equal)
     losses = None

@@ -7,8 +7,11 @@ same run writes the same bytes). dvc.yaml declares these files itself.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
 
 from dvclive import Live
 
@@ -41,3 +44,14 @@ def write_curves(directory: Path, rows: Iterable[tuple[int, Mapping[str, float]]
     for step, values in rows:
         log_step(live, step, values)
     live.make_summary()
+
+
+def loss_curve(history: list[dict[str, float]], every: int,
+               columns: Sequence[str] = ("loss",)) -> list[tuple[int, dict[str, float]]]:
+    """Mean of each of ``columns`` over windows of ``every`` steps of a per-step ``history``: ``(last step,
+    {column: mean})`` per window, the last window possibly shorter; a column a step lacks counts as 0 (e.g. vb
+    of a model without learned sigma)."""
+    frame = pd.DataFrame(history).reindex(columns=list(columns)).fillna(0.0)
+    frame["step"] = np.arange(1, len(frame) + 1)
+    windows = frame.groupby((frame["step"] - 1) // every).agg({"step": "max", **{name: "mean" for name in columns}})
+    return [(int(row.pop("step")), row) for row in windows.to_dict("records")]
