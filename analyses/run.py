@@ -40,11 +40,12 @@ def untracked_files() -> list[str]:
             if path.endswith(".py") and str(Path(path).parent) in folders]
 
 
-def wait_for_queue(names: set[str], poll_seconds: float = 5.0) -> dict[str, str]:
-    """Poll ``dvc exp show --json`` until none of ``names`` is queued or running; their final states
+def wait_for_queue(names: set[str], baseline: str, poll_seconds: float = 5.0) -> dict[str, str]:
+    """Poll ``dvc exp show --json`` of the experiments derived from ``baseline`` (the commit they were queued on,
+    wherever HEAD has moved since) until none of ``names`` is queued or running; their final states
     (``analyses.results.experiment_states``: success, failed)."""
     while True:
-        states = experiment_states(json.loads(dvc("exp", "show", "--json")), names)
+        states = experiment_states(json.loads(dvc("exp", "show", "--json", "--rev", baseline)), names)
         if not any(state in ("queued", "running") for state in states.values()):
             return states
         time.sleep(poll_seconds)
@@ -57,11 +58,17 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only these experiment names of the analysis")
     parser.add_argument("--collect", action="store_true", help="queue nothing: wait for and record the analysis' "
                         "experiments already queued or run (e.g. after this command was interrupted)")
+    parser.add_argument("--baseline", default="HEAD", help="with --collect: the commit the experiments were queued on "
+                        "(default HEAD)")
     args = parser.parse_args()
     analysis = ANALYSES[args.analysis]
     experiments = [e for e in analysis.experiments if args.only is None or e.name in args.only]
     names = [e.name for e in experiments]
     start = time.perf_counter()
+    # the commit the experiments derive from: a commit made while they run moves HEAD, and `dvc exp show` lists
+    # HEAD's experiments unless told which baseline
+    baseline = subprocess.run(["git", "rev-parse", args.baseline if args.collect else "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
     if not args.collect:
         # A rerun replaces the analysis' own experiments and queue tasks, and touches no other experiment.
         dvc("exp", "remove", *names, check=False)
@@ -71,11 +78,12 @@ def main() -> None:
             overrides = [part for value in experiment.overrides for part in ("-S", value)]
             dvc("exp", "run", "--queue", "-n", experiment.name, *copied, *overrides, *analysis.targets)
         dvc("queue", "start", "-j", "1")
-    statuses = wait_for_queue(set(names))
+    statuses = wait_for_queue(set(names), baseline)
     seconds = time.perf_counter() - start
     failed = [name for name in names if statuses.get(name) != "success"]
     # a failed task is listed by `dvc exp show` with its baseline's metrics: record the successful ones only
-    rows = experiment_rows(json.loads(dvc("exp", "show", "--json")), [name for name in names if name not in failed])
+    rows = experiment_rows(json.loads(dvc("exp", "show", "--json", "--rev", baseline)),
+                           [name for name in names if name not in failed])
     out = args.out or Path("analyses/results") / f"{args.analysis}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() and args.only else {"experiments": {}}

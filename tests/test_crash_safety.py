@@ -71,6 +71,7 @@ def test_killed_fit_leaves_no_output_and_reruns_identically(project, tmp_path):
     params = tmp_path / "params.yaml"
     settings = yaml.safe_load(project["params"].read_text())
     settings["t_steps"] = [50]
+    settings["ensemble"].update(epochs=5, patience=5)  # the kill lands in epoch 2 or 3 of 5; two whole fits follow
     params.write_text(yaml.safe_dump(settings))
 
     def command(out):

@@ -163,10 +163,9 @@ def test_pretrain_imports_a_folder_and_the_later_stages_do_not_care(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "imported diffusers UNet2DModel" in result.stdout and "(6 decoder blocks)" in result.stdout
     params = load_params(project["params"])
-    for t in params.t_steps:
-        result = run_stage("extract", "--params", project["params"], "--t", t, "--data", project["data"],
-                           "--checkpoint", checkpoint, "--out", tmp_path / f"t{t}.zarr")
-        assert result.returncode == 0, result.stderr
+    result = run_stage("extract", "--params", project["params"], "--stores", tmp_path / "t{t}.zarr", "--data",
+                       project["data"], "--checkpoint", checkpoint)  # every step of t_steps in one process
+    assert result.returncode == 0, result.stderr
     store = open_store(tmp_path / "t50.zarr", {"blocks": (1, 3, 4)})
     assert store.record.feature_dim == 64 + 64 + 32  # up blocks at 64, 64, 32 channels
     save_random_ensemble(tmp_path / "ensemble.pt", params, checkpoint)
