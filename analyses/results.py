@@ -8,7 +8,8 @@ import pandas as pd
 from analyses.experiments import seed_of
 
 # What the report reads of each run (dvc.yaml's metrics files).
-METRICS_FILES = ("metrics/val.json", "metrics/eval.json", "metrics/robustness.json")
+METRICS_FILES = ("metrics/val.json", "metrics/eval.json", "metrics/robustness.json", "metrics/label.json",
+                 "metrics/datasetddpm.json")
 
 
 def _entries(node: Any) -> Iterator[dict]:
