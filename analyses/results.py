@@ -68,21 +68,32 @@ def miou(row: dict, split: str) -> float | None:
     return metrics.get("miou")
 
 
-def split_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
-    """One row per label of ``labels`` (experiment name -> label; experiments of one label are fit seeds of one run),
-    in that order: the first recorded experiment's name, the seeds recorded, and the mean and std over them of val
-    and test mIoU (std empty for one seed)."""
+def label_groups(record: dict, labels: dict[str, str]) -> dict[str, list[str]]:
+    """The recorded experiments of each label of ``labels`` (experiment name -> label), in ``labels``' order:
+    experiments of one label are seeds of one run."""
     groups: dict[str, list[str]] = {}
     for name, label in labels.items():
         if name in record["experiments"]:
             groups.setdefault(label, []).append(name)
+    return groups
+
+
+def mean_and_std(values: list) -> tuple[float, float]:
+    """Mean and sample std over seeds (std NaN for one seed: no spread to show)."""
+    series = pd.Series(values, dtype=float)
+    return series.mean(), series.std() if len(series) > 1 else float("nan")
+
+
+def split_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
+    """One row per label of ``labels`` (experiment name -> label; experiments of one label are fit seeds of one run),
+    in that order: the first recorded experiment's name, the seeds recorded, and the mean and std over them of val
+    and test mIoU (std empty for one seed)."""
     rows = []
-    for label, names in groups.items():
-        val = pd.Series([miou(record["experiments"][n], "val") for n in names], dtype=float)
-        test = pd.Series([miou(record["experiments"][n], "test") for n in names], dtype=float)
-        rows.append({"run": label, "experiment": names[0], "seeds": len(names), "val mIoU": val.mean(),
-                     "val std": val.std() if len(names) > 1 else float("nan"), "test mIoU": test.mean(),
-                     "test std": test.std() if len(names) > 1 else float("nan")})
+    for label, names in label_groups(record, labels).items():
+        val, val_std = mean_and_std([miou(record["experiments"][n], "val") for n in names])
+        test, test_std = mean_and_std([miou(record["experiments"][n], "test") for n in names])
+        rows.append({"run": label, "experiment": names[0], "seeds": len(names), "val mIoU": val, "val std": val_std,
+                     "test mIoU": test, "test std": test_std})
     return pd.DataFrame(rows)
 
 
@@ -90,10 +101,7 @@ def datasetddpm_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
     """DatasetDDPM's rows (experiments of one label are segnet seeds of one synthetic set): the samples drawn and kept,
     the segnet's val and test mIoU (mean, std over seeds) and its chosen epochs; first, the ensemble it distils (the
     same in every experiment: the real features' fit), from the first recorded experiment."""
-    groups: dict[str, list[str]] = {}
-    for name, label in labels.items():
-        if name in record["experiments"]:
-            groups.setdefault(label, []).append(name)
+    groups = label_groups(record, labels)
     if not groups:
         return pd.DataFrame()
     rows = []
@@ -104,13 +112,11 @@ def datasetddpm_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
     for label, names in groups.items():
         segnet = [record["experiments"][n]["metrics"].get("metrics/datasetddpm.json") or {} for n in names]
         labeled = record["experiments"][names[0]]["metrics"].get("metrics/label.json") or {}
-        val = pd.Series([m.get("val_miou") for m in segnet], dtype=float)
-        test = pd.Series([m.get("miou") for m in segnet], dtype=float)
+        val, val_std = mean_and_std([m.get("val_miou") for m in segnet])
+        test, test_std = mean_and_std([m.get("miou") for m in segnet])
         rows.append({"run": label, "seeds": len(names), "samples": labeled.get("images", "-"),
-                     "kept": labeled.get("kept", "-"), "val mIoU": val.mean(),
-                     "val std": val.std() if len(names) > 1 else float("nan"), "test mIoU": test.mean(),
-                     "test std": test.std() if len(names) > 1 else float("nan"),
-                     "epochs chosen": ", ".join(str(m.get("epoch", "?")) for m in segnet)})
+                     "kept": labeled.get("kept", "-"), "val mIoU": val, "val std": val_std, "test mIoU": test,
+                     "test std": test_std, "epochs chosen": ", ".join(str(m.get("epoch", "?")) for m in segnet)})
     return pd.DataFrame(rows)
 
 
