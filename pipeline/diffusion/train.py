@@ -205,11 +205,12 @@ def train_ddpm(
     network = distributed.wrap(model, world, device)  # after restore: DDP starts every rank from rank 0's weights
     weights = mse_weights(diffusion, config).to(device)  # per-timestep ε-MSE weights, moved once
     share = world.share(config.batch_size)
+    precision = autocast(device, config.autocast.value, "ddpm.train.autocast")  # refused here, before any step
     while trainer.step < config.steps:
         trainer.step += 1
         batch = batch_at(images, config.batch_size, config.seed, trainer.step, share).to(device)
         losses = _train_step(trainer, network, diffusion, batch, weights, lr_at(trainer.step, config), config.ema_rate,
-                             autocast(device, config.autocast.value, "ddpm.train.autocast"))
+                             precision)
         trainer.history.append(losses)
         if on_step is not None:
             on_step(trainer.step, losses)
