@@ -1,7 +1,7 @@
 """Segment new images with a finished run: one code path for the segment stage and for notebooks.
 
     from pipeline.api import Segmenter
-    segmenter = Segmenter.from_run(".")          # params.yaml, checkpoints/{ddpm,mae}.pt, ensemble/ensemble.pt
+    segmenter = Segmenter.from_run(".")          # params.yaml, checkpoints/{ddpm,mae,swav}.pt, ensemble/ensemble.pt
     results = segmenter.predict(["a.png", image_array])
     results[0].mask, results[0].uncertainty      # [H, W] uint8 classes, [H, W] float32 nats
     distilled = Segmenter.from_run(".", model="segnet")  # DatasetDDPM's network (segnet/segnet.pt): one forward pass
@@ -43,6 +43,7 @@ from pipeline.features.record import fit_record, rows_per_chunk
 from pipeline.hashing import file_sha256
 from pipeline.runtime import pick_device
 from pipeline.segnet.network import load_segnet, segment_images, segnet_record
+from pipeline.selfsup.encoders import encoder_checkpoint
 
 ImageInput = str | Path | np.ndarray  # a file, or an [H, W, 3] uint8 array
 
@@ -112,8 +113,8 @@ def _resize_nearest(values: np.ndarray, side: int) -> np.ndarray:
 
 
 class Segmenter:
-    """A finished run's feature model (the DDPM, or the MAE of representation mae) and ensemble, applied to new
-    images."""
+    """A finished run's feature model (the DDPM, or the MAE or SwAV encoder of representation mae or swav) and
+    ensemble, applied to new images."""
 
     def __init__(self, params: Params, model: UNetModel, diffusion: Diffusion | None, ensemble: EnsembleMLP):
         self.params, self.model, self.diffusion = params, model, diffusion
@@ -125,16 +126,16 @@ class Segmenter:
 
     @classmethod
     def load(cls, params: str | Path | Params, checkpoint: str | Path, ensemble: str | Path,
-             mae_checkpoint: str | Path | None = None) -> "Segmenter":
-        """From the files of a run (the paths dvc.yaml gives the segment stage; ``mae_checkpoint`` is read only
-        with features.representation: mae); ``params`` a file or loaded params."""
+             mae_checkpoint: str | Path | None = None, swav_checkpoint: str | Path | None = None) -> "Segmenter":
+        """From the files of a run (the paths dvc.yaml gives the segment stage; ``mae_checkpoint`` and
+        ``swav_checkpoint`` are read only with features.representation mae and swav); ``params`` a file or loaded
+        params."""
         loaded = params if isinstance(params, Params) else load_params(params)
+        encoder = encoder_checkpoint(loaded.features.representation, mae_checkpoint, swav_checkpoint)
         # not extract's cache: a notebook may see a new file
-        model, diffusion = load_feature_model(loaded.features, checkpoint, mae_checkpoint,
-                                              pick_device(loaded.runtime.device))
+        model, diffusion = load_feature_model(loaded.features, checkpoint, encoder, pick_device(loaded.runtime.device))
         members = load_ensemble(Path(ensemble),
-                                fit_record(loaded, file_sha256(feature_checkpoint(loaded.features, checkpoint,
-                                                                                  mae_checkpoint))))
+                                fit_record(loaded, file_sha256(feature_checkpoint(loaded.features, checkpoint, encoder))))
         return cls(loaded, model, diffusion, members)
 
     @classmethod
@@ -149,7 +150,7 @@ class Segmenter:
 
     @classmethod
     def from_run(cls, run: str | Path = ".", model: str = "ensemble") -> "Segmenter":
-        """A finished run's folder: its params.yaml with checkpoints/ddpm.pt (and mae.pt) and ensemble/ensemble.pt
+        """A finished run's folder: its params.yaml with checkpoints/ddpm.pt (mae.pt, swav.pt) and ensemble/ensemble.pt
         (``model="ensemble"``), or with segnet/segnet.pt (``model="segnet"``) (dvc.yaml's outs)."""
         run = Path(run)
         if model == "segnet":
@@ -157,7 +158,7 @@ class Segmenter:
         if model != "ensemble":
             raise PipelineError(f"model={model!r} is not a model of a run; use ensemble or segnet")
         return cls.load(run / "params.yaml", run / "checkpoints" / "ddpm.pt", run / "ensemble" / "ensemble.pt",
-                        run / "checkpoints" / "mae.pt")
+                        run / "checkpoints" / "mae.pt", run / "checkpoints" / "swav.pt")
 
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> list[Segmentation]:
         """Files or ``[H, W, 3] uint8`` arrays -> one ``Segmentation`` each; a bad image raises its error."""

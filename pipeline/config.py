@@ -49,7 +49,7 @@ from pipeline.errors import ConfigError, ModelFlagsError, check_timesteps
 from pipeline.presets import ENSEMBLE_RECIPES, MODEL_PRESETS, PRESETS, RECIPE_KEYS
 
 __all__ = ["Autocast", "Codec", "ConfigError", "Corruption", "DatasetConfig", "DDPMConfig", "EnsembleConfig", "EvaluateConfig",
-           "FeaturesConfig", "LabelFormat", "LossWeighting", "LrSchedule", "MaeConfig", "ModelFlags", "ModelPreset",
+           "FeaturesConfig", "LabelFormat", "LossWeighting", "LrSchedule", "MaeConfig", "SwavConfig", "ModelFlags", "ModelPreset",
            "NoiseSchedule", "NonSquarePolicy", "Params", "Recipe", "Representation", "RuntimeConfig", "SegnetConfig",
            "Stopping", "StoreLayout", "TrainConfig", "UNetInit", "UpsampleMode", "load_params",
            "params_from_dict"]
@@ -263,7 +263,7 @@ class FeaturesConfig(Section):
     layout: Choice[StoreLayout] = StoreLayout.PIXELS
 
     def representation_id(self) -> str:
-        """What a store records as its representation: ``ddpm``, ``rgb``, ``rgb_patch<k>`` or ``mae``."""
+        """What a store records as its representation: ``ddpm``, ``rgb``, ``rgb_patch<k>``, ``mae`` or ``swav``."""
         if self.representation is Representation.RGB_PATCH:
             return f"rgb_patch{self.patch_size}"
         return self.representation.value
@@ -512,6 +512,53 @@ class MaeConfig(Section):
                 "mask_ratio": self.mask_ratio, "norm_pix_loss": self.norm_pix_loss}
 
 
+class SwavConfig(Section):
+    """``swav``: SwAV (Caron et al. 2020) for ``features.representation: swav``: a ResNet (transformers'
+    ResNetModel) trained from random weights on the unlabeled images by the pretrain_swav stage (nothing is
+    trained, and a placeholder written, while the representation is another). Its features are the outputs of
+    every other residual block of each stage (the paper's hooks), which ``blocks`` indexes (0 = the first).
+    Defaults: a small ResNet for 32 px on a CPU; the loss, crop and Sinkhorn settings are SwAV's (not chosen
+    on val)."""
+
+    embedding_size: Positive = 32  # the stem's width (a 7x7 stride-2 conv and a max pool: 1/4 of the image)
+    hidden_sizes: Annotated[tuple[Positive, ...], Field(strict=False, min_length=1)] = (32, 64, 128, 256)
+    depths: Annotated[tuple[Positive, ...], Field(strict=False, min_length=1)] = (2, 2, 2, 2)  # blocks per stage
+    layer_type: Annotated[StrictStr, Field(pattern="^(basic|bottleneck)$",
+                                           description="basic (ResNet-18/34) or bottleneck (ResNet-50)")] = "basic"
+    projection_hidden: Positive = 256
+    projection_dim: Positive = 64
+    prototypes: Positive = 32  # SwAV's K (3000 for ImageNet's 1000 classes)
+    temperature: Rate = 0.1
+    sinkhorn_epsilon: Rate = 0.05
+    sinkhorn_iterations: Positive = 3
+    local_crops: NonNegative = 4  # small crops beside the 2 global ones (multi-crop)
+    local_crop_size: Optional[Positive] = None  # null = half the image size
+    global_crop_scale: Annotated[float, Field(gt=0, lt=1, description="a fraction of the image in (0, 1)")] = 0.14
+    local_crop_scale: Annotated[float, Field(gt=0, lt=1, description="a fraction of the image in (0, 1)")] = 0.05
+    flip: bool = True
+    jitter: Annotated[float, Field(ge=0, description="SwAV's colour distortion strength s")] = 1.0
+    freeze_prototypes_steps: NonNegative = 100  # the prototypes are not updated in the first steps
+    steps: Annotated[StrictInt, Field(ge=0, description="0 keeps the random init")] = 1000
+    batch_size: Positive = 64
+    # AdamW with linear warm-up then a half-cosine to 0 (transformers' schedule), as the MAE's
+    lr: Rate = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-6
+    warmup_steps: NonNegative = 100
+    seed: Seed = 0
+    log_every: Positive = 10
+    state_every: Annotated[StrictInt, Field(ge=0, description="0 = off")] = 100  # a resumable state every N steps
+
+    def resnet_config(self) -> dict[str, Any]:
+        """The keyword arguments of transformers' ``ResNetConfig``."""
+        return {"num_channels": 3, "embedding_size": self.embedding_size, "hidden_sizes": list(self.hidden_sizes),
+                "depths": list(self.depths), "layer_type": self.layer_type, "hidden_act": "relu",
+                "downsample_in_first_stage": False}
+
+    def feature_blocks(self) -> int:
+        """How many blocks ``blocks`` chooses among: every other residual block of each stage."""
+        return sum((depth + 1) // 2 for depth in self.depths)
+
+
 class Params(Section):
     t_steps: IntList = (50, 150, 250)
     # null = the blocks of ddpm.preset (digits: [0, 1, 2, 3]; adm256: the paper's [5, 6, 7, 8, 12]);
@@ -530,6 +577,7 @@ class Params(Section):
     segnet: SegnetConfig = SegnetConfig()
     suggest: SuggestConfig = SuggestConfig()
     mae: MaeConfig = MaeConfig()
+    swav: SwavConfig = SwavConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     def unet_config(self) -> UNetConfig:
@@ -607,6 +655,7 @@ def _validate(params: Params) -> None:
                           f"{params.suggest.count}: the diversity pick chooses count images among the candidates")
     _validate_tls(features)
     _validate_mae(params)
+    _validate_swav(params)
     _validate_datasetddpm(params)
     _validate_segnet(params.segnet, params.dataset.image_size)
     check_widths(params.unet_config())  # torch-free; the stages that build a UNet also build it on the meta device
@@ -623,15 +672,40 @@ def _validate_mae(params: Params) -> None:
         if width % heads:
             raise ConfigError(f"mae.{prefix}hidden_size={width} is not a multiple of mae.{prefix}num_attention_heads="
                               f"{heads}; each attention head takes an equal share of the width")
-    if params.features.representation is not Representation.MAE:
-        return
+    if params.features.representation is Representation.MAE:
+        _validate_encoder_blocks(params, mae.num_hidden_layers, "the MAE encoder's", "raise mae.num_hidden_layers")
+
+
+def _validate_swav(params: Params) -> None:
+    """SwAV's network and crops against the image size; with representation swav, blocks and store_blocks
+    against its feature blocks."""
+    swav, size = params.swav, params.dataset.image_size
+    if len(swav.hidden_sizes) != len(swav.depths):
+        raise ConfigError(f"swav.hidden_sizes {list(swav.hidden_sizes)} and swav.depths {list(swav.depths)} must have "
+                          f"one entry per ResNet stage each; give them the same length")
+    if swav.local_crop_scale >= swav.global_crop_scale:
+        raise ConfigError(f"swav.local_crop_scale={swav.local_crop_scale} must be below swav.global_crop_scale="
+                          f"{swav.global_crop_scale}: local crops take the smaller areas")
+    if swav.local_crop_size is not None and swav.local_crop_size > size:
+        raise ConfigError(f"swav.local_crop_size={swav.local_crop_size} is larger than dataset.image_size={size}; "
+                          f"choose at most {size} (null = half the image)")
+    if swav.batch_size < 2:
+        raise ConfigError("swav.batch_size=1: Sinkhorn spreads a batch over the prototypes and the projection head's "
+                          "BatchNorm needs two images; use 2 or more")
+    if params.features.representation is Representation.SWAV:
+        _validate_encoder_blocks(params, swav.feature_blocks(), "SwAV's (every other residual block of each stage)",
+                                 "add ResNet stages or deepen them (swav.depths)")
+
+
+def _validate_encoder_blocks(params: Params, count: int, whose: str, remedy: str) -> None:
+    """blocks and store_blocks of a self-supervised representation: within its ``count`` feature blocks."""
+    representation = params.features.representation.value
     for key, blocks in (("blocks", params.blocks), ("features.store_blocks", params.features.store_blocks)):
-        beyond = [block for block in blocks if not 0 <= block < mae.num_hidden_layers]
+        beyond = [block for block in blocks if not 0 <= block < count]
         if beyond:
-            raise ConfigError(f"{key} {list(blocks)} (null = ddpm.preset's blocks) asks for encoder block(s) {beyond}, "
-                              f"but with features.representation=mae the blocks are the MAE encoder's, 0 to "
-                              f"mae.num_hidden_layers - 1 = {mae.num_hidden_layers - 1}; choose blocks within that "
-                              f"or raise mae.num_hidden_layers")
+            raise ConfigError(f"{key} {list(blocks)} (null = ddpm.preset's blocks) asks for block(s) {beyond}, but "
+                              f"with features.representation={representation} the blocks are {whose}, 0 to "
+                              f"{count - 1}; choose blocks within that or {remedy}")
 
 
 def _validate_stopping(ensemble: EnsembleConfig) -> None:
@@ -739,7 +813,8 @@ def _validate_store_blocks(params: Params) -> None:
             f"{sorted(set(stored) | set(params.blocks))} (the extract stages rerun), or choose blocks within "
             f"{list(stored)}")
     if features.layout is StoreLayout.NATIVE and features.representation is not Representation.DDPM:
-        what = "the MAE's patch tokens" if features.representation is Representation.MAE else "pixel colours"
+        what = {Representation.MAE: "the MAE's patch tokens", Representation.SWAV: "SwAV's block outputs"}.get(
+            features.representation, "pixel colours")
         raise ConfigError(f"features.layout=native keeps the DDPM's decoder maps, but features.representation="
                           f"{features.representation.value} stores {what}; use features.layout: pixels for it")
 

@@ -35,8 +35,9 @@ LrSchedule = _choice("LrSchedule", "ddpm.train.lr_schedule", "constant", "cosine
 # What fit and evaluate learn from (docs/analyses.md, the baselines): ddpm = the decoder activations of
 # ddpm.checkpoint at each t (the method); rgb = each pixel's 3 colour values in [-1, 1] (t, blocks and the
 # checkpoint's weights unused); rgb_patch = its features.patch_size x patch_size RGB neighbourhood (replicate-padded);
-# mae = the patch tokens of a masked autoencoder's encoder blocks (the pretrain_mae stage, params section mae).
-Representation = _choice("Representation", "features.representation", "ddpm", "rgb", "rgb_patch", "mae")
+# mae = the patch tokens of a masked autoencoder's encoder blocks (the pretrain_mae stage, params section mae);
+# swav = the residual blocks' outputs of a SwAV ResNet (the pretrain_swav stage, params section swav).
+Representation = _choice("Representation", "features.representation", "ddpm", "rgb", "rgb_patch", "mae", "swav")
 # Test-image corruptions of the robustness stage (pipeline/analysis/corruptions.py holds each one's severities).
 Corruption = _choice("Corruption", "robustness.corruptions", "gaussian_noise", "blur", "jpeg", "contrast")
 # Which published severity constants the robustness corruptions use (pipeline/analysis/corruptions.py): auto =

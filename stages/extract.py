@@ -1,6 +1,6 @@
 """Stage extract: decoder features of every train/val/test image at each diffusion step of ``t_steps``, one zarr
-store per step (or the features of features.representation: RGB, or the MAE's patch tokens, the same at every
-step).
+store per step (or the features of features.representation: RGB, the MAE's patch tokens or SwAV's block
+outputs, the same at every step).
 
 ``--stores features/t{t}.zarr`` is the pipeline's form: one stage owns the stores' folder (a persisted DVC
 output). It keeps the stores already complete and current (``finished_store_is_current``: same record, images,
@@ -29,6 +29,12 @@ from pipeline.features.record import StoreRecord, extraction_provenance, inputs_
 from pipeline.features.store import create_or_resume, finished_store_is_current
 from pipeline.hashing import file_sha256
 from pipeline.runtime import stage_main, stage_params, stage_parser
+from pipeline.selfsup.encoders import (
+    add_encoder_arguments,
+    encoder_block_shapes,
+    encoder_checkpoint,
+    is_self_supervised,
+)
 
 
 @stage_main
@@ -39,7 +45,7 @@ def main() -> None:
     parser.add_argument("--t", type=int, help="one diffusion step only (with --out), instead of --stores")
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset")
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--mae", type=Path, default=None, help="pretrain_mae's checkpoint (representation mae)")
+    add_encoder_arguments(parser)
     parser.add_argument("--out", help="with --t: the zarr store to write, a path or an fsspec URL (s3://bucket/t50.zarr)")
     args = parser.parse_args()
     if (args.stores is None) == (args.t is None) or (args.t is None) != (args.out is None):
@@ -50,19 +56,20 @@ def main() -> None:
     steps = [args.t] if args.t is not None else list(params.t_steps)
     check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
     options = params.features
-    mae = options.representation is Representation.MAE
-    mae_checkpoint = str(args.mae) if mae and args.mae is not None else None
-    source = feature_checkpoint(options, args.checkpoint, mae_checkpoint)  # the weights the features come from
+    encoder = is_self_supervised(options.representation)
+    encoder_path = encoder_checkpoint(options.representation, args.mae, args.swav)
+    source = feature_checkpoint(options, args.checkpoint, encoder_path)  # the weights the features come from
     # Validate the checkpoint, steps and blocks up front. In process, this load is the one extraction reuses.
     if options.workers or options.scheduler:
-        model, diffusion = load_feature_model(options, args.checkpoint, mae_checkpoint, torch.device("cpu"))
+        model, diffusion = load_feature_model(options, args.checkpoint, encoder_path, torch.device("cpu"))
     else:
-        model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)), mae_checkpoint)
+        model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)), encoder_path,
+                                        options.representation.value)
     if diffusion is not None:
         check_timesteps(steps, diffusion.num_timesteps)
     examples = {split.value: list_examples(args.data, split, allow_empty=split is Split.VAL) for split in Split}
     blocks = options.store_blocks
-    if not mae:
+    if not encoder:
         shapes = model.decoder_block_shapes()
         try:
             feature_dim(model, blocks)
@@ -72,8 +79,8 @@ def main() -> None:
         raise ConfigError(f"{source} is a model for {model.config.image_size} px images but "
                           f"dataset.image_size={params.dataset.image_size}; make them equal")
     # each stored block's (channels, map side); none for the RGB baselines, whose columns are no decoder blocks
-    if mae:  # each encoder block: hidden_size columns, from a map of image_size / patch_size tokens a side
-        stored = [(model.config.hidden_size, model.config.image_size // model.config.patch_size)] * len(blocks)
+    if encoder:  # the MAE's blocks: hidden_size columns from image_size / patch_size tokens a side; SwAV's: its maps
+        stored = encoder_block_shapes(options.representation, model, blocks)
     else:
         stored = [shapes[b][:2] for b in blocks] if options.representation is Representation.DDPM else []
     dim = representation_dim(model, blocks, options.representation, options.patch_size)
@@ -103,7 +110,7 @@ def main() -> None:
                                       clevel=options.clevel, provenance=provenance)
             job = ExtractJob(
                 checkpoint=str(args.checkpoint), store=str(out), t=t, blocks=tuple(blocks), features=options,
-                device=params.runtime.device, mae_checkpoint=mae_checkpoint,
+                device=params.runtime.device, encoder_checkpoint=encoder_path,
                 image_paths={s: tuple(str(e.image_path) for e in ex) for s, ex in examples.items()},
                 mask_paths={s: tuple(str(e.mask_path) for e in ex) for s, ex in examples.items()},
             )

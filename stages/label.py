@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.hashing import file_sha256
 from pipeline.outputs.figures import palette, samples_figure, save_figure, write_csv_atomic
 from pipeline.runtime import stage_main, stage_params, stage_parser
+from pipeline.selfsup.encoders import add_encoder_arguments
 
 SCRATCH = ".uncertainty"  # per-image disagreement maps while labeling (for the figure), removed at the end
 
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, required=True, help="the sample stage's zarr store")
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--ensemble", type=Path, required=True)
-    parser.add_argument("--mae", type=Path, default=None, help="pretrain_mae's checkpoint (representation mae)")
+    add_encoder_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="folder for the kept images and masks")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON: counts kept and dropped, uncertainty quantiles")
     parser.add_argument("--table", type=Path, required=True, help="CSV: every image's uncertainty, rank and fate")
@@ -44,7 +45,7 @@ def main() -> None:
     if record["checkpoint_sha256"] != file_sha256(args.checkpoint):
         raise ConfigError(f"{args.samples} was sampled from another checkpoint than {args.checkpoint}; rerun the "
                           f"sample stage (`dvc repro sample`)")
-    segmenter = Segmenter.load(params, args.checkpoint, args.ensemble, args.mae)
+    segmenter = Segmenter.load(params, args.checkpoint, args.ensemble, args.mae, args.swav)
     options, dataset = params.datasetddpm, params.dataset
     scores = []
     with building_dir(args.out) as folder:

@@ -17,20 +17,20 @@ from pipeline.data.layout import Split, list_examples
 from pipeline.diffusion.unet import check_model_builds
 from pipeline.ensemble.evaluation import score
 from pipeline.ensemble.files import load_ensemble
-from pipeline.enums import Representation
 from pipeline.features.compute import feature_checkpoint
 from pipeline.features.extraction import loaded_model, worker_device
 from pipeline.features.record import fit_record
 from pipeline.hashing import file_sha256
 from pipeline.outputs.figures import corruption_figure, save_figure, write_csv_atomic
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
+from pipeline.selfsup.encoders import add_encoder_arguments, encoder_checkpoint
 
 
 @stage_main
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--mae", type=Path, default=None, help="pretrain_mae's checkpoint (representation mae)")
+    add_encoder_arguments(parser)
     parser.add_argument("--ensemble", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (its test split is corrupted)")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON: test mIoU per corruption and severity")
@@ -39,9 +39,11 @@ def main() -> None:
     args = parser.parse_args()
     params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit and evaluate
     check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
-    mae = str(args.mae) if params.features.representation is Representation.MAE and args.mae else None
-    source = feature_checkpoint(params.features, args.checkpoint, mae)  # the weights the features come from
-    model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)), mae)
+    representation = params.features.representation
+    encoder = encoder_checkpoint(representation, args.mae, args.swav)
+    source = feature_checkpoint(params.features, args.checkpoint, encoder)  # the weights the features come from
+    model, diffusion = loaded_model(str(args.checkpoint), str(worker_device(params.runtime.device)), encoder,
+                                    representation.value)
     ensemble = load_ensemble(args.ensemble, fit_record(params, file_sha256(source)))
     ensemble.to(pick_device(params.runtime.device))
     examples = list_examples(args.data, Split.TEST)

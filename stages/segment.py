@@ -21,6 +21,7 @@ from pipeline.errors import DatasetError, PipelineError
 from pipeline.outputs.figures import palette, write_csv_atomic
 from pipeline.outputs.segment import summary_row, write_outputs
 from pipeline.runtime import stage_main, stage_params, stage_parser
+from pipeline.selfsup.encoders import add_encoder_arguments
 
 
 def readable(paths: list[Path], segmenter: Segmenter, bad: dict[Path, str]) -> Iterator[PreparedImage]:
@@ -42,8 +43,7 @@ def main() -> None:
                         help="ensemble: the DDPM's features and the MLP ensemble (--checkpoint, --ensemble); segnet: "
                              "DatasetDDPM's distilled network (--segnet), one forward pass")
     parser.add_argument("--segnet", type=Path, default=Path("segnet/segnet.pt"), help="train_segnet's network file")
-    parser.add_argument("--mae", type=Path, default=Path("checkpoints/mae.pt"),
-                        help="the pretrain_mae stage's checkpoint (read with features.representation: mae)")
+    add_encoder_arguments(parser, Path("checkpoints"))
     parser.add_argument("--images", type=Path, required=True, help="folder of .png/.jpg images to segment")
     parser.add_argument("--out", type=Path, required=True, help="folder for the masks, overlays, maps and summary.csv")
     args = parser.parse_args()
@@ -54,7 +54,7 @@ def main() -> None:
     else:
         params = stage_params(args.params, one_thread=True)  # the ensemble's arithmetic, as in fit and evaluate
         check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
-        segmenter = Segmenter.load(params, args.checkpoint, args.ensemble, args.mae)
+        segmenter = Segmenter.load(params, args.checkpoint, args.ensemble, args.mae, args.swav)
     paths = list_images(args.images)
     stems = [path.stem for path in paths]
     if len(set(stems)) != len(stems):

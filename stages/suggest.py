@@ -20,6 +20,7 @@ from pipeline.hashing import file_sha256
 from pipeline.outputs.figures import palette
 from pipeline.outputs.suggestions import write_figure, write_suggestions
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
+from pipeline.selfsup.encoders import add_encoder_arguments, encoder_checkpoint
 
 
 @stage_main
@@ -27,7 +28,7 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--ensemble", type=Path, required=True)
-    parser.add_argument("--mae", type=Path, default=None, help="pretrain_mae's checkpoint (representation mae)")
+    add_encoder_arguments(parser)
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset (its unlabeled/ folder is the pool)")
     parser.add_argument("--out", type=Path, required=True, help="folder: suggestions.csv, images/, Label Studio tasks")
     parser.add_argument("--plot", type=Path, required=True, help="PNG: the suggested images and their uncertainty")
@@ -41,8 +42,9 @@ def main() -> None:
     check_model_builds(params.unet_config())  # the flags build a UNet (on the meta device)
     config, dataset = params.suggest, params.dataset
     device = pick_device(params.runtime.device)
-    model, diffusion = load_feature_model(params.features, args.checkpoint, args.mae, device)
-    source = feature_checkpoint(params.features, args.checkpoint, args.mae)  # the weights the features come from
+    encoder = encoder_checkpoint(params.features.representation, args.mae, args.swav)
+    model, diffusion = load_feature_model(params.features, args.checkpoint, encoder, device)
+    source = feature_checkpoint(params.features, args.checkpoint, encoder)  # the weights the features come from
     ensemble = load_ensemble(args.ensemble, fit_record(params, file_sha256(source))).to(device)
     if not args.data.is_dir():
         raise DatasetError(f"prepared dataset {args.data} does not exist; run the prepare stage (`dvc repro prepare`)")

@@ -112,3 +112,18 @@ def tiny_checkpoint(root, params_path):
     torch.nn.init.normal_(model.out[-1].weight, std=0.05)
     save_checkpoint(root / "ddpm.pt", model, Diffusion("linear", 1000), {"kind": "test"})
     return root / "ddpm.pt"
+
+
+def run_here(stage: str, *args) -> None:
+    """Run a stage's main in this process (the imports of a fresh process cost more than these tiny stages)."""
+    module = __import__(f"stages.{stage}", fromlist=["main"])
+    argv, threads = sys.argv, os.environ.get("DDPM_SEG_THREADS")
+    sys.argv, os.environ["DDPM_SEG_THREADS"] = [stage, *map(str, args)], "1"
+    try:
+        module.main()
+    finally:
+        sys.argv = argv
+        if threads is None:
+            del os.environ["DDPM_SEG_THREADS"]
+        else:
+            os.environ["DDPM_SEG_THREADS"] = threads

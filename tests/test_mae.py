@@ -24,7 +24,7 @@ from pipeline.features.store import open_store
 from pipeline.hashing import file_sha256
 from pipeline.selfsup.mae import encoder_tokens, load_mae, save_mae, token_maps, train_mae, unused_checkpoint
 from tests.conftest import REPO
-from tests.helpers import make_project
+from tests.helpers import make_project, run_here
 
 TINY = MaeConfig(patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
@@ -123,9 +123,9 @@ def test_pretraining_killed_after_a_state_resumes_to_the_unbroken_checkpoint(tmp
     ({"mae": {"mask_ratio": 1.0}}, r"mae.mask_ratio"),
     ({"mae": {"hidden_size": 30}}, r"mae.hidden_size=30 is not a multiple of mae.num_attention_heads=4"),
     ({"features": {"representation": "mae"}, "mae": {"num_hidden_layers": 3}},
-     r"blocks \[0, 1, 2, 3\] .* encoder block\(s\) \[3\], .* mae.num_hidden_layers"),
+     r"blocks \[0, 1, 2, 3\] .* block\(s\) \[3\], .* the MAE encoder.s, .* mae.num_hidden_layers"),
     ({"features": {"representation": "mae", "store_blocks": [0, 1, 5]}, "blocks": [0, 1]},
-     r"features.store_blocks \[0, 1, 5\] .* encoder block\(s\) \[5\]"),
+     r"features.store_blocks \[0, 1, 5\] .* block\(s\) \[5\]"),
     ({"features": {"representation": "mae", "layout": "native"}}, r"features.layout=native .* the MAE's patch tokens"),
 ])
 def test_bad_mae_params_are_refused_naming_the_key(override, message):
@@ -144,21 +144,6 @@ def test_the_unused_placeholder_is_the_same_bytes_whatever_the_params(tmp_path):
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "a.pt").read_bytes()
     with pytest.raises(ConfigError, match="placeholder .* features.representation: mae"):
         load_mae(tmp_path / "a.pt")
-
-
-def run_here(stage: str, *args) -> None:
-    """Run a stage's main in this process (the imports of a fresh process cost more than these tiny stages)."""
-    module = __import__(f"stages.{stage}", fromlist=["main"])
-    argv, threads = sys.argv, os.environ.get("DDPM_SEG_THREADS")
-    sys.argv, os.environ["DDPM_SEG_THREADS"] = [stage, *map(str, args)], "1"
-    try:
-        module.main()
-    finally:
-        sys.argv = argv
-        if threads is None:
-            del os.environ["DDPM_SEG_THREADS"]
-        else:
-            os.environ["DDPM_SEG_THREADS"] = threads
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +205,7 @@ def test_segment_and_the_api_vote_on_the_bytes_the_mae_store_holds(mae_run, monk
     files = [example.image_path for example in list_examples(mae_run["data"], Split.TEST)]
     assert len(segmenter.predict(files)) == len(files) == 4
     assert np.concatenate(seen).tobytes() == stored.tobytes()
-    with pytest.raises(ConfigError, match="MAE checkpoint of the pretrain_mae stage"):
+    with pytest.raises(ConfigError, match="the checkpoint of the pretrain_mae stage"):
         Segmenter.load(params, mae_run["checkpoint"], mae_run["ensemble"])
 
 

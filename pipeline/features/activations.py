@@ -17,6 +17,7 @@ from pipeline.diffusion.unet import UNetModel
 from pipeline.enums import NoiseSchedule, Representation, UpsampleMode
 from pipeline.errors import NumericsError, check_decoder_blocks, check_timesteps
 from pipeline.features.upsample import upsample_concat
+from pipeline.selfsup.encoders import encoder_block_shapes, is_self_supervised
 
 
 def make_noise(seed: int, image_size: int, channels: int = 3) -> torch.Tensor:
@@ -34,12 +35,12 @@ def feature_dim(model: UNetModel, blocks: Sequence[int], num_steps: int = 1) -> 
 def representation_dim(model: UNetModel, blocks: Sequence[int], representation: Representation | str,
                        patch_size: int) -> int:
     """Features per pixel and step of ``features.representation``: the blocks' channels, 3, 3 x patch_size², or
-    for mae (``model`` the MAE's encoder) its width per block."""
+    for mae and swav (``model`` their encoder) the channels of its chosen blocks."""
     representation = Representation(representation)
     if representation is Representation.DDPM:
         return feature_dim(model, blocks)
-    if representation is Representation.MAE:
-        return model.config.hidden_size * len(blocks)
+    if is_self_supervised(representation):
+        return sum(channels for channels, _ in encoder_block_shapes(representation, model, blocks))
     return 3 * (patch_size**2 if representation is Representation.RGB_PATCH else 1)
 
 

@@ -4,7 +4,7 @@ extract (into a store), segment and the API (new images), robustness (corrupted 
 any later stage that labels images all call ``features_for_images``, so they share one memory cap
 (``images_per_batch``), one autocast rule (``features.autocast``), one set of noise variants
 (``batch_noise``: one shared noise, per-image noise of the stochastic variant, the mean of
-``noise_draws`` draws), the representations (ddpm, rgb, rgb_patch, mae) and both store layouts. A store's
+``noise_draws`` draws), the representations (ddpm, rgb, rgb_patch, mae, swav) and both store layouts. A store's
 rows and a caller's rows for the same images are the same bytes.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pipeline.features.activations import (
 )
 from pipeline.features.upsample import upsample_concat
 from pipeline.runtime import AUTOCAST_DTYPES
-from pipeline.selfsup.mae import load_mae, token_maps
+from pipeline.selfsup.encoders import encoder_maps, is_self_supervised, load_encoder
 
 ImageSource = str | Path | np.ndarray  # an image file, or an [S, S, 3] uint8 array at the model's size
 
@@ -59,24 +59,26 @@ def batch_noise(seed: int, draws: int, stochastic: bool, split: str, indices: li
     return torch.stack([draw(seed + j) for j in range(draws)])
 
 
-def feature_checkpoint(options: FeaturesConfig, checkpoint: str | Path, mae_checkpoint: str | Path | None) -> Path:
-    """The checkpoint whose weights make the features: the MAE's (pretrain_mae) for representation mae, else the
-    DDPM's (which the RGB baselines record too). Stores and ensembles record its sha256, so an ensemble fit on
-    one representation's features is refused on another's."""
-    if options.representation is Representation.MAE:
-        if mae_checkpoint is None:
-            raise ConfigError("features.representation=mae takes its features from the MAE checkpoint of the "
-                              "pretrain_mae stage, and none was given (--mae checkpoints/mae.pt)")
-        return Path(mae_checkpoint)
+def feature_checkpoint(options: FeaturesConfig, checkpoint: str | Path, encoder_checkpoint: str | Path | None) -> Path:
+    """The checkpoint whose weights make the features: a self-supervised representation's (pretrain_mae's,
+    pretrain_swav's: ``encoder_checkpoint``), else the DDPM's (which the RGB baselines record too). Stores and
+    ensembles record its sha256, so an ensemble fit on one representation's features is refused on another's."""
+    if is_self_supervised(options.representation):
+        name = options.representation.value
+        if encoder_checkpoint is None:
+            raise ConfigError(f"features.representation={name} takes its features from the checkpoint of the "
+                              f"pretrain_{name} stage, and none was given (--{name} checkpoints/{name}.pt)")
+        return Path(encoder_checkpoint)
     return Path(checkpoint)
 
 
-def load_feature_model(options: FeaturesConfig, checkpoint: str | Path, mae_checkpoint: str | Path | None,
+def load_feature_model(options: FeaturesConfig, checkpoint: str | Path, encoder_checkpoint: str | Path | None,
                        device: torch.device) -> tuple[torch.nn.Module, Diffusion | None]:
-    """What ``features_for_images`` takes as ``model, diffusion``: for mae the MAE's encoder (no diffusion),
+    """What ``features_for_images`` takes as ``model, diffusion``: for mae and swav their encoder (no diffusion),
     else the DDPM's UNet and its diffusion, ready for inference on ``device``."""
-    if options.representation is Representation.MAE:
-        return load_mae(feature_checkpoint(options, checkpoint, mae_checkpoint)).to(device), None
+    if is_self_supervised(options.representation):
+        path = feature_checkpoint(options, checkpoint, encoder_checkpoint)
+        return load_encoder(options.representation, path).to(device), None
     model, diffusion, _ = load_checkpoint(checkpoint)
     return for_inference(model, device), diffusion
 
@@ -100,8 +102,8 @@ def features_for_images(
       blocks inner (the paper's order), as a store of each step holds them side by side;
     - layout native (one step): ``[C_b, h_b, w_b] float16`` per block, the maps as the UNet made them.
 
-    ``model, diffusion`` are ``load_feature_model``'s: the UNet and its diffusion, or for representation mae the
-    MAE's encoder and None (its features are the same at every step: t is not used).
+    ``model, diffusion`` are ``load_feature_model``'s: the UNet and its diffusion, or for representations mae and
+    swav their encoder and None (its features are the same at every step: t is not used).
     ``options`` is the ``features`` params section (noise seed, draws and variant, upsample, autocast,
     representation, patch size, batch size). ``indices`` are the images' positions in ``split`` of the
     stores (default 0..N-1): the stochastic variant draws each image's noise from (seed, split, index, t),
@@ -115,8 +117,8 @@ def features_for_images(
     if options.stochastic_noise and split is None:
         raise ConfigError("features.stochastic_noise: true draws noise per stored image index, which new images do not "
                           "have; their features use the shared noise only (set it to false)")
-    mae = options.representation is Representation.MAE
-    if not mae:
+    encoder = is_self_supervised(options.representation)
+    if not encoder:
         check_timesteps(list(t_steps), diffusion.num_timesteps)
     native = StoreLayout(layout) is StoreLayout.NATIVE
     if native and (len(t_steps) != 1 or options.representation is not Representation.DDPM):
@@ -151,11 +153,11 @@ def features_for_images(
             if options.representation is Representation.DDPM:
                 maps = feature_maps(model, diffusion, x0, t_steps=[t], blocks=blocks, noise=noise,
                                     upsample=options.upsample, autocast_dtype=autocast_dtype)
-            elif mae:  # the MAE's patch tokens, upsampled as the DDPM's maps are
+            elif encoder:  # the MAE's patch tokens, SwAV's block outputs: upsampled as the DDPM's maps are
                 enabled = autocast_dtype is not None
                 with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=enabled):
-                    tokens = token_maps(model, x0, blocks)
-                maps = upsample_concat(tokens, size, options.upsample)
+                    blocks_maps = encoder_maps(options.representation, model, x0, blocks)
+                maps = upsample_concat(blocks_maps, size, options.upsample)
             else:  # the RGB baselines: the pixels' colours (no UNet runs)
                 patch = options.patch_size if options.representation is Representation.RGB_PATCH else 1
                 maps = rgb_maps(x0, patch)

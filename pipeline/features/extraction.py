@@ -38,7 +38,7 @@ class ExtractJob:
     device: str
     image_paths: dict[str, tuple[str, ...]]  # split -> image files in store order
     mask_paths: dict[str, tuple[str, ...]]
-    mae_checkpoint: str | None = None  # features.representation mae: the pretrain_mae stage's checkpoint
+    encoder_checkpoint: str | None = None  # representation mae or swav: its pretraining stage's checkpoint
 
 
 def worker_device(name: str) -> torch.device:
@@ -57,22 +57,24 @@ def worker_device(name: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=2)
-def loaded_model(checkpoint: str, device: str,
-                 mae_checkpoint: str | None = None) -> tuple[torch.nn.Module, Diffusion | None]:
-    """Each process (the stage, or a dask worker) loads a checkpoint once, then reuses it for every task: the
-    DDPM's UNet and diffusion, or with ``mae_checkpoint`` the MAE's encoder and None (``load_feature_model``).
+def loaded_model(checkpoint: str, device: str, encoder_checkpoint: str | None = None,
+                 representation: str = "ddpm") -> tuple[torch.nn.Module, Diffusion | None]:
+    """Each process (the stage, or a dask worker) loads a checkpoint once, then reuses it for every task
+    (``load_feature_model``): the DDPM's UNet and diffusion, or for representation mae or swav the encoder of
+    ``encoder_checkpoint`` and None.
 
     A ``use_fp16`` model runs in float16 on CUDA and in float32, with one warning, on a CPU
     (``pipeline.diffusion.unet.for_inference``)."""
-    options = FeaturesConfig(representation=Representation.MAE if mae_checkpoint else Representation.DDPM)
-    return load_feature_model(options, checkpoint, mae_checkpoint, torch.device(device))
+    options = FeaturesConfig(representation=Representation(representation))
+    return load_feature_model(options, checkpoint, encoder_checkpoint, torch.device(device))
 
 
 def extract_images(job: ExtractJob, split: str, indices: list[int], on_image: Callable[[], None] | None = None) -> int:
     """Extract and write images ``indices`` of ``split`` (through ``features_for_images``, the one feature
     path); returns how many were written."""
     device = worker_device(job.device)
-    model, diffusion = loaded_model(job.checkpoint, str(device), job.mae_checkpoint)
+    model, diffusion = loaded_model(job.checkpoint, str(device), job.encoder_checkpoint,
+                                     job.features.representation.value)
     writer = StoreWriter.reopen(job.store)
     images, masks = job.image_paths[split], job.mask_paths[split]
     features = features_for_images(model, diffusion, [images[i] for i in indices], options=job.features,

@@ -35,14 +35,14 @@ class StoreRecord:
     noise_seed: int
     stochastic_noise: bool
     # sha256 of the checkpoint whose weights made the features (pipeline.features.compute.feature_checkpoint):
-    # the DDPM's, or for representation mae the pretrain_mae stage's MAE (the RGB baselines record the DDPM's)
+    # the DDPM's, or for representation mae or swav its pretraining stage's encoder (the RGB baselines record the DDPM's)
     checkpoint_sha256: str
     image_size: int
     feature_dim: int
     # sha256 over the split, stem, image bytes and mask bytes of every image (``inputs_sha256``): a resume
     # after the images or masks changed starts afresh. "" = not recorded (stores made before it existed).
     inputs_sha256: str = ""
-    # FeaturesConfig.representation_id() (ddpm, rgb, rgb_patch<k>, mae) and noise_draws; stores made before they
+    # FeaturesConfig.representation_id() (ddpm, rgb, rgb_patch<k>, mae, swav) and noise_draws; stores made before they
     # existed hold one draw of the DDPM's features.
     representation: str = "ddpm"
     noise_draws: int = 1

@@ -321,8 +321,9 @@ class FeatureStore:
     def features(self, split: str, blocks: Sequence[int] | None = None) -> da.Array:
         """The lazy ``[N*H*W, D] float16`` matrix of ``split``, of ``blocks`` (a subset of the stored blocks, in
         any order; None = all stored ones), chunks of ``rows_per_chunk`` rows in either layout."""
-        # An RGB baseline's columns are pixel colours, not blocks: it is read whole whatever blocks asks.
-        whole_store = blocks is None or self.record.representation != "ddpm"
+        # An RGB baseline's columns are pixel colours, not blocks (it records no block channels): it is read whole
+        # whatever blocks asks. The DDPM's, the MAE's and SwAV's stores hold blocks, and give those asked.
+        whole_store = blocks is None or not self.record.block_channels
         blocks = self.record.blocks if whole_store else tuple(blocks)
         check_blocks_stored(self.record, blocks, self.path)
         if self.record.layout == "native":
