@@ -55,6 +55,9 @@ __all__ = ["Autocast", "Codec", "ConfigError", "Corruption", "DatasetConfig", "D
            "params_from_dict"]
 
 BUILTIN_DATASET = "digits"
+# The placeholder file that ddpm.checkpoint and segnet.weights default to: "start from random weights". dvc.yaml
+# depends on the path these keys name, and DVC cannot depend on null (it fails on the path "None").
+SCRATCH = "models/scratch"
 # What a custom (non-preset) dataset gets for these keys when they are null.
 CUSTOM_DEFAULTS = {"ignore_label": 255, "min_class_pixels": 0, "val_images": 0}
 PRESET_KEYS = ("image_size", "num_classes", "class_names", "ignore_label", "train_images", "val_images",
@@ -211,7 +214,7 @@ class DDPMConfig(Section):
     # Model flags (and the blocks that `blocks: null` reads) come from this preset; keys given in `model`
     # (guided-diffusion's flag names) override the preset's one by one.
     preset: Choice[ModelPreset] = ModelPreset.DIGITS
-    checkpoint: Optional[StrictStr] = "models/scratch"
+    checkpoint: Optional[StrictStr] = SCRATCH
     diffusion_steps: Positive = 1000
     noise_schedule: Choice[NoiseSchedule] = NoiseSchedule.LINEAR
     # True for improved-diffusion checkpoints (the network sees t * 1000 / diffusion_steps).
@@ -419,7 +422,9 @@ class SegnetConfig(Section):
     ``sr_ratios`` entry (the attention's key/value reduction). The defaults are a 0.42M-parameter net for
     32 px images whose first stage keeps the full resolution; SegFormer-B0 is hidden_sizes [32, 64, 160, 256],
     depths [2, 2, 2, 2], attention_heads [1, 2, 5, 8], sr_ratios [8, 4, 2, 1], patch_sizes [7, 3, 3, 3],
-    strides [4, 2, 2, 2], decoder_hidden_size 256. The optimiser is the paper's: Adam, lr 1e-3, batch 8."""
+    strides [4, 2, 2, 2], decoder_hidden_size 256. The optimiser is the paper's: Adam, lr 1e-3, batch 8.
+    ``weights`` may name a local file whose encoder weights the network starts from (its shapes must be the
+    ones these params build); the decode head always starts freshly initialised."""
 
     hidden_sizes: Annotated[tuple[Positive, ...], Field(strict=False, min_length=1)] = (32, 64, 128)
     depths: Annotated[tuple[Positive, ...], Field(strict=False, min_length=1)] = (1, 1, 1)
@@ -433,6 +438,16 @@ class SegnetConfig(Section):
     batch_size: Positive = 8
     epochs: Positive = 20
     seed: Seed = 0
+    # The encoder's initial weights (pipeline/segnet/weights.py): a transformers SegFormer folder written by
+    # save_pretrained (a local copy of nvidia/mit-b0, say) or a .pt / .safetensors state dict of a SegformerModel
+    # or SegformerForSemanticSegmentation. models/scratch (the placeholder) or null: random init.
+    weights: Optional[StrictStr] = SCRATCH
+
+    def weights_path(self) -> Path | None:
+        """The file or folder ``weights`` names; None for a random init (null or the ``models/scratch`` placeholder)."""
+        if self.weights is None or Path(self.weights) == Path(SCRATCH):
+            return None
+        return Path(self.weights)
 
     def stage_sides(self, image_size: int) -> list[int]:
         """The side of each encoder stage's map for ``image_size`` inputs (a stride-s conv with padding

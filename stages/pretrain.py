@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.code_closure import run_fingerprint
+from pipeline.config import SCRATCH  # the default ddpm.checkpoint: a placeholder file meaning "train, import nothing"
 from pipeline.data.layout import load_unlabeled
 from pipeline.diffusion import distributed
 from pipeline.diffusion.diffusers_unet import import_diffusers_folder
@@ -22,9 +23,6 @@ from pipeline.hashing import file_sha256
 from pipeline.outputs.live import log_step, loss_curve, open_curves, write_curves
 from pipeline.runtime import stage_main, stage_params, stage_parser
 
-# The default ddpm.checkpoint: a placeholder file meaning "train, import nothing". dvc.yaml depends on
-# ${ddpm.checkpoint}, and DVC cannot depend on a null path, so "no checkpoint" has to be a real file.
-SCRATCH = "models/scratch"
 LOSS_TERMS = ("loss", "mse", "vb")  # the curves: vb is 0 for a model without learned sigma
 
 

@@ -1,7 +1,7 @@
-"""Stage train_segnet (DatasetDDPM): a SegFormer trained from scratch on the label stage's kept samples
-(segnet.* params), the epoch kept chosen on the real val split's mIoU (never test, never the labeled train
-images). Writes the chosen network and the per-epoch curves (train loss, val mIoU); a killed run resumes
-after its last finished epoch (<out>.state)."""
+"""Stage train_segnet (DatasetDDPM): a SegFormer trained on the label stage's kept samples (segnet.* params; from
+a random init, or from the encoder weights segnet.weights names), the epoch kept chosen on the real val split's
+mIoU (never test, never the labeled train images). Writes the chosen network and the per-epoch curves (train
+loss, val mIoU); a killed run resumes after its last finished epoch (<out>.state)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pipeline.segnet.network
 import pipeline.segnet.train
+import pipeline.segnet.weights
 from pipeline.data.layout import Split, list_examples, load_split
 from pipeline.hashing import file_sha256
 from pipeline.outputs.live import log_step, open_curves, write_curves
 from pipeline.runtime import pick_device, stage_main, stage_params, stage_parser
 from pipeline.segnet.network import build_network, save_segnet, segformer_config, segnet_record
 from pipeline.segnet.train import EpochRecord, LabeledFolder, paper_miou, train_segnet
+from pipeline.segnet.weights import load_encoder_weights
 
 
 @stage_main
@@ -40,7 +42,11 @@ def main() -> None:
     else:
         print(f"train_segnet: {args.data} has no val images, so no epoch can be chosen: the last one is kept")
     arguments = segformer_config(config, dataset.num_classes)
-    network = build_network(arguments, seed=config.seed)
+    network = build_network(arguments, seed=config.seed)  # the decode head's init, with or without segnet.weights
+    init = None
+    if config.weights_path() is not None:
+        init = load_encoder_weights(network, config.weights_path())
+        print(f"train_segnet: encoder weights from {init['path']} (sha256 {init['sha256'][:12]}), a fresh decode head")
     print(f"train_segnet: SegFormer {sum(p.numel() for p in network.parameters()):,} parameters, {len(train)} "
           f"labeled samples, {config.epochs} epochs of batch {config.batch_size}, Adam lr {config.lr:g}")
     live, start = open_curves(args.curves), time.perf_counter()
@@ -52,14 +58,15 @@ def main() -> None:
 
     state_path = args.out.with_name(args.out.name + ".state")
     trained = train_segnet(network, train, config, ignore_label=dataset.ignore_label, validate=validate, device=device,
-                           state_path=state_path, fingerprint=fingerprint(arguments, params, train, args.data),
+                           state_path=state_path, fingerprint=fingerprint(arguments, params, train, args.data, init),
                            on_epoch=on_epoch)
     network.load_state_dict(trained.state_dict)
     chosen = trained.history[trained.epoch - 1]
     save_segnet(args.out, network, segnet_record(config, num_classes=dataset.num_classes, image_size=dataset.image_size,
                                                  ignore_label=dataset.ignore_label),
                 {"epoch": trained.epoch, "val_miou": chosen.val_miou, "chosen_on": "val" if validate else "last epoch",
-                 "synthetic_images": len(train), "history": [vars(record) for record in trained.history]})
+                 "synthetic_images": len(train), "history": [vars(record) for record in trained.history],
+                 **({"init": init} if init else {})})  # a random init records nothing: the default file keeps its bytes
     write_curves(args.curves, [curve_row(record) for record in trained.history])
     state_path.unlink(missing_ok=True)
     val = "" if chosen.val_miou is None else f" (val mIoU {chosen.val_miou:.4f})"
@@ -74,13 +81,13 @@ def curve_row(record: EpochRecord) -> tuple[int, dict[str, float]]:
     return record.epoch, values
 
 
-def fingerprint(arguments: dict, params, train: LabeledFolder, data: Path) -> str:
-    """What a resumable state must share with this run to be continued: the network, the recipe, the training
-    code, and the bytes of the samples and of the val split."""
+def fingerprint(arguments: dict, params, train: LabeledFolder, data: Path, init: dict | None) -> str:
+    """What a resumable state must share with this run to be continued: the network, its initial weights, the
+    recipe, the training code, and the bytes of the samples and of the val split."""
     recipe = params.segnet.model_dump(mode="json")
-    digest = hashlib.sha256(json.dumps({"network": arguments, "recipe": recipe, "ignore": params.dataset.ignore_label},
-                                       sort_keys=True).encode())
-    for module in (pipeline.segnet.train, pipeline.segnet.network):
+    digest = hashlib.sha256(json.dumps({"network": arguments, "recipe": recipe, "ignore": params.dataset.ignore_label,
+                                        "init": init}, sort_keys=True).encode())
+    for module in (pipeline.segnet.train, pipeline.segnet.network, pipeline.segnet.weights):
         digest.update(Path(module.__file__).read_bytes())
     for path in train.paths:
         digest.update(f"{path.name}:{file_sha256(path)}:{file_sha256(path.with_suffix('.npy'))}".encode())

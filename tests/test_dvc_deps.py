@@ -50,6 +50,14 @@ def test_pretrain_depends_on_the_imported_checkpoint_not_the_models_folder():
     assert (REPO / SCRATCH).is_file()  # DVC needs the placeholder to exist
 
 
+def test_train_segnet_depends_on_the_segnet_weights_file_not_the_models_folder():
+    from pipeline.config import SCRATCH
+
+    train_segnet = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_segnet"]
+    assert "models" not in train_segnet["deps"] and "${segnet.weights}" in train_segnet["deps"]
+    assert yaml.safe_load((REPO / "params.yaml").read_text())["segnet"]["weights"] == SCRATCH  # a random init
+
+
 def _store(path: Path, t: int) -> None:
     record = StoreRecord(t=t, blocks=(0,), upsample="bilinear", noise_seed=0, stochastic_noise=False,
                          checkpoint_sha256="x", image_size=2, feature_dim=1)

@@ -1,8 +1,10 @@
-"""DatasetDDPM's distilled network: train_segnet (epoch chosen on val, resumable), evaluate_segnet (the paper's
-IoU), segment --model segnet and the API, and the segnet params refused at load."""
+"""DatasetDDPM's distilled network: train_segnet (epoch chosen on val, resumable, from segnet.weights' encoder
+weights), evaluate_segnet (the paper's IoU), segment --model segnet and the API, and the segnet params and
+weights files refused at load."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -16,6 +18,7 @@ from pipeline.config import load_params, params_from_dict
 from pipeline.data.layout import load_split, write_example
 from pipeline.ensemble.metrics import label_counts, mean_iou_paper
 from pipeline.errors import ConfigError, SegnetError
+from pipeline.hashing import path_sha256
 from pipeline.segnet.network import (
     build_network,
     load_segnet,
@@ -25,6 +28,7 @@ from pipeline.segnet.network import (
     segnet_record,
 )
 from pipeline.segnet.train import EpochRecord, LabeledFolder, choose_epoch, train_segnet
+from pipeline.segnet.weights import load_encoder_weights
 from stages import evaluate_segnet as evaluate_stage
 from stages import segment as segment_stage
 from stages import train_segnet as train_stage
@@ -119,6 +123,7 @@ def test_the_stage_scores_every_epoch_on_val_and_saves_the_best(project, trained
     curves = (trained / "curves" / "plots" / "metrics" / "val_miou.tsv").read_text().split()
     assert curves[:2] == ["step", "val_miou"] and len(curves) == 2 + 2 * 4
     assert not (trained / "segnet.pt.state").exists()  # the state goes once the network is written
+    assert "init" not in training  # a random init (segnet.weights: models/scratch) adds nothing to the default file
 
 
 def test_train_segnet_reads_no_test_image_and_without_val_keeps_the_last_epoch(project, tmp_path, monkeypatch, capsys):
@@ -250,3 +255,107 @@ def test_a_segnet_trained_for_other_params_is_refused_naming_the_key(project, tr
 def test_bad_segnet_params_are_refused_at_load_naming_the_key(segnet, message):
     with pytest.raises(ConfigError, match=message):
         params_from_dict({"segnet": segnet})
+
+
+def weights_run(project, tmp_path, weights, monkeypatch) -> dict[str, torch.Tensor]:
+    """train_segnet for one epoch with segnet.weights set; the network's weights as training began."""
+    root, _ = project
+    params = write_params(tmp_path / "params.yaml", {**TINY_SEGNET, "segnet.epochs": 1, "segnet.weights": str(weights)})
+    real_train, initial = train_stage.train_segnet, {}
+
+    def recording(network, *args, **kwargs):
+        initial.update({key: value.clone() for key, value in network.state_dict().items()})
+        return real_train(network, *args, **kwargs)
+
+    monkeypatch.setattr(train_stage, "train_segnet", recording)
+    run(monkeypatch, train_stage.main, *train_args(root, params, tmp_path / "out"))
+    return initial
+
+
+def other_segformer(project, seed: int = 7, **changes) -> torch.nn.Module:
+    """A SegFormer of the project's segnet params (some changed), drawn from another seed than the run's."""
+    arguments = segformer_config(load_params(project[1]).segnet, 11)
+    return build_network({**arguments, **changes}, seed=seed)
+
+
+def test_segnet_weights_start_the_encoder_from_a_save_pretrained_folder_and_the_file_says_so(project, tmp_path,
+                                                                                           monkeypatch):
+    source = other_segformer(project)
+    source.save_pretrained(tmp_path / "mit")  # as a user's local copy of nvidia/mit-b0, at the params' shapes
+    initial = weights_run(project, tmp_path, tmp_path / "mit", monkeypatch)
+    config = load_params(project[1]).segnet
+    scratch = build_network(segformer_config(config, 11), seed=config.seed).state_dict()
+    encoder = {key: value for key, value in initial.items() if key.startswith("segformer.")}
+    assert encoder and all(torch.equal(value, source.state_dict()[key]) for key, value in encoder.items())
+    assert not all(torch.equal(value, scratch[key]) for key, value in encoder.items())  # not the random init
+    head = [key for key in initial if key.startswith("decode_head.")]
+    assert head and all(torch.equal(initial[key], scratch[key]) for key in head)  # the head: the seeded fresh one
+    training = read_segnet(tmp_path / "out" / "segnet.pt")["training"]
+    assert training["init"] == {"path": str(tmp_path / "mit"), "sha256": path_sha256(tmp_path / "mit")}
+
+
+@pytest.mark.parametrize("suffix, layout", [(".safetensors", "encoder"), (".pt", "network"), (".pt", "mit-b0")])
+def test_segnet_weights_take_a_state_dict_of_the_encoder_or_the_whole_network(project, tmp_path, suffix, layout):
+    from safetensors.torch import save_file
+    from transformers import SegformerForImageClassification
+    from transformers.core_model_loading import revert_weight_conversion
+
+    source = other_segformer(project)
+    if layout == "mit-b0":  # an ImageNet classifier with the older key names (segformer.encoder.block.*, classifier.*)
+        source = SegformerForImageClassification(source.config)
+        state = revert_weight_conversion(source, source.state_dict())
+        assert any(key.startswith("segformer.encoder.block.") for key in state) and "classifier.weight" in state
+    else:  # segformer.* and decode_head.* keys, or the encoder's alone
+        state = source.state_dict() if layout == "network" else source.segformer.state_dict()
+    path = tmp_path / f"weights{suffix}"
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    network = other_segformer(project, seed=0)
+    record = load_encoder_weights(network, path)
+    expected, fresh = source.segformer.state_dict(), other_segformer(project, seed=0)
+    assert all(torch.equal(value, expected[key]) for key, value in network.segformer.state_dict().items())
+    assert torch.equal(network.decode_head.classifier.weight, fresh.decode_head.classifier.weight)  # the head: fresh
+    assert record == {"path": str(path), "sha256": path_sha256(path)}
+
+
+@pytest.mark.parametrize("changes, key, param", [
+    ({"hidden_sizes": [8, 24]}, "stages.1.patch_embeddings.proj.weight", r"segnet.hidden_sizes\[1\]"),
+    ({"depths": [1, 2]}, "stages.1.blocks.1.", r"segnet.depths\[1\]"),
+])
+def test_segnet_weights_of_other_shapes_are_refused_naming_the_file_and_the_key(project, tmp_path, monkeypatch, capsys,
+                                                                                changes, key, param):
+    other_segformer(project, **changes).save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit) as exit_info:
+        weights_run(project, tmp_path, tmp_path / "other", monkeypatch)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"segnet.weights {tmp_path / 'other'} does not fit the segnet params" in error
+    assert re.search(f"{re.escape(key)}.*Likely param: {param}", error), error
+    assert "Set the segnet params to the shapes of the model in the file" in error
+    assert not (tmp_path / "out" / "segnet.pt").exists()
+
+
+def test_a_segnet_weights_folder_with_other_attention_heads_is_refused(project, tmp_path):
+    other_segformer(project, num_attention_heads=[1, 1]).save_pretrained(tmp_path / "heads")  # same shapes
+    with pytest.raises(SegnetError, match=r"num_attention_heads \[1, 1\] .*segnet.attention_heads is \[1, 2\]"):
+        load_encoder_weights(other_segformer(project), tmp_path / "heads")
+
+
+def test_a_missing_segnet_weights_file_is_refused_naming_the_param(project, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        weights_run(project, tmp_path, tmp_path / "absent.safetensors", monkeypatch)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"segnet.weights {tmp_path / 'absent.safetensors'} does not exist" in error
+    (tmp_path / "noise.pt").write_bytes(b"not a tensor file")
+    with pytest.raises(SegnetError, match=r"segnet.weights .*noise.pt cannot be read as a state dict"):
+        load_encoder_weights(other_segformer(project), tmp_path / "noise.pt")
+    (tmp_path / "junk").mkdir()  # a folder without a model file, then with a truncated one
+    with pytest.raises(SegnetError, match=r"segnet.weights .*junk cannot be loaded as a SegFormer \(OSError"):
+        load_encoder_weights(other_segformer(project), tmp_path / "junk")
+    (tmp_path / "junk" / "model.safetensors").write_bytes(b"xx")
+    with pytest.raises(SegnetError, match=r"segnet.weights .*junk cannot be loaded as a SegFormer"):
+        load_encoder_weights(other_segformer(project), tmp_path / "junk")
+
+
+def test_segnet_weights_null_and_the_placeholder_both_mean_a_random_init():
+    assert params_from_dict({"segnet": {"weights": None}}).segnet.weights_path() is None
+    assert params_from_dict({}).segnet.weights_path() is None  # models/scratch, as params.yaml says
+    assert str(params_from_dict({"segnet": {"weights": "models/mit-b0"}}).segnet.weights_path()) == "models/mit-b0"
