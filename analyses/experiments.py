@@ -63,6 +63,9 @@ def with_fit_seeds(experiments: tuple[Experiment, ...], seeds=FIT_SEEDS, key: st
                  for experiment in experiments for seed in seeds)
 
 
+# swav.steps' default (params.yaml): SwAV's steps in the DDPM's pretraining time here (docs/benchmarks.md)
+SWAV_STEPS = 1500
+
 # DatasetDDPM (issue 27): synthetic sets of these sizes (sample.images; label keeps all but the 10% most uncertain),
 # and one size without the filter. Each is trained with FIT_SEEDS segnet seeds; the samples, their labels and the
 # ensemble are the same for every seed of a size (sample.seed fixed), so the spread is the network's training.
@@ -104,11 +107,20 @@ ANALYSES = {
         # features do not depend on t: one store.
         Experiment("bl-mae", "MAE, the DDPM's pretraining time (3000 steps)",
                    ("features.representation=mae", "t_steps=[50]")),
+        # The paper's other competitor, SwAV, at the same budget (swav.steps' default: SWAV_STEPS steps, the DDPM's
+        # pretraining time here); its features are the paper's hooks, every other residual block (blocks [0..3]).
+        Experiment("bl-swav", f"SwAV, the DDPM's pretraining time ({SWAV_STEPS} steps)",
+                   ("features.representation=swav", "t_steps=[50]")),
     )) + (
         # ... and at twice that budget, one fit seed: every fit seed of a queued experiment reruns its pretraining
         # (a stage with an output kept in git, its dvclive curve, is not in DVC's run-cache), 10 minutes each here.
         Experiment("bl-mae-6000", "MAE, twice the DDPM's pretraining time (6000 steps), one fit seed",
                    ("features.representation=mae", "t_steps=[50]", "mae.steps=6000")),
+        Experiment(f"bl-swav-{2 * SWAV_STEPS}", f"SwAV, twice the DDPM's pretraining time ({2 * SWAV_STEPS} steps), "
+                   f"one fit seed", ("features.representation=swav", "t_steps=[50]", f"swav.steps={2 * SWAV_STEPS}")),
+        # The MAE's learning curve beyond (issue 26's converged setting): four times the DDPM's time, one fit seed.
+        Experiment("bl-mae-12000", "MAE, four times the DDPM's pretraining time (12000 steps), one fit seed",
+                   ("features.representation=mae", "t_steps=[50]", "mae.steps=12000")),
     )),
     # fit and evaluate only: the stores already hold every train image.
     "sample_efficiency": Analysis(("evaluate",), sample_efficiency_experiments()),

@@ -16,7 +16,7 @@ import yaml
 import zarr
 from PIL import Image
 
-from analyses.experiments import ANALYSES, FIT_SEEDS, seed_of
+from analyses.experiments import ANALYSES, FIT_SEEDS, SWAV_STEPS, seed_of
 from analyses.report import build_report
 from analyses.results import datasetddpm_table, experiment_rows, sample_efficiency_table, split_table
 from pipeline.analysis.corruptions import corrupt
@@ -388,15 +388,18 @@ def test_every_queued_experiment_sets_params_that_params_yaml_accepts():
             params_from_dict(data)
     mae = {e.name: e for e in ANALYSES["baselines"].experiments}["bl-mae"]
     assert "features.representation=mae" in mae.overrides and base["mae"]["steps"] == 3000  # the DDPM's budget
+    swav = {e.name: e for e in ANALYSES["baselines"].experiments}["bl-swav"]
+    assert "features.representation=swav" in swav.overrides and base["swav"]["steps"] == SWAV_STEPS  # the same
 
 
 def test_every_baseline_runs_three_fit_seeds_and_its_row_has_their_spread():
     experiments = ANALYSES["baselines"].experiments
     labels = {e.label for e in experiments}
     once = [e.name for e in experiments if sum(other.label == e.label for other in experiments) == 1]
-    assert once == ["bl-mae-6000"]  # its pretraining reruns per seed (10 min each): one fit seed, its label says so
-    assert "one fit seed" in experiments[-1].label
-    assert len(experiments) == (len(labels) - 1) * 3 + 1 and FIT_SEEDS == (0, 1, 2)
+    # their pretraining reruns per seed (10-20 min each): one fit seed, their labels say so
+    assert once == ["bl-mae-6000", f"bl-swav-{2 * SWAV_STEPS}", "bl-mae-12000"]
+    assert all("one fit seed" in e.label for e in experiments[-3:])
+    assert len(experiments) == (len(labels) - 3) * 3 + 3 and FIT_SEEDS == (0, 1, 2)
     seeded = {e.name: e for e in experiments}["bl-rgb-fs2"]
     assert seeded.overrides[-1] == "ensemble.seed=2" and seeded.label == "raw RGB pixels"
     assert seed_of("bl-rgb-fs2") == 2 and seed_of("bl-rgb") == 0 and seed_of("bl-ddpm-200") == 0
