@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -127,3 +129,21 @@ def run_here(stage: str, *args) -> None:
             del os.environ["DDPM_SEG_THREADS"]
         else:
             os.environ["DDPM_SEG_THREADS"] = threads
+
+
+def killed_and_resumed(command: list[str], out: Path, state: Path, env: dict[str, str]) -> int:
+    """Run a pretraining stage's ``command`` (writing ``out``), SIGKILL it as soon as its first resumable state
+    ``state`` exists, check the kill landed mid-training, rerun it to the end and check it said it resumed;
+    returns the step it resumed from."""
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists() and not out.exists(), "the kill should land mid-training, after a state was written"
+    killed_at = torch.load(state, weights_only=True)["step"]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from step {killed_at}" in result.stdout
+    return killed_at

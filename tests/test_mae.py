@@ -3,10 +3,7 @@ one feature path, its params refused with the key named, and a store of it that 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +21,7 @@ from pipeline.features.store import open_store
 from pipeline.hashing import file_sha256
 from pipeline.selfsup.mae import encoder_tokens, load_mae, save_mae, token_maps, train_mae, unused_checkpoint
 from tests.conftest import REPO
-from tests.helpers import make_project, run_here
+from tests.helpers import killed_and_resumed, make_project, run_here
 
 TINY = MaeConfig(patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
@@ -237,15 +234,5 @@ def test_the_stage_killed_mid_training_resumes_to_a_byte_identical_checkpoint(ma
     whole.parent.mkdir()
     run_here("pretrain_mae", *command(whole)[3:])  # the unbroken run in this process, one thread as the stage's
     out, state = tmp_path / "mae.pt", tmp_path / "mae.pt.state"
-    process = subprocess.Popen(command(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not state.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert state.exists() and not out.exists(), "the kill should land mid-training, after a state was written"
-    killed_at = torch.load(state, weights_only=True)["step"]
-    result = subprocess.run(command(out), env=env, cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert f"resuming from step {killed_at}" in result.stdout
+    killed_and_resumed(command(out), out, state, env)
     assert out.read_bytes() == whole.read_bytes() and not state.exists()

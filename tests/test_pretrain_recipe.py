@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import batch_at, lr_at, mse_weights, train_ddpm
 from pipeline.diffusion.unet import create_unet
 from tests.conftest import REPO
-from tests.helpers import exit_code_2_stderr, full_disk_save, make_project
+from tests.helpers import exit_code_2_stderr, full_disk_save, killed_and_resumed, make_project
 
 TINY = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2],
         "attention_resolutions": [], "num_head_channels": 32, "use_scale_shift_norm": True,
@@ -159,18 +157,7 @@ def test_killed_pretraining_resumes_to_a_byte_identical_checkpoint(tmp_path):
     assert subprocess.run(command(whole), env=env, cwd=REPO, capture_output=True).returncode == 0
     out = tmp_path / "resumed.pt"
     state = tmp_path / "resumed.pt.state"
-    process = subprocess.Popen(command(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not state.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert state.exists() and not out.exists(), "the kill should land mid-training, after a state was written"
-    killed_at = torch.load(state, weights_only=True)["step"]
-    assert 10 <= killed_at < 40
-    result = subprocess.run(command(out), env=env, cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert f"resuming from step {killed_at}" in result.stdout
+    assert 10 <= killed_and_resumed(command(out), out, state, env) < 40
     assert out.read_bytes() == whole.read_bytes()
     curves = files_under(whole.with_suffix(".curves"))
     assert "plots/metrics/loss.tsv" in curves and files_under(out.with_suffix(".curves")) == curves  # whole history
