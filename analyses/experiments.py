@@ -71,14 +71,21 @@ SWAV_STEPS = 1500
 # ensemble are the same for every seed of a size (sample.seed fixed), so the spread is the network's training.
 SYNTHETIC_IMAGES = (32, 128, 256)
 UNFILTERED_IMAGES = 128
+# ... and how it moves with the DDPM's pretraining steps (its samples and the ensemble that labels them both change):
+# 256 samples from a DDPM pretrained this many steps instead of 800, one segnet seed each (every run pretrains
+# anew: a stage whose curve is kept in git is not in DVC's run-cache).
+DDPM_STEPS = (400, 1600)
 
 
-def datasetddpm_experiments(sizes=SYNTHETIC_IMAGES, unfiltered: int = UNFILTERED_IMAGES) -> tuple[Experiment, ...]:
+def datasetddpm_experiments(sizes=SYNTHETIC_IMAGES, unfiltered: int = UNFILTERED_IMAGES,
+                            ddpm_steps=DDPM_STEPS) -> tuple[Experiment, ...]:
     runs = [Experiment(f"dd-n{size}", f"{size} samples, 10% most uncertain dropped", (f"sample.images={size}",))
             for size in sizes]
     runs.append(Experiment(f"dd-n{unfiltered}-all", f"{unfiltered} samples, none dropped",
                            (f"sample.images={unfiltered}", "datasetddpm.drop_uncertain=0")))
-    return with_fit_seeds(tuple(runs), key="segnet.seed")
+    return with_fit_seeds(tuple(runs), key="segnet.seed") + tuple(
+        Experiment(f"dd-n256-ddpm{steps}", f"256 samples, a DDPM of {steps} pretraining steps (one segnet seed)",
+                   ("sample.images=256", f"ddpm.train.steps={steps}")) for steps in ddpm_steps)
 
 
 def seed_of(name: str) -> int:

@@ -99,8 +99,9 @@ def split_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
 
 def datasetddpm_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
     """DatasetDDPM's rows (experiments of one label are segnet seeds of one synthetic set): the samples drawn and kept,
-    the segnet's val and test mIoU (mean, std over seeds) and its chosen epochs; first, the ensemble it distils (the
-    same in every experiment: the real features' fit), from the first recorded experiment."""
+    the segnet's val and test mIoU (mean, std over seeds), its chosen epochs and the val mIoU of the ensemble that
+    labeled the set (the same in every run but those with another DDPM); first, the default DDPM's ensemble, from
+    the first recorded experiment."""
     groups = label_groups(record, labels)
     if not groups:
         return pd.DataFrame()
@@ -108,7 +109,7 @@ def datasetddpm_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
     first = record["experiments"][next(iter(groups.values()))[0]]
     rows.append({"run": "ensemble on real features (what is distilled)", "seeds": 1, "samples": "-", "kept": "-",
                  "val mIoU": miou(first, "val"), "val std": float("nan"), "test mIoU": miou(first, "test"),
-                 "test std": float("nan"), "epochs chosen": "-"})
+                 "test std": float("nan"), "epochs chosen": "-", "ensemble val": miou(first, "val")})
     for label, names in groups.items():
         segnet = [record["experiments"][n]["metrics"].get("metrics/datasetddpm.json") or {} for n in names]
         labeled = record["experiments"][names[0]]["metrics"].get("metrics/label.json") or {}
@@ -116,7 +117,8 @@ def datasetddpm_table(record: dict, labels: dict[str, str]) -> pd.DataFrame:
         test, test_std = mean_and_std([m.get("miou") for m in segnet])
         rows.append({"run": label, "seeds": len(names), "samples": labeled.get("images", "-"),
                      "kept": labeled.get("kept", "-"), "val mIoU": val, "val std": val_std, "test mIoU": test,
-                     "test std": test_std, "epochs chosen": ", ".join(str(m.get("epoch", "?")) for m in segnet)})
+                     "test std": test_std, "epochs chosen": ", ".join(str(m.get("epoch", "?")) for m in segnet),
+                     "ensemble val": miou(record["experiments"][names[0]], "val")})
     return pd.DataFrame(rows)
 
 

@@ -287,6 +287,7 @@ def test_the_datasetddpm_table_groups_segnet_seeds_under_their_synthetic_set_aft
     record = json.loads((FIXTURES / "results" / "datasetddpm.json").read_text())
     table = datasetddpm_table(record, labels_of("datasetddpm"))
     assert table.iloc[0]["run"].startswith("ensemble") and table.iloc[0]["val mIoU"] == 0.361
+    assert (table["ensemble val"] == 0.361).all()  # every set here was labeled by the default DDPM's ensemble
     filtered = table[table["run"] == "32 samples, 10% most uncertain dropped"].iloc[0]
     assert (filtered["seeds"], filtered["samples"], filtered["kept"], filtered["epochs chosen"]) == (2, 32, 29, "1, 3")
     assert filtered["val mIoU"] == pytest.approx(0.11) and filtered["test std"] == pytest.approx(0.0141421, rel=1e-4)
