@@ -27,7 +27,7 @@ from pipeline.data.images import read_rgb, to_model_input
 from pipeline.data.layout import list_images
 from pipeline.ensemble.metrics import label_counts, mean_iou_paper
 from pipeline.errors import DatasetError
-from pipeline.resume import load_resumable_state
+from pipeline.resume import GLOBAL_RNG, load_resumable_state, restore_trainer_state, trainer_state
 from pipeline.segnet.network import class_logits, segment_images
 
 STATE_FORMAT = "ddpm-segmentation-segnet-state/1"
@@ -110,12 +110,10 @@ def train_segnet(network: torch.nn.Module, train: LabeledFolder, config: SegnetC
     torch.manual_seed(config.seed)  # drop-path and dropout draws
     history: list[EpochRecord] = []
     best: tuple[int, dict] | None = None
+    parts = {"network": network, "optimizer": optimizer, "generator": generator, "torch_rng": GLOBAL_RNG}
     state = load_state(state_path, fingerprint) if state_path is not None else None
     if state is not None:
-        network.load_state_dict(state["network"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_trainer_state(state, parts)
         history = [EpochRecord(**record) for record in state["history"]]
         best = (int(state["best_epoch"]), state["best_network"])
     for epoch in range(len(history) + 1, config.epochs + 1):
@@ -137,9 +135,7 @@ def train_segnet(network: torch.nn.Module, train: LabeledFolder, config: SegnetC
             best = (epoch, copy.deepcopy({key: value.detach().cpu() for key, value in network.state_dict().items()}))
         if state_path is not None:
             save_torch_atomic({"format": STATE_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
-                               "network": network.state_dict(), "optimizer": optimizer.state_dict(),
-                               "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                               "history": [asdict(item) for item in history], "best_epoch": best[0],
+                               **trainer_state(parts), "history": [asdict(item) for item in history], "best_epoch": best[0],
                                "best_network": best[1]}, state_path)
         if on_epoch is not None:
             on_epoch(record)

@@ -30,7 +30,7 @@ from pipeline.config import MaeConfig
 from pipeline.data.layout import ImageFiles
 from pipeline.diffusion.train import batch_at
 from pipeline.errors import ConfigError, DatasetError, ModelFlagsError, NumericsError
-from pipeline.resume import load_resumable_state
+from pipeline.resume import GLOBAL_RNG, load_resumable_state, restore_trainer_state, trainer_state
 
 if TYPE_CHECKING:
     from transformers import ViTMAEForPreTraining, ViTMAEModel
@@ -113,13 +113,11 @@ def train_mae(
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, max(1, config.steps))
     generator = torch.Generator().manual_seed(config.seed)  # the masks
     step, history = 0, []
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule, "generator": generator,
+             "torch_rng": GLOBAL_RNG}
     state = _load_state(state_path, fingerprint) if state_path is not None else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_trainer_state(state, parts)
         step, history = int(state["step"]), list(state["history"])
     patches = (image_size // config.patch_size) ** 2
     while step < config.steps:
@@ -140,9 +138,7 @@ def train_mae(
             on_step(step, history[-1])
         if state_path is not None and config.state_every and step % config.state_every == 0 and step < config.steps:
             save_torch_atomic({"format": STATE_FORMAT, "fingerprint": fingerprint, "step": step, "history": history,
-                               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "schedule": schedule.state_dict(), "generator": generator.get_state(),
-                               "torch_rng": torch.get_rng_state()}, state_path)
+                               **trainer_state(parts)}, state_path)
     return model.vit.cpu().eval(), history
 
 

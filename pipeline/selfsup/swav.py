@@ -37,7 +37,7 @@ from pipeline.config import SwavConfig
 from pipeline.data.layout import ImageFiles
 from pipeline.diffusion.train import batch_at
 from pipeline.errors import ConfigError, DatasetError, ModelFlagsError, NumericsError
-from pipeline.resume import load_resumable_state
+from pipeline.resume import load_resumable_state, restore_trainer_state, trainer_state
 
 if TYPE_CHECKING:
     from transformers import ResNetModel
@@ -165,12 +165,11 @@ def train_swav(
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, max(1, config.steps))
     global_crop, local_crop = multi_crop(config, image_size)
     step, history = 0, []
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule}  # each step seeds its own crops
     state = load_resumable_state(state_path, STATE_FORMAT, fingerprint, "pretrain_swav",
                                  lambda state: f"from step {state['step']}") if state_path is not None else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+        restore_trainer_state(state, parts)
         step, history = int(state["step"]), list(state["history"])
     while step < config.steps:
         step += 1
@@ -196,8 +195,7 @@ def train_swav(
             on_step(step, history[-1])
         if state_path is not None and config.state_every and step % config.state_every == 0 and step < config.steps:
             save_torch_atomic({"format": STATE_FORMAT, "fingerprint": fingerprint, "step": step, "history": history,
-                               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "schedule": schedule.state_dict()}, state_path)
+                               **trainer_state(parts)}, state_path)
     return model.backbone.cpu().eval(), history
 
 
