@@ -551,7 +551,9 @@ class SwavConfig(Section):
     global_crop_scale: Annotated[float, Field(gt=0, lt=1, description="a fraction of the image in (0, 1)")] = 0.14
     local_crop_scale: Annotated[float, Field(gt=0, lt=1, description="a fraction of the image in (0, 1)")] = 0.05
     flip: bool = True
-    jitter: Annotated[float, Field(ge=0, description="SwAV's colour distortion strength s")] = 1.0
+    # SwAV's colour distortion strength s (its default 1.0 for colour images); 0 here: at 1.0 and 0.4 SwAV collapsed
+    # on the grayscale digits (loss at ln(prototypes), uniform predictions; benchmarks/swav_collapse.py)
+    jitter: Annotated[float, Field(ge=0, description="SwAV's colour distortion strength s")] = 0.0
     freeze_prototypes_steps: NonNegative = 100  # the prototypes are not updated in the first steps
     # The DDPM's default pretraining time here (benchmarks/pretraining_budget.py: 0.169 s a step against 0.330)
     steps: Annotated[StrictInt, Field(ge=0, description="0 keeps the random init")] = 1500
