@@ -144,12 +144,9 @@ def paper_images(root: Path, counts: dict[str, int], size: int = 256) -> None:
             np.save(folder / f"{split}{index}.npy", mask)
 
 
-def paper256(args) -> dict:
-    """The paper's configuration through ``dvc repro -s`` per stage in a scratch copy of the repository."""
-    work = args.work
-    root = work / "repo"
-    if (root / "dvc.lock").is_file() and args.reuse:  # a previous invocation's copy: prepare and pretrain are done
-        return paper256_layouts(args, root)
+def scratch_copy(root: Path) -> None:
+    """``root`` becomes a fresh copy of the repository's files (tracked and untracked-but-not-ignored), without
+    dvc.lock, so every stage runs there."""
     shutil.rmtree(root, ignore_errors=True)
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout
@@ -158,6 +155,23 @@ def paper256(args) -> dict:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
     (root / "dvc.lock").unlink(missing_ok=True)
+
+
+def commit_scratch(root: Path) -> None:
+    """Make the scratch copy a git + DVC repository with everything committed (DVC telemetry off)."""
+    env, dvc = environment(), str(Path(sys.executable).parent / "dvc")
+    for command in (["git", "init", "-q"], [dvc, "init", "-q", "-f"], [dvc, "config", "core.analytics", "false"],
+                    ["git", "add", "-A"], ["git", "commit", "-qm", "scratch"]):
+        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+
+
+def paper256(args) -> dict:
+    """The paper's configuration through ``dvc repro -s`` per stage in a scratch copy of the repository."""
+    work = args.work
+    root = work / "repo"
+    if (root / "dvc.lock").is_file() and args.reuse:  # a previous invocation's copy: prepare and pretrain are done
+        return paper256_layouts(args, root)
+    scratch_copy(root)
     counts = {"train": args.train_images, "test": args.test_images}
     paper_images(root / "data" / "datasets" / "paper256", counts)
     checkpoint = work / "adm256_random.pt"
@@ -175,11 +189,7 @@ def paper256(args) -> dict:
     params["ensemble"].update(members=args.members, epochs=args.epochs)
     params["evaluate"]["overlays"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = environment()
-    dvc = str(Path(sys.executable).parent / "dvc")
-    for command in (["git", "init", "-q"], [dvc, "init", "-q", "-f"], [dvc, "config", "core.analytics", "false"],
-                    ["git", "add", "-A"], ["git", "commit", "-qm", "scratch"]):
-        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+    commit_scratch(root)
     return paper256_layouts(args, root)
 
 

@@ -147,3 +147,24 @@ def killed_and_resumed(command: list[str], out: Path, state: Path, env: dict[str
     assert result.returncode == 0, result.stderr
     assert f"resuming from step {killed_at}" in result.stdout
     return killed_at
+
+
+def assert_feature_path_upsamples(model, representation: str, images, block_maps, blocks: list[int], dim: int) -> None:
+    """The one feature path's rows for ``images`` (``[N, S, S, 3] uint8``, in batches of 2) equal the
+    encoder's ``block_maps(model, x0, blocks)`` bilinearly upsampled to S², concatenated, float16."""
+    import torch.nn.functional as F
+
+    from pipeline.config import FeaturesConfig
+    from pipeline.features.compute import features_for_images
+
+    count, size = len(images), images.shape[1]
+    options = FeaturesConfig(representation=representation, batch_size=2)
+    rows = dict(features_for_images(model, None, list(images), options=options, t_steps=[50], blocks=blocks))
+    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        maps = torch.cat([F.interpolate(block, size=(size, size), mode="bilinear", align_corners=False)
+                          for block in block_maps(model, x0, blocks)], dim=1)
+    expected = maps.permute(0, 2, 3, 1).reshape(count, size * size, dim).to(torch.float16)
+    assert sorted(rows) == list(range(count)) and rows[0].dtype == torch.float16 and rows[0].shape == (size**2, dim)
+    for index in range(count):
+        torch.testing.assert_close(rows[index], expected[index], atol=2e-3, rtol=2e-3)

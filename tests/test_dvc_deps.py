@@ -151,9 +151,9 @@ MAY_IMPORT = {
     "pretrain": {"pipeline/data/", "pipeline/diffusion/", "pipeline/outputs/live.py", "pipeline/code_closure.py"},
     # the MAE's and SwAV's batches are the DDPM's (pipeline.diffusion.train.batch_at), hence diffusion/; neither
     # runs the other's code
-    "pretrain_mae": {"pipeline/data/", "pipeline/diffusion/", "pipeline/selfsup/mae.py", "pipeline/selfsup/pretraining.py",
-                     "pipeline/outputs/live.py", "pipeline/code_closure.py"},
-    "pretrain_swav": {"pipeline/data/", "pipeline/diffusion/", "pipeline/selfsup/swav.py",
+    "pretrain_mae": {"pipeline/data/", "pipeline/diffusion/", "pipeline/selfsup/mae.py", "pipeline/selfsup/steps.py",
+                     "pipeline/selfsup/pretraining.py", "pipeline/outputs/live.py", "pipeline/code_closure.py"},
+    "pretrain_swav": {"pipeline/data/", "pipeline/diffusion/", "pipeline/selfsup/swav.py", "pipeline/selfsup/steps.py",
                       "pipeline/selfsup/pretraining.py", "pipeline/outputs/live.py", "pipeline/code_closure.py"},
     "extract": {"pipeline/data/", "pipeline/diffusion/", "pipeline/selfsup/", "pipeline/features/",
                 "pipeline/code_closure.py"},

@@ -8,20 +8,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
-from pipeline.config import ConfigError, FeaturesConfig, MaeConfig, params_from_dict
+from pipeline.config import ConfigError, MaeConfig, params_from_dict
 from pipeline.ensemble.files import load_ensemble
 from pipeline.enums import Representation
 from pipeline.errors import EnsembleError
-from pipeline.features.compute import features_for_images
 from pipeline.features.record import fit_record
 from pipeline.features.store import open_store
 from pipeline.hashing import file_sha256
 from pipeline.selfsup.mae import encoder_tokens, load_mae, save_mae, token_maps, train_mae, unused_checkpoint
 from tests.conftest import REPO
-from tests.helpers import killed_and_resumed, make_project, run_here
+from tests.helpers import assert_feature_path_upsamples, killed_and_resumed, make_project, run_here
 
 TINY = MaeConfig(patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
@@ -78,17 +76,7 @@ def test_unshuffled_tokens_are_in_patch_grid_order_whatever_the_shuffle(tmp_path
 
 def test_the_feature_path_gives_the_token_maps_bilinearly_upsampled(tmp_path):
     model = tiny_encoder(tmp_path)
-    images = list(IMAGES[:3])
-    options = FeaturesConfig(representation=Representation.MAE, batch_size=2)
-    rows = dict(features_for_images(model, None, images, options=options, t_steps=[50], blocks=[1, 0]))
-    x0 = torch.from_numpy(IMAGES[:3]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        maps = torch.cat([F.interpolate(block, size=(16, 16), mode="bilinear", align_corners=False)
-                          for block in token_maps(model, x0, [1, 0])], dim=1)
-    expected = maps.permute(0, 2, 3, 1).reshape(3, 256, 64).to(torch.float16)
-    assert sorted(rows) == [0, 1, 2] and rows[0].dtype == torch.float16 and rows[0].shape == (256, 64)
-    for index in range(3):
-        torch.testing.assert_close(rows[index], expected[index], atol=2e-3, rtol=2e-3)
+    assert_feature_path_upsamples(model, "mae", IMAGES[:3], token_maps, [1, 0], 64)
 
 
 def test_pretraining_killed_after_a_state_resumes_to_the_unbroken_checkpoint(tmp_path):

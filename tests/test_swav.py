@@ -9,10 +9,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline.config import ConfigError, FeaturesConfig, SwavConfig, params_from_dict
+from pipeline.config import ConfigError, SwavConfig, params_from_dict
 from pipeline.ensemble.files import load_ensemble
-from pipeline.enums import Representation
-from pipeline.features.compute import features_for_images
 from pipeline.features.record import fit_record
 from pipeline.features.store import open_store
 from pipeline.hashing import file_sha256
@@ -27,7 +25,7 @@ from pipeline.selfsup.swav import (
     train_swav,
     unused_checkpoint,
 )
-from tests.helpers import make_project, run_here
+from tests.helpers import assert_feature_path_upsamples, make_project, run_here
 
 TINY = SwavConfig(embedding_size=8, hidden_sizes=(8, 16), depths=(1, 3), projection_hidden=16, projection_dim=8,
                   prototypes=6, local_crops=2, steps=6, batch_size=8, warmup_steps=2, freeze_prototypes_steps=2,
@@ -87,16 +85,7 @@ def test_the_hooked_blocks_are_every_other_residual_block_of_each_stage(tmp_path
 
 def test_the_feature_path_gives_the_block_maps_bilinearly_upsampled(tmp_path):
     model = tiny_backbone(tmp_path, steps=2)
-    options = FeaturesConfig(representation=Representation.SWAV, batch_size=2)
-    rows = dict(features_for_images(model, None, list(IMAGES[:3]), options=options, t_steps=[50], blocks=[1, 0]))
-    x0 = torch.from_numpy(IMAGES[:3]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        maps = torch.cat([F.interpolate(block, size=(16, 16), mode="bilinear", align_corners=False)
-                          for block in block_maps(model, x0, [1, 0])], dim=1)
-    expected = maps.permute(0, 2, 3, 1).reshape(3, 256, 24).to(torch.float16)
-    assert sorted(rows) == [0, 1, 2] and rows[0].dtype == torch.float16 and rows[0].shape == (256, 24)
-    for index in range(3):
-        torch.testing.assert_close(rows[index], expected[index], atol=2e-3, rtol=2e-3)
+    assert_feature_path_upsamples(model, "swav", IMAGES[:3], block_maps, [1, 0], 24)
 
 
 def test_pretraining_learns_and_a_run_killed_after_a_state_resumes_to_the_unbroken_checkpoint(tmp_path):

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline.atomic import save_torch_atomic
 from pipeline.config import MaeConfig
 from pipeline.data.layout import ImageFiles
 from pipeline.diffusion.train import batch_at
-from pipeline.errors import ConfigError, DatasetError, ModelFlagsError, NumericsError
-from pipeline.resume import GLOBAL_RNG, load_resumable_state, restore_trainer_state, trainer_state
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.resume import GLOBAL_RNG
+from pipeline.selfsup.steps import pretraining_steps, read_encoder, save_encoder, save_unused
 
 if TYPE_CHECKING:
     from transformers import ViTMAEForPreTraining, ViTMAEModel
@@ -82,11 +82,6 @@ def _optimizer(model: torch.nn.Module, config: MaeConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
-def _load_state(path: Path, fingerprint: str) -> dict | None:
-    """The resumable state at ``path`` if this run wrote it (same fingerprint), else None with a note."""
-    return load_resumable_state(path, STATE_FORMAT, fingerprint, "pretrain_mae", lambda state: f"from step {state['step']}")
-
-
 def train_mae(
     config: MaeConfig,
     image_size: int,
@@ -112,63 +107,37 @@ def train_mae(
     optimizer = _optimizer(model, config)
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, max(1, config.steps))
     generator = torch.Generator().manual_seed(config.seed)  # the masks
-    step, history = 0, []
-    parts = {"model": model, "optimizer": optimizer, "schedule": schedule, "generator": generator,
-             "torch_rng": GLOBAL_RNG}
-    state = _load_state(state_path, fingerprint) if state_path is not None else None
-    if state is not None:
-        restore_trainer_state(state, parts)
-        step, history = int(state["step"]), list(state["history"])
     patches = (image_size // config.patch_size) ** 2
-    while step < config.steps:
-        step += 1
+
+    def loss_at(step: int) -> torch.Tensor:
         pixels = batch_at(images, config.batch_size, config.seed, step).to(device)
         noise = torch.rand((pixels.shape[0], patches), generator=generator).to(device)  # argsort -> the kept patches
-        loss = model(pixel_values=pixels, noise=noise).loss
-        if not torch.isfinite(loss):
-            raise NumericsError(f"pretrain_mae: the loss became {loss.item()} at step {step}; likely cause: mae.lr="
-                                f"{schedule.get_last_lr()[0]:g} is too high (lower it or raise mae.warmup_steps). No "
-                                f"checkpoint was written; the last resumable state (if any) is kept")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        history.append({"loss": loss.item()})
-        if on_step is not None:
-            on_step(step, history[-1])
-        if state_path is not None and config.state_every and step % config.state_every == 0 and step < config.steps:
-            save_torch_atomic({"format": STATE_FORMAT, "fingerprint": fingerprint, "step": step, "history": history,
-                               **trainer_state(parts)}, state_path)
+        return model(pixel_values=pixels, noise=noise).loss
+
+    history = pretraining_steps(
+        config.steps, config.state_every, {"model": model, "optimizer": optimizer, "schedule": schedule,
+                                           "generator": generator, "torch_rng": GLOBAL_RNG}, loss_at,
+        stage="pretrain_mae", state_format=STATE_FORMAT,
+        likely_cause=lambda: f"mae.lr={schedule.get_last_lr()[0]:g} is too high (lower it or raise mae.warmup_steps)",
+        on_step=on_step, state_path=state_path, fingerprint=fingerprint)
     return model.vit.cpu().eval(), history
 
 
 def save_mae(path: Path, encoder: "ViTMAEModel", config: MaeConfig, image_size: int, source: dict) -> None:
     """The encoder's weights with the ``ViTMAEConfig`` arguments that rebuild it, written atomically."""
-    save_torch_atomic({"format": MAE_FORMAT, "vit_config": config.vit_config(image_size),
-                       "state_dict": {key: value.detach().cpu() for key, value in encoder.state_dict().items()},
-                       "source": source}, path)
+    save_encoder(path, MAE_FORMAT, encoder, source, vit_config=config.vit_config(image_size))
 
 
 def unused_checkpoint(path: Path) -> None:
-    """The placeholder the stage writes when the representation is not mae: the same bytes whatever the params,
-    so the stages that depend on it do not rerun."""
-    save_torch_atomic({"format": MAE_FORMAT, "unused": True}, path)
+    """The placeholder the stage writes when the representation is not mae (``save_unused``)."""
+    save_unused(path, MAE_FORMAT)
 
 
 def load_mae(path: str | Path) -> "ViTMAEModel":
     """The encoder ``save_mae`` wrote, in eval mode on the CPU, set to mask ratio 0 (every patch is seen)."""
     from transformers import ViTMAEConfig, ViTMAEModel
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MAE checkpoint {path} does not exist; run the pretrain_mae stage "
-                                f"(`dvc repro pretrain_mae`)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != MAE_FORMAT:
-        raise ModelFlagsError(f"{path} is not an MAE checkpoint of this pipeline; the pretrain_mae stage writes them")
-    if payload.get("unused"):
-        raise ConfigError(f"{path} is the placeholder pretrain_mae writes while features.representation is not mae; "
-                          f"rerun it with features.representation: mae (`dvc repro pretrain_mae`)")
+    payload = read_encoder(path, MAE_FORMAT, "mae", "MAE")
     model = ViTMAEModel(ViTMAEConfig(**{**payload["vit_config"], "mask_ratio": 0.0}))
     model.load_state_dict(payload["state_dict"])
     return model.eval()

@@ -32,12 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.atomic import save_torch_atomic
 from pipeline.config import SwavConfig
 from pipeline.data.layout import ImageFiles
 from pipeline.diffusion.train import batch_at
-from pipeline.errors import ConfigError, DatasetError, ModelFlagsError, NumericsError
-from pipeline.resume import load_resumable_state, restore_trainer_state, trainer_state
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.selfsup.steps import pretraining_steps, read_encoder, save_encoder, save_unused
 
 if TYPE_CHECKING:
     from transformers import ResNetModel
@@ -164,53 +163,37 @@ def train_swav(
     optimizer = _optimizer(model, config)
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, max(1, config.steps))
     global_crop, local_crop = multi_crop(config, image_size)
-    step, history = 0, []
-    parts = {"model": model, "optimizer": optimizer, "schedule": schedule}  # each step seeds its own crops
-    state = load_resumable_state(state_path, STATE_FORMAT, fingerprint, "pretrain_swav",
-                                 lambda state: f"from step {state['step']}") if state_path is not None else None
-    if state is not None:
-        restore_trainer_state(state, parts)
-        step, history = int(state["step"]), list(state["history"])
-    while step < config.steps:
-        step += 1
+
+    def loss_at(step: int) -> torch.Tensor:
         pixels = (batch_at(images, config.batch_size, config.seed, step) + 1) / 2  # kornia's [0, 1]
         torch.manual_seed(_step_seed(config.seed, step))  # the crops of step k depend on (seed, k) only
         crops = [global_crop(pixels) for _ in range(2)] + [local_crop(pixels) for _ in range(config.local_crops)]
         model.normalise_prototypes()
         scores = model([crop.to(device) * 2 - 1 for crop in crops])
-        loss = swapped_prediction_loss(scores, pixels.shape[0], 2, config)
-        if not torch.isfinite(loss):
-            raise NumericsError(f"pretrain_swav: the loss became {loss.item()} at step {step}; likely cause: swav.lr="
-                                f"{schedule.get_last_lr()[0]:g} is too high or swav.sinkhorn_epsilon="
-                                f"{config.sinkhorn_epsilon:g} too low. No checkpoint was written; the last resumable "
-                                f"state (if any) is kept")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        return swapped_prediction_loss(scores, pixels.shape[0], 2, config)
+
+    def freeze_prototypes(step: int) -> None:
         if step <= config.freeze_prototypes_steps:
             model.prototypes.weight.grad = None
-        optimizer.step()
-        schedule.step()
-        history.append({"loss": loss.item()})
-        if on_step is not None:
-            on_step(step, history[-1])
-        if state_path is not None and config.state_every and step % config.state_every == 0 and step < config.steps:
-            save_torch_atomic({"format": STATE_FORMAT, "fingerprint": fingerprint, "step": step, "history": history,
-                               **trainer_state(parts)}, state_path)
+
+    history = pretraining_steps(
+        config.steps, config.state_every, {"model": model, "optimizer": optimizer, "schedule": schedule}, loss_at,
+        stage="pretrain_swav", state_format=STATE_FORMAT, after_backward=freeze_prototypes,
+        likely_cause=lambda: (f"swav.lr={schedule.get_last_lr()[0]:g} is too high or swav.sinkhorn_epsilon="
+                              f"{config.sinkhorn_epsilon:g} too low"),
+        on_step=on_step, state_path=state_path, fingerprint=fingerprint)
     return model.backbone.cpu().eval(), history
 
 
 def save_swav(path: Path, backbone: "ResNetModel", config: SwavConfig, image_size: int, source: dict) -> None:
     """The backbone's weights with the ``ResNetConfig`` arguments that rebuild it and the image size it was
     trained at, written atomically."""
-    save_torch_atomic({"format": SWAV_FORMAT, "resnet_config": config.resnet_config(), "image_size": image_size,
-                       "state_dict": {key: value.detach().cpu() for key, value in backbone.state_dict().items()},
-                       "source": source}, path)
+    save_encoder(path, SWAV_FORMAT, backbone, source, resnet_config=config.resnet_config(), image_size=image_size)
 
 
 def unused_checkpoint(path: Path) -> None:
-    """The placeholder the stage writes when the representation is not swav: the same bytes whatever the params,
-    so the stages that depend on it do not rerun."""
-    save_torch_atomic({"format": SWAV_FORMAT, "unused": True}, path)
+    """The placeholder the stage writes when the representation is not swav (``save_unused``)."""
+    save_unused(path, SWAV_FORMAT)
 
 
 def load_swav(path: str | Path) -> "ResNetModel":
@@ -218,16 +201,7 @@ def load_swav(path: str | Path) -> "ResNetModel":
     trained at (where the feature path reads a model's image size)."""
     from transformers import ResNetConfig, ResNetModel
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SwAV checkpoint {path} does not exist; run the pretrain_swav stage "
-                                f"(`dvc repro pretrain_swav`)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != SWAV_FORMAT:
-        raise ModelFlagsError(f"{path} is not a SwAV checkpoint of this pipeline; the pretrain_swav stage writes them")
-    if payload.get("unused"):
-        raise ConfigError(f"{path} is the placeholder pretrain_swav writes while features.representation is not "
-                          f"swav; rerun it with features.representation: swav (`dvc repro pretrain_swav`)")
+    payload = read_encoder(path, SWAV_FORMAT, "swav", "SwAV")
     model = ResNetModel(ResNetConfig(**payload["resnet_config"]))
     model.load_state_dict(payload["state_dict"])
     model.config.image_size = int(payload["image_size"])
