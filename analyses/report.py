@@ -76,7 +76,10 @@ def plot_sample_efficiency(summary: pd.DataFrame, path: Path) -> None:
 
 def plot_robustness(table: pd.DataFrame, path: Path) -> None:
     corruptions = list(dict.fromkeys(table["corruption"]))
-    figure, axes = plt.subplots(1, len(corruptions), figsize=(3.0 * len(corruptions), 3.2), sharey=True)
+    legend_rows = -(-table["run"].nunique() // 3)  # three runs a row under the panels
+    legend_inches = 0.45 + 0.17 * legend_rows
+    figure, axes = plt.subplots(1, len(corruptions), figsize=(3.0 * len(corruptions), 2.8 + legend_inches),
+                                sharey=True)
     axes = [axes] if len(corruptions) == 1 else list(axes)
     severities = [c for c in table.columns if c not in ("run", "corruption")]
     for axis, corruption in zip(axes, corruptions):
@@ -89,7 +92,7 @@ def plot_robustness(table: pd.DataFrame, path: Path) -> None:
     handles, names = axes[0].get_legend_handles_labels()
     figure.legend(handles, names, loc="lower center", ncol=3, fontsize=7, frameon=False)
     figure.suptitle("Test mIoU under corruptions", fontsize=10)
-    figure.tight_layout(rect=(0, 0.14, 1, 1))
+    figure.tight_layout(rect=(0, legend_inches / (2.8 + legend_inches), 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
