@@ -99,7 +99,7 @@ def reproduced(workspace):
 
 def test_repro_writes_metrics_plots_and_stores(reproduced):
     root, env, output, _ = reproduced
-    assert stages_run(output) == ["prepare", "pretrain", "pretrain_mae", "extract", "fit", "sample", "label",
+    assert stages_run(output) == ["prepare", "pretrain", "pretrain_mae", "pretrain_swav", "extract", "fit", "sample", "label",
                                   "train_segnet", "evaluate_segnet", "evaluate", "robustness", "kmeans", "segment",
                                   "suggest"]
     # segment.images defaults to prepare's demo canvases (dataset.demo_images: 6)
@@ -243,6 +243,7 @@ def test_changed_diffusion_code_makes_the_extract_stage_stale(reproduced):
 # Each stage's outputs, in pipeline order; the training curves too, which must hold no wall-clock values.
 STAGE_OUTPUTS = {"prepare": ["data/prepared", "data/demo"], "pretrain": ["checkpoints/ddpm.pt", "dvclive/pretrain"],
                  "pretrain_mae": ["checkpoints/mae.pt", "dvclive/pretrain_mae"],
+                 "pretrain_swav": ["checkpoints/swav.pt", "dvclive/pretrain_swav"],
                  "extract": ["features"],
                  "fit": ["ensemble/ensemble.pt", "dvclive/fit"],
                  "sample": ["samples/images.zarr"],
@@ -377,7 +378,7 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
                 "blocks=[2,3,4,5,6]", "features.store_blocks=[2,3,4,5,6]", "features.layout=native",
                 "t_steps=[50,150,250]"]
     output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
-    assert stages_run(output) == ["prepare", "pretrain", "pretrain_mae", "extract", "fit", "sample", "label",
+    assert stages_run(output) == ["prepare", "pretrain", "pretrain_mae", "pretrain_swav", "extract", "fit", "sample", "label",
                                   "train_segnet", "evaluate_segnet", "evaluate", "robustness", "kmeans", "segment",
                                   "suggest"]
     assert "imported models/mini.pt" in output
