@@ -14,9 +14,9 @@ repository, so each stage's wall time, peak RSS (its process tree's) and disk ar
 Per stage: wall seconds, peak RSS, bytes its outputs take on disk. Beside them, the RAM the paper's procedure
 needs for the same images: its ``train_interpreter.py`` holds every training pixel's features in one float32
 array, train images x 256² x D x 4 bytes (44.3 GB for 20 images), before any copy. Run it alone (both cores):
-extraction takes ~13.5 s an image (3 steps, native) and the fit ~27 min an epoch of 10 members on 2 cores
-(docs/benchmarks.md), so the full geometry is hours; ``--train-images 2 --val-images 1 --test-images 1
---members 2 --epochs 1`` checks the script in ~5 minutes.
+extraction takes ~13.5 s an image (3 steps, native) and an epoch of 10 members roughly 27 min on 2 cores
+(estimated from the 2-member rows/s in docs/benchmarks.md), so the full geometry is hours;
+``--train-images 2 --val-images 1 --test-images 1 --members 2 --epochs 1`` checks the script in ~5 minutes.
 """
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from store_layouts import commit_scratch, environment, folder_bytes, measured, paper_checkpoint, scratch_copy  # noqa: E402,E501
 
 SIZE = 256
-STAGES = ("prepare", "pretrain", "extract", "fit", "evaluate")
-OUTPUTS = {"prepare": ["data/prepared"], "pretrain": ["checkpoints/ddpm.pt"], "extract": ["features"],
+# pretrain_mae and pretrain_swav write the placeholders extract depends on (the DDPM's run trains neither)
+STAGES = ("prepare", "pretrain", "pretrain_mae", "pretrain_swav", "extract", "fit", "evaluate")
+OUTPUTS = {"prepare": ["data/prepared"], "pretrain": ["checkpoints/ddpm.pt"], "pretrain_mae": ["checkpoints/mae.pt"],
+           "pretrain_swav": ["checkpoints/swav.pt"], "extract": ["features"],
            "fit": ["ensemble"], "evaluate": ["metrics", "predictions", "plots"]}
 
 

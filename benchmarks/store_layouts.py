@@ -201,7 +201,8 @@ def paper256_layouts(args, root: Path) -> dict:
     for layout in args.layouts:
         params["features"]["layout"] = layout
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        names = ["prepare", "pretrain", "extract"]  # done ones: DVC skips them
+        # done ones: DVC skips them; pretrain_mae and pretrain_swav write the placeholders extract depends on
+        names = ["prepare", "pretrain", "pretrain_mae", "pretrain_swav", "extract"]
         stages = {name: measured([dvc, "repro", "-s", name], root, env) for name in names + ["fit", "evaluate"]}
         stages = {name: run for name, run in stages.items() if "Running stage" in run["output"]}
         for name, run in stages.items():
