@@ -168,3 +168,18 @@ def assert_feature_path_upsamples(model, representation: str, images, block_maps
     assert sorted(rows) == list(range(count)) and rows[0].dtype == torch.float16 and rows[0].shape == (size**2, dim)
     for index in range(count):
         torch.testing.assert_close(rows[index], expected[index], atol=2e-3, rtol=2e-3)
+
+
+def assert_placeholder_is_constant_and_refused(folder: Path, unused_checkpoint, load, name: str) -> None:
+    """A pretraining stage's placeholder is the same bytes wherever it is written, and loading it as a model is
+    refused, naming the representation to rerun it with."""
+    import pytest
+
+    from pipeline.errors import ConfigError
+
+    unused_checkpoint(folder / "a.pt")
+    (folder / "b").mkdir()
+    unused_checkpoint(folder / "b" / "a.pt")
+    assert (folder / "a.pt").read_bytes() == (folder / "b" / "a.pt").read_bytes()
+    with pytest.raises(ConfigError, match=f"placeholder .* features.representation: {name}"):
+        load(folder / "a.pt")

@@ -19,7 +19,13 @@ from pipeline.features.store import open_store
 from pipeline.hashing import file_sha256
 from pipeline.selfsup.mae import encoder_tokens, load_mae, save_mae, token_maps, train_mae, unused_checkpoint
 from tests.conftest import REPO
-from tests.helpers import assert_feature_path_upsamples, killed_and_resumed, make_project, run_here
+from tests.helpers import (
+    assert_feature_path_upsamples,
+    assert_placeholder_is_constant_and_refused,
+    killed_and_resumed,
+    make_project,
+    run_here,
+)
 
 TINY = MaeConfig(patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
@@ -123,12 +129,7 @@ def test_mae_params_are_ignored_when_the_representation_is_not_mae():
 
 
 def test_the_unused_placeholder_is_the_same_bytes_whatever_the_params(tmp_path):
-    unused_checkpoint(tmp_path / "a.pt")
-    (tmp_path / "b").mkdir()
-    unused_checkpoint(tmp_path / "b" / "a.pt")
-    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "a.pt").read_bytes()
-    with pytest.raises(ConfigError, match="placeholder .* features.representation: mae"):
-        load_mae(tmp_path / "a.pt")
+    assert_placeholder_is_constant_and_refused(tmp_path, unused_checkpoint, load_mae, "mae")
 
 
 @pytest.fixture(scope="module")

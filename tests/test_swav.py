@@ -25,7 +25,12 @@ from pipeline.selfsup.swav import (
     train_swav,
     unused_checkpoint,
 )
-from tests.helpers import assert_feature_path_upsamples, make_project, run_here
+from tests.helpers import (
+    assert_feature_path_upsamples,
+    assert_placeholder_is_constant_and_refused,
+    make_project,
+    run_here,
+)
 
 TINY = SwavConfig(embedding_size=8, hidden_sizes=(8, 16), depths=(1, 3), projection_hidden=16, projection_dim=8,
                   prototypes=6, local_crops=2, steps=6, batch_size=8, warmup_steps=2, freeze_prototypes_steps=2,
@@ -136,12 +141,7 @@ def test_the_default_swav_blocks_are_the_paper_s_hooks_and_its_params_are_ignore
 
 
 def test_the_unused_placeholder_is_the_same_bytes_whatever_the_params(tmp_path):
-    unused_checkpoint(tmp_path / "a.pt")
-    (tmp_path / "b").mkdir()
-    unused_checkpoint(tmp_path / "b" / "a.pt")
-    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "a.pt").read_bytes()
-    with pytest.raises(ConfigError, match="placeholder .* features.representation: swav"):
-        load_swav(tmp_path / "a.pt")
+    assert_placeholder_is_constant_and_refused(tmp_path, unused_checkpoint, load_swav, "swav")
 
 
 @pytest.fixture(scope="module")
