@@ -25,3 +25,13 @@ def reference_dir() -> Path:
 def reference() -> Path:
     return reference_dir()
 
+
+
+# The files of `dvc repro` / `dvc exp run` runs, the longest by far: collected first, so that pytest-xdist
+# (`--dist loadfile` hands out files in collection order) starts each on its own worker at once and spreads
+# the short files around them, instead of starting a long one last.
+LONGEST_FILES = ("test_pipeline_e2e.py", "test_pipeline_e2e_datasets.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FILES)  # stable: the order within each group stays

@@ -1,9 +1,9 @@
-"""The real pipeline: `dvc repro` and `dvc exp run` in a temporary copy of the repository."""
+"""The real pipeline: `dvc repro` and `dvc exp run` in a temporary copy of the repository. (Other inputs run in
+tests/test_pipeline_e2e_datasets.py, on their own copy, so that pytest-xdist runs both files at once.)"""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,55 +20,14 @@ from PIL import Image
 from pipeline.data.digits import compose_digit_split, load_mnist_5k, split_digit_pools
 from pipeline.ensemble.metrics import label_counts, mean_iou, mean_iou_paper, strict_confusion
 from tests.conftest import REPO
+from tests.e2e import ALL_STAGES, DVC, make_workspace, run, stages_run
 
 pytestmark = pytest.mark.slow
-
-TINY = {
-    "dataset": {"train_images": 4, "val_images": 3, "test_images": 4, "unlabeled_images": 48},
-    "ddpm": {"train": {"steps": 3, "batch_size": 8, "log_every": 1}},
-    "ensemble": {"members": 3, "epochs": 2},
-    "evaluate": {"overlays": 2},
-    "sample": {"images": 4, "batch_size": 2, "steps": 5},
-    "datasetddpm": {"drop_uncertain": 0.25},
-    "segnet": {"epochs": 2},
-}
-# DatasetDDPM's network: they rerun when label's kept samples change, which a 3-step DDPM's labels may not do
-SEGNET_STAGES = ("train_segnet", "evaluate_segnet")
-
-
-def merge(base: dict, override: dict) -> dict:
-    for key, value in override.items():
-        base[key] = merge(base[key], value) if isinstance(value, dict) else value
-    return base
-
-
-def run(args, cwd, env):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
-    # tracked and untracked-but-not-ignored files: the working tree as it would be committed
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout
-    for name in filter(None, files.split("\0")):
-        if not (REPO / name).exists():  # deleted in the working tree: not part of what would be committed
-            continue
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target)
-    params = merge(yaml.safe_load((root / "params.yaml").read_text()), TINY)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / "dvc.lock").unlink(missing_ok=True)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        run(command, root, env)
-    return root, env
+    return make_workspace(tmp_path_factory)
 
 
 def ignored_pixels(root: Path) -> int:
@@ -76,22 +35,12 @@ def ignored_pixels(root: Path) -> int:
     return sum(int((np.load(path) == 255).sum()) for path in (root / "data" / "prepared" / "real" / "test").glob("*.npy"))
 
 
-def without_segnet(stages: list[str]) -> list[str]:
-    """The stages but DatasetDDPM's network's, which follow label's kept samples (SEGNET_STAGES), in order."""
-    assert [stage for stage in stages if stage in SEGNET_STAGES] in ([], list(SEGNET_STAGES)), stages
-    return [stage for stage in stages if stage not in SEGNET_STAGES]
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
-
-
 @pytest.fixture(scope="module")
 def reproduced(workspace):
     """The workspace after one `dvc repro`, committed as the baseline, so that every test that needs a finished
     run also passes alone: (root, env, the repro's output, fit's `features` hash then)."""
     root, env = workspace
-    output = run([str(Path(sys.executable).parent / "dvc"), "repro"], root, env)
+    output = run([DVC, "repro"], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "baseline"], root, env)
     return root, env, output, fit_features_hash(root)
@@ -99,9 +48,7 @@ def reproduced(workspace):
 
 def test_repro_writes_metrics_plots_and_stores(reproduced):
     root, env, output, _ = reproduced
-    assert stages_run(output) == ["prepare", "pretrain", "pretrain_mae", "pretrain_swav", "extract", "fit", "sample", "label",
-                                  "train_segnet", "evaluate_segnet", "evaluate", "robustness", "kmeans", "segment",
-                                  "suggest"]
+    assert stages_run(output) == ALL_STAGES
     # segment.images defaults to prepare's demo canvases (dataset.demo_images: 6)
     assert sorted(pd.read_csv(root / "segmentations" / "summary.csv")["image"]) == [f"demo_{i:05d}" for i in range(6)]
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
@@ -133,7 +80,7 @@ def test_repro_writes_metrics_plots_and_stores(reproduced):
         fit = pd.read_csv(root / "dvclive" / "fit" / "plots" / "metrics" / f"pass_{index}" / "loss.tsv", sep="\t")
         assert list(fit["step"]) == [1, 2] and (fit["loss"] > 0).all(), index
     # dvc.yaml's top-level plots all render with data (`dvc plots show --json`: plot id -> renderers).
-    shown = subprocess.run([str(Path(sys.executable).parent / "dvc"), "plots", "show", "--json"], cwd=root, env=env,
+    shown = subprocess.run([DVC, "plots", "show", "--json"], cwd=root, env=env,
                            capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     plots = json.loads(shown.stdout)
@@ -206,7 +153,7 @@ def fit_features_hash(root: Path) -> str:
 
 def dvc_status(root: Path, env) -> dict:
     """`dvc status --json`: stale stages by name ({} when everything is up to date)."""
-    result = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status", "--json"], cwd=root, env=env,
+    result = subprocess.run([DVC, "status", "--json"], cwd=root, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -276,7 +223,7 @@ def test_same_params_give_the_same_metrics_twice(reproduced):
     root, env, *_ = reproduced
     first, first_digests = (root / "metrics" / "eval.json").read_text(), output_digests(root)
     shutil.rmtree(root / "features")  # extract keeps current stores (a persisted output): make it compute them
-    output = run([str(Path(sys.executable).parent / "dvc"), "repro", "--force"], root, env)
+    output = run([DVC, "repro", "--force"], root, env)
     assert stages_run(output) == list(STAGE_OUTPUTS)
     # Name the first stage whose outputs changed, so a failure says where determinism broke.
     second_digests = output_digests(root)
@@ -287,26 +234,28 @@ def test_same_params_give_the_same_metrics_twice(reproduced):
 
 def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
     """One more step computes that step only; back to the first steps sets it aside and nothing is stale. (Fewer
-    steps, and a set-aside store taken back, are tests/test_extract_stores.py's, on the same extract code.)"""
+    steps, and a set-aside store taken back, are tests/test_extract_stores.py's, on the same extract code.) The
+    experiment runs up to evaluate; `dvc status` names the other stages it made stale."""
     root, env, _, first_features_hash = reproduced
-    dvc = str(Path(sys.executable).parent / "dvc")
-    more = run([dvc, "exp", "run", "-S", "t_steps=[50,150,250,350]"], root, env)
+    more = run([DVC, "exp", "run", "-S", "t_steps=[50,150,250,350]", "evaluate"], root, env)
     # extract reruns (t_steps is its param) but computes t=350 only, keeping the three current stores
-    assert without_segnet(stages_run(more)) == ["extract", "fit", "label", "evaluate", "robustness", "segment",
-                                                "suggest"]
+    assert stages_run(more) == ["extract", "fit", "evaluate"]
     assert "t=350: " in more and "computed" in more and more.count("is complete and current") == 3
+    # every other stage that reads t_steps, and nothing else, is stale (DatasetDDPM's network follows label)
+    assert sorted(dvc_status(root, env)) == ["label", "robustness", "segment", "suggest"]
     # `dvc metrics diff` compares the committed baseline's mIoU with this experiment's workspace mIoU.
-    diff = subprocess.run([dvc, "metrics", "diff", "--all", "--json"], cwd=root, env=env, capture_output=True, text=True)
+    diff = subprocess.run([DVC, "metrics", "diff", "--all", "--json"], cwd=root, env=env, capture_output=True, text=True)
     miou = json.loads(diff.stdout)["metrics/eval.json"]["miou"]
     baseline = json.loads(subprocess.run(["git", "show", "HEAD:metrics/eval.json"], cwd=root, env=env,
                                          capture_output=True, text=True, check=True).stdout)["miou"]
     assert miou["old"] == baseline and miou["new"] == json.loads((root / "metrics" / "eval.json").read_text())["miou"]
     # Back to the first steps by editing params.yaml and `dvc repro`: extract sets the t350 store aside (into
-    # its own folder's dvc-ignored removed_steps/), so fit's inputs hash as in the first run and nothing is stale.
+    # its own folder's dvc-ignored removed_steps/), so fit's inputs hash as in the first run, its ensemble is the
+    # baseline's again, and no stage of the whole pipeline is stale.
     params = yaml.safe_load((root / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump({**params, "t_steps": [50, 150, 250]}, sort_keys=False))
-    back = run([dvc, "repro"], root, env)
-    assert stages_run(back)[:2] == ["extract", "fit"] and back.count("is complete and current") == 3
+    back = run([DVC, "repro", "evaluate"], root, env)
+    assert stages_run(back) == ["extract", "fit", "evaluate"] and back.count("is complete and current") == 3
     assert "t350.zarr: not a step of t_steps" in back
     assert not (root / "features" / "t350.zarr").exists()
     assert (root / "features" / "removed_steps" / "t350.zarr").is_dir()
@@ -316,105 +265,24 @@ def test_changing_t_steps_reruns_only_what_it_affects(reproduced):
 
 def test_changing_blocks_within_the_stored_blocks_reruns_no_extract_stage(reproduced):
     root, env, *_ = reproduced
-    dvc = str(Path(sys.executable).parent / "dvc")
     stored = zarr.open_group(root / "features" / "t50.zarr", mode="r").attrs["record"]
     assert stored["blocks"] == [0, 1, 2, 3]  # store_blocks: null = the digits preset's blocks
     channels = dict(zip(stored["blocks"], stored["block_channels"]))
-    fewer = run([dvc, "exp", "run", "-S", "blocks=[3,1]"], root, env)
+    fewer = run([DVC, "exp", "run", "-S", "blocks=[3,1]", "evaluate"], root, env)
+    assert stages_run(fewer) == ["fit", "evaluate"]
     # robustness, segment and suggest compute their features from blocks themselves; kmeans has blocks of its own
-    assert without_segnet(stages_run(fewer)) == ["fit", "label", "evaluate", "robustness", "segment", "suggest"]
+    assert sorted(dvc_status(root, env)) == ["label", "robustness", "segment", "suggest"]
     import torch
 
     ensemble = torch.load(root / "ensemble" / "ensemble.pt", weights_only=True)
     assert ensemble["features"]["blocks"] == [3, 1] and ensemble["dim"] == 3 * (channels[3] + channels[1])
     assert json.loads((root / "metrics" / "eval.json").read_text())["images"] == 4
-    # Back to every stored block: again no extract stage, and the baseline's ensemble byte for byte.
+    # Back to every stored block: again no extract stage, the baseline's ensemble byte for byte, nothing stale.
     params = yaml.safe_load((root / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump({**params, "blocks": None}, sort_keys=False))
-    back = run([dvc, "repro"], root, env)
-    assert "fit" in stages_run(back) and "extract" not in stages_run(back)
+    back = run([DVC, "repro", "evaluate"], root, env)
+    assert stages_run(back) == ["fit", "evaluate"]
     baseline = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, env=env, capture_output=True, text=True,
                               check=True).stdout
     assert yaml.safe_load(baseline)["stages"]["fit"]["outs"] == yaml.safe_load((root / "dvc.lock").read_text())["stages"]["fit"]["outs"]
     assert dvc_status(root, env) == {}
-
-
-def test_stage_rejects_bad_params_with_a_clear_message(workspace):
-    root, env = workspace
-    bad = yaml.safe_load((root / "params.yaml").read_text())
-    bad["ensemble"]["learning_rate"] = 0.1
-    path = root / "bad_params.yaml"
-    path.write_text(yaml.safe_dump(bad))
-    result = subprocess.run([sys.executable, "-m", "stages.fit", "--params", str(path), "--stores", "features/t{t}.zarr",
-                             "--out", "x.pt", "--curves", "x"], cwd=root, env=env, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "unknown params key(s) ensemble.learning_rate" in result.stderr and "Traceback" not in result.stderr
-    assert not (root / "x.pt").exists()
-
-
-def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(workspace, reference):
-    root, env = workspace
-    rng = np.random.default_rng(0)
-    dataset = root / "data" / "datasets" / "mini"
-    for split, count in (("train", 3), ("test", 2)):
-        folder = dataset / "real" / split
-        folder.mkdir(parents=True)
-        for index in range(count):
-            mask = np.zeros((32, 32), np.uint8)
-            top, left = rng.integers(0, 16, size=2)
-            mask[top : top + 12, left : left + 12] = 1 + index % 2
-            mask[top, left : left + 12] = 255
-            image = np.stack([mask * 100, 255 - mask * 100, rng.integers(0, 40, (32, 32))], -1).astype(np.uint8)
-            Image.fromarray(image).save(folder / f"{split}{index}.png")
-            np.save(folder / f"{split}{index}.npy", mask)
-    shutil.copy(reference / "tiny32.pt", root / "models" / "mini.pt")
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "add a dataset and a checkpoint"], root, env)
-    dvc = str(Path(sys.executable).parent / "dvc")
-    settings = ["dataset.name=mini", "dataset.root=data/datasets/mini", "dataset.image_size=32",
-                "dataset.num_classes=3", "dataset.train_images=2", "dataset.val_images=1", "dataset.test_images=2",
-                "ddpm.checkpoint=models/mini.pt", "ddpm.model.attention_resolutions=[16,8]",
-                "ddpm.model.num_head_channels=16", "ddpm.model.learn_sigma=true", "ddpm.model.dropout=0.1",
-                "blocks=[2,3,4,5,6]", "features.store_blocks=[2,3,4,5,6]", "features.layout=native",
-                "t_steps=[50,150,250]"]
-    output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
-    assert stages_run(output) == ["prepare", "pretrain", "pretrain_mae", "pretrain_swav", "extract", "fit", "sample", "label",
-                                  "train_segnet", "evaluate_segnet", "evaluate", "robustness", "kmeans", "segment",
-                                  "suggest"]
-    assert "imported models/mini.pt" in output
-    metrics = json.loads((root / "metrics" / "eval.json").read_text())
-    assert set(metrics["per_class_iou"]) == {"class_0", "class_1", "class_2"} and metrics["images"] == 2
-    # No real/val folder: the train image after the two training ones is held out for validation.
-    assert json.loads((root / "metrics" / "val.json").read_text())["images"] == 1
-    assert [p.name for p in (root / "data" / "prepared" / "real" / "val").glob("*.png")] == ["train2.png"]
-    import torch
-
-    checkpoint = torch.load(root / "checkpoints" / "ddpm.pt", weights_only=True)
-    assert checkpoint["source"]["kind"] == "imported" and checkpoint["model_flags"]["learn_sigma"] is True
-    store = zarr.open_group(root / "features" / "t50.zarr", mode="r")  # the native layout, through DVC
-    assert store.attrs["record"]["layout"] == "native" and store["train/block2"].shape == (2, 64, 16, 16)
-
-
-def test_the_mae_representation_runs_through_the_same_stages(workspace):
-    """`dvc exp run -S features.representation=mae`: pretrain_mae trains (a tiny ViTMAE), every stage after it runs on
-    the MAE's features, and the store, ensemble and robustness results say so."""
-    root, env = workspace
-    run(["git", "checkout", "HEAD", "--", "params.yaml"], root, env)  # the tiny digits params, whatever ran before
-    dvc = str(Path(sys.executable).parent / "dvc")
-    settings = ["features.representation=mae", "t_steps=[50]", "mae.hidden_size=32", "mae.intermediate_size=64",
-                "mae.decoder_hidden_size=16", "mae.decoder_intermediate_size=32", "mae.steps=4", "mae.batch_size=8",
-                "mae.log_every=1"]
-    # the stages that read the MAE's features through the store (fit, evaluate) or the feature path (robustness,
-    # suggest); segment's MAE path is tests/test_mae.py's, and the DatasetDDPM stages are left out for time
-    output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)], "evaluate", "robustness",
-                  "suggest"], root, env)
-    ran = stages_run(output)
-    assert {"pretrain_mae", "extract", "fit", "evaluate", "robustness", "suggest"} <= set(ran)
-    assert not {"label", "train_segnet", "kmeans", "segment"} & set(ran)
-    assert "pretrain_mae: trained 4 steps" in output
-    record = zarr.open_group(root / "features" / "t50.zarr", mode="r").attrs["record"]
-    assert record["representation"] == "mae" and record["feature_dim"] == 4 * 32
-    assert json.loads((root / "metrics" / "robustness.json").read_text())["representation"] == "mae"
-    assert 0 <= json.loads((root / "metrics" / "val.json").read_text())["miou"] <= 1
-    curve = pd.read_csv(root / "dvclive" / "pretrain_mae" / "plots" / "metrics" / "loss.tsv", sep="\t")
-    assert list(curve["step"]) == [1, 2, 3, 4]
