@@ -1,13 +1,19 @@
 """Small real projects for stage-level tests: a prepared digits dataset and an untrained checkpoint."""
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -48,10 +54,44 @@ def write_params(path: Path, overrides: dict | None = None) -> Path:
     return path
 
 
-def run_stage(name: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1")
-    return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True)
+def run_stage(name: str, *args: str, cwd: Path | None = None, fresh_process: bool = False) -> subprocess.CompletedProcess:
+    """``python -m stages.<name> args`` (one thread): its exit code, stdout and stderr. By default it runs in this
+    process, as a fresh one would (argv, working directory, stdout and stderr its own; an uncaught exception is
+    exit code 1 with its traceback on stderr; torch's threads and the global generators restored after), because
+    the imports of a fresh process cost more than these tiny stages. ``fresh_process``: a real subprocess."""
+    if fresh_process:
+        env = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1")
+        return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=cwd or REPO, env=env,
+                              capture_output=True, text=True)
+    argv = [f"stages/{name}.py", *map(str, args)]
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    saved = (sys.argv, os.getcwd(), os.environ.get("DDPM_SEG_THREADS"), torch.get_num_threads(), torch.get_rng_state(),
+             np.random.get_state(), random.getstate())
+    sys.argv, os.environ["DDPM_SEG_THREADS"] = argv, "1"
+    os.chdir(cwd or REPO)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                importlib.import_module(f"stages.{name}").main()
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+                if exit_.code is not None and not isinstance(exit_.code, int):
+                    print(exit_.code, file=sys.stderr)
+            except Exception:  # what a fresh process would print before exiting with 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv, cwd_before, threads, torch_threads, torch_rng, numpy_rng, python_rng = saved
+        os.chdir(cwd_before)
+        if threads is None:
+            os.environ.pop("DDPM_SEG_THREADS", None)
+        else:
+            os.environ["DDPM_SEG_THREADS"] = threads
+        torch.set_num_threads(torch_threads)
+        torch.set_rng_state(torch_rng)
+        np.random.set_state(numpy_rng)
+        random.setstate(python_rng)
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 def make_project(root: Path, overrides: dict | None = None) -> dict[str, Path]:
