@@ -83,7 +83,9 @@ def main() -> None:
         stored = encoder_block_shapes(options.representation, model, blocks)
     else:
         stored = [shapes[b][:2] for b in blocks] if options.representation is Representation.DDPM else []
-    dim = representation_dim(model, blocks, options.representation, options.patch_size)
+    # an encoder's columns are its stored blocks' channels (shapes known already: SwAV's come from a forward pass)
+    dim = (sum(channels for channels, _ in stored) if encoder
+           else representation_dim(model, blocks, options.representation, options.patch_size))
     del model
     checkpoint_sha256 = file_sha256(source)
     code_sha256 = closure_sha256("stages.extract")

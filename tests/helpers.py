@@ -54,32 +54,16 @@ def write_params(path: Path, overrides: dict | None = None) -> Path:
     return path
 
 
-def run_stage(name: str, *args: str, cwd: Path | None = None, fresh_process: bool = False) -> subprocess.CompletedProcess:
-    """``python -m stages.<name> args`` (one thread): its exit code, stdout and stderr. By default it runs in this
-    process, as a fresh one would (argv, working directory, stdout and stderr its own; an uncaught exception is
-    exit code 1 with its traceback on stderr; torch's threads and the global generators restored after), because
-    the imports of a fresh process cost more than these tiny stages. ``fresh_process``: a real subprocess."""
-    if fresh_process:
-        env = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1")
-        return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=cwd or REPO, env=env,
-                              capture_output=True, text=True)
-    argv = [f"stages/{name}.py", *map(str, args)]
-    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+@contextlib.contextmanager
+def as_a_stage_process(argv: list[str], cwd: Path | None = None):
+    """This process set up as a fresh stage process would be (``sys.argv``, working directory, one thread), and
+    put back after: torch's thread count and the torch, NumPy and Python global generators too."""
     saved = (sys.argv, os.getcwd(), os.environ.get("DDPM_SEG_THREADS"), torch.get_num_threads(), torch.get_rng_state(),
              np.random.get_state(), random.getstate())
     sys.argv, os.environ["DDPM_SEG_THREADS"] = argv, "1"
     os.chdir(cwd or REPO)
     try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                importlib.import_module(f"stages.{name}").main()
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-                if exit_.code is not None and not isinstance(exit_.code, int):
-                    print(exit_.code, file=sys.stderr)
-            except Exception:  # what a fresh process would print before exiting with 1
-                traceback.print_exc()
-                code = 1
+        yield
     finally:
         sys.argv, cwd_before, threads, torch_threads, torch_rng, numpy_rng, python_rng = saved
         os.chdir(cwd_before)
@@ -91,6 +75,29 @@ def run_stage(name: str, *args: str, cwd: Path | None = None, fresh_process: boo
         torch.set_rng_state(torch_rng)
         np.random.set_state(numpy_rng)
         random.setstate(python_rng)
+
+
+def run_stage(name: str, *args: str, cwd: Path | None = None, fresh_process: bool = False) -> subprocess.CompletedProcess:
+    """``python -m stages.<name> args`` (one thread): its exit code, stdout and stderr. By default it runs in this
+    process, as a fresh one would (``as_a_stage_process``; stdout and stderr its own; an uncaught exception is exit
+    code 1 with its traceback on stderr), because the imports of a fresh process cost more than these tiny stages.
+    ``fresh_process``: a real subprocess."""
+    if fresh_process:
+        env = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1")
+        return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=cwd or REPO, env=env,
+                              capture_output=True, text=True)
+    argv = [f"stages/{name}.py", *map(str, args)]
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with as_a_stage_process(argv, cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            importlib.import_module(f"stages.{name}").main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            if exit_.code is not None and not isinstance(exit_.code, int):
+                print(exit_.code, file=sys.stderr)
+        except Exception:  # what a fresh process would print before exiting with 1
+            traceback.print_exc()
+            code = 1
     return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
@@ -157,18 +164,10 @@ def tiny_checkpoint(root, params_path):
 
 
 def run_here(stage: str, *args) -> None:
-    """Run a stage's main in this process (the imports of a fresh process cost more than these tiny stages)."""
-    module = __import__(f"stages.{stage}", fromlist=["main"])
-    argv, threads = sys.argv, os.environ.get("DDPM_SEG_THREADS")
-    sys.argv, os.environ["DDPM_SEG_THREADS"] = [stage, *map(str, args)], "1"
-    try:
-        module.main()
-    finally:
-        sys.argv = argv
-        if threads is None:
-            del os.environ["DDPM_SEG_THREADS"]
-        else:
-            os.environ["DDPM_SEG_THREADS"] = threads
+    """Run a stage's main in this process as ``run_stage`` does, but let what it raises reach the caller (so that a
+    test can monkeypatch what the stage calls and catch what it raises)."""
+    with as_a_stage_process([stage, *map(str, args)], REPO):
+        importlib.import_module(f"stages.{stage}").main()
 
 
 def killed_and_resumed(command: list[str], out: Path, state: Path, env: dict[str, str]) -> int:

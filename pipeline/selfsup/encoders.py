@@ -23,7 +23,8 @@ def is_self_supervised(representation: Representation | str) -> bool:
 def add_encoder_arguments(parser: argparse.ArgumentParser, default_folder: Path | None = None) -> None:
     """A stage's ``--mae`` and ``--swav``: the pretraining stages' checkpoints (each read only with its
     representation), defaulting to ``default_folder``/{mae,swav}.pt when given."""
-    for name, stage in (("mae", "pretrain_mae"), ("swav", "pretrain_swav")):
+    for representation, stage in SELF_SUPERVISED.items():
+        name = representation.value
         default = default_folder / f"{name}.pt" if default_folder is not None else None
         parser.add_argument(f"--{name}", type=Path, default=default,
                             help=f"the {stage} stage's checkpoint (read with features.representation: {name})")
