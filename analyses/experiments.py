@@ -128,6 +128,12 @@ ANALYSES = {
         # The MAE's learning curve beyond (issue 26's converged setting): four times the DDPM's time, one fit seed.
         Experiment("bl-mae-12000", "MAE, four times the DDPM's pretraining time (12000 steps), one fit seed",
                    ("features.representation=mae", "t_steps=[50]", "mae.steps=12000")),
+        # The MAE's learning rate at its fair budget, chosen on val (its recipe was never tuned): a third and three
+        # times the default 1e-3, one fit seed each.
+        Experiment("bl-mae-lr3e-4", "MAE, the DDPM's pretraining time (3000 steps), lr 3e-4, one fit seed",
+                   ("features.representation=mae", "t_steps=[50]", "mae.lr=0.0003")),
+        Experiment("bl-mae-lr3e-3", "MAE, the DDPM's pretraining time (3000 steps), lr 3e-3, one fit seed",
+                   ("features.representation=mae", "t_steps=[50]", "mae.lr=0.003")),
     )),
     # fit and evaluate only: the stores already hold every train image.
     "sample_efficiency": Analysis(("evaluate",), sample_efficiency_experiments()),
