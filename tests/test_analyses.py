@@ -398,9 +398,9 @@ def test_every_baseline_runs_three_fit_seeds_and_its_row_has_their_spread():
     labels = {e.label for e in experiments}
     once = [e.name for e in experiments if sum(other.label == e.label for other in experiments) == 1]
     # their pretraining reruns per seed (10-20 min each): one fit seed, their labels say so
-    assert once == ["bl-mae-6000", f"bl-swav-{2 * SWAV_STEPS}", "bl-mae-12000"]
-    assert all("one fit seed" in e.label for e in experiments[-3:])
-    assert len(experiments) == (len(labels) - 3) * 3 + 3 and FIT_SEEDS == (0, 1, 2)
+    assert once == ["bl-mae-6000", f"bl-swav-{2 * SWAV_STEPS}", "bl-mae-12000", "bl-mae-lr3e-4", "bl-mae-lr3e-3"]
+    assert all("one fit seed" in e.label for e in experiments[-len(once):])
+    assert len(experiments) == (len(labels) - len(once)) * 3 + len(once) and FIT_SEEDS == (0, 1, 2)
     seeded = {e.name: e for e in experiments}["bl-rgb-fs2"]
     assert seeded.overrides[-1] == "ensemble.seed=2" and seeded.label == "raw RGB pixels"
     assert seed_of("bl-rgb-fs2") == 2 and seed_of("bl-rgb") == 0 and seed_of("bl-ddpm-200") == 0
