@@ -26,7 +26,6 @@ def reference() -> Path:
     return reference_dir()
 
 
-
 # The files of `dvc repro` / `dvc exp run` runs, the longest by far: collected first, so that pytest-xdist
 # (`--dist loadfile` hands out files in collection order) starts each on its own worker at once and spreads
 # the short files around them, instead of starting a long one last.

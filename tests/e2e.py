@@ -67,3 +67,7 @@ def make_workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
+
+def settings_args(settings: list[str]) -> list[str]:
+    """``-S key=value`` for each of ``settings``, as `dvc exp run` takes them."""
+    return [arg for setting in settings for arg in ("-S", setting)]

@@ -77,24 +77,21 @@ def as_a_stage_process(argv: list[str], cwd: Path | None = None):
         random.setstate(python_rng)
 
 
-def run_stage(name: str, *args: str, cwd: Path | None = None, fresh_process: bool = False) -> subprocess.CompletedProcess:
-    """``python -m stages.<name> args`` (one thread): its exit code, stdout and stderr. By default it runs in this
-    process, as a fresh one would (``as_a_stage_process``; stdout and stderr its own; an uncaught exception is exit
-    code 1 with its traceback on stderr), because the imports of a fresh process cost more than these tiny stages.
-    ``fresh_process``: a real subprocess."""
-    if fresh_process:
-        env = dict(os.environ, PYTHONPATH=str(REPO), DDPM_SEG_THREADS="1")
-        return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=cwd or REPO, env=env,
-                              capture_output=True, text=True)
+def run_stage(name: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m stages.<name> args`` (one thread): its exit code, stdout and stderr, run in this process as a
+    fresh one would run it (``as_a_stage_process``; stdout and stderr its own; an uncaught exception is exit code 1
+    with its traceback on stderr), because the imports of a fresh process cost more than these tiny stages."""
     argv = [f"stages/{name}.py", *map(str, args)]
     stdout, stderr, code = io.StringIO(), io.StringIO(), 0
     with as_a_stage_process(argv, cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             importlib.import_module(f"stages.{name}").main()
         except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-            if exit_.code is not None and not isinstance(exit_.code, int):
+            if exit_.code is None or isinstance(exit_.code, int):
+                code = exit_.code or 0
+            else:  # sys.exit("message"): Python prints it and exits with 1
                 print(exit_.code, file=sys.stderr)
+                code = 1
         except Exception:  # what a fresh process would print before exiting with 1
             traceback.print_exc()
             code = 1

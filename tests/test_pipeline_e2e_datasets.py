@@ -15,7 +15,7 @@ import yaml
 import zarr
 from PIL import Image
 
-from tests.e2e import ALL_STAGES, DVC, make_workspace, run, stages_run
+from tests.e2e import ALL_STAGES, DVC, make_workspace, run, settings_args, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +56,13 @@ def test_paper_layout_dataset_with_an_imported_guided_diffusion_checkpoint(works
     shutil.copy(reference / "tiny32.pt", root / "models" / "mini.pt")
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "add a dataset and a checkpoint"], root, env)
-    dvc = DVC
     settings = ["dataset.name=mini", "dataset.root=data/datasets/mini", "dataset.image_size=32",
                 "dataset.num_classes=3", "dataset.train_images=2", "dataset.val_images=1", "dataset.test_images=2",
                 "ddpm.checkpoint=models/mini.pt", "ddpm.model.attention_resolutions=[16,8]",
                 "ddpm.model.num_head_channels=16", "ddpm.model.learn_sigma=true", "ddpm.model.dropout=0.1",
                 "blocks=[2,3,4,5,6]", "features.store_blocks=[2,3,4,5,6]", "features.layout=native",
                 "t_steps=[50,150,250]"]
-    output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)]], root, env)
+    output = run([DVC, "exp", "run", *settings_args(settings)], root, env)
     assert stages_run(output) == ALL_STAGES
     assert "imported models/mini.pt" in output
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
@@ -84,13 +83,12 @@ def test_the_mae_representation_runs_through_the_same_stages(workspace):
     the MAE's features, and the store, ensemble and robustness results say so."""
     root, env = workspace
     run(["git", "checkout", "HEAD", "--", "params.yaml"], root, env)  # the tiny digits params, whatever ran before
-    dvc = DVC
     settings = ["features.representation=mae", "t_steps=[50]", "mae.hidden_size=32", "mae.intermediate_size=64",
                 "mae.decoder_hidden_size=16", "mae.decoder_intermediate_size=32", "mae.steps=4", "mae.batch_size=8",
                 "mae.log_every=1"]
     # the stages that read the MAE's features through the store (fit, evaluate) or the feature path (robustness,
     # suggest); segment's MAE path is tests/test_mae.py's, and the DatasetDDPM stages are left out for time
-    output = run([dvc, "exp", "run", *[arg for setting in settings for arg in ("-S", setting)], "evaluate", "robustness",
+    output = run([DVC, "exp", "run", *settings_args(settings), "evaluate", "robustness",
                   "suggest"], root, env)
     ran = stages_run(output)
     assert {"pretrain_mae", "extract", "fit", "evaluate", "robustness", "suggest"} <= set(ran)
