@@ -106,7 +106,19 @@ def digits(args) -> dict:
 
 
 def paper_checkpoint(path: Path) -> int:
-    """A random-weights guided-diffusion state dict of the paper's 256 model, checked against the paper's shapes."""
+    """A random-weights guided-diffusion state dict of the paper's 256 model, checked against the paper's shapes,
+    written by a child process: the 2.2 GB model would otherwise stay in this process's RSS, and a stage started
+    from here later would report it as its own peak (Linux carries ru_maxrss across fork and exec)."""
+    done = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                           "import store_layouts; print(store_layouts.write_paper_checkpoint(Path(sys.argv[2])))",
+                           str(Path(__file__).resolve().parent), str(Path(path).resolve())], cwd=REPO, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"writing {path} failed:\n{done.stderr[-4000:]}")
+    return int(done.stdout.split()[-1])
+
+
+def write_paper_checkpoint(path: Path) -> int:
     import torch
 
     from pipeline.diffusion.unet import config_from_flags, create_unet
