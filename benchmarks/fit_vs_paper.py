@@ -29,6 +29,14 @@ Geometries:
   t = 50, 150, 250, 350 (D = 1920), 1024-pixel chunks (16 per image, 131,072 train pixels for 8 images:
   more than the default 65,536-row shuffle pool, so (b) streams). Fewer members than the paper's 10, for
   both procedures, keep it within minutes (``--paper-like-members``).
+- paper256: the stores of benchmarks/paper_geometry.py's FFHQ-34-sized run (``--paper256-stores
+  /tmp/paper_geometry/repo/features/t{t}.zarr``): 256² scenes, 34 classes, the adm256 UNet's blocks
+  [5, 6, 7, 8, 12] at t = 50, 150, 250 (D = 8448), native layout. (a) holds every train pixel's features
+  in RAM as float32 and then the labeled rows (a copy, as the paper's prepare_data), 2 x 256² x 8448 x 4
+  bytes = 4.4 GB an image at its peak, so only the first ``--paper256-train`` train images (4: ~18 GB)
+  fit this machine; both procedures fit those, and are scored on the first ``--paper256-val`` val images.
+  ``--also 'global:buffer_rows=N'`` with N = the train rows gives (b) one global shuffle (every BatchNorm
+  batch drawn from all images) to hold the default pool (a few images' strips) against.
 
     python benchmarks/fit_vs_paper.py --work /tmp/fitbench \\
         --digits-stores /tmp/fitbench/repo/features/t{t}.zarr --checkpoint /tmp/fitbench/repo/checkpoints/ddpm.pt \\
@@ -161,11 +169,17 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from pipeline.config import EnsembleConfig, Stopping
+    from pipeline.ensemble.fit import image_rows
     from pipeline.features.store import lazy_matrix, open_store
 
     stores = [open_store(spec["stores"].format(t=t), {"t": t}) for t in spec["t_steps"]]
     train_x, train_y = lazy_matrix(stores, "train")
     val_x, val_y = lazy_matrix(stores, "val")
+    # The first images of a split only (paper256: what the paper's procedure can hold in this machine's RAM)
+    if spec.get("train_images"):
+        train_x, train_y = image_rows(train_x, train_y, range(spec["train_images"]), stores[0].pixels_per_image("train"))
+    if spec.get("val_images"):
+        val_x, val_y = image_rows(val_x, val_y, range(spec["val_images"]), stores[0].pixels_per_image("val"))
     classes, ignore = spec["num_classes"], spec["ignore_label"]
     result = {"pixels": int(train_x.shape[0]), "dim": int(train_x.shape[1])}
     if spec["procedure"] == "paper":
@@ -337,6 +351,11 @@ def main() -> None:
     parser.add_argument("--paper-like-members", type=int, default=3)
     parser.add_argument("--paper-like-train", type=int, default=8)
     parser.add_argument("--paper-like-val", type=int, default=8)
+    parser.add_argument("--paper256-stores", help="pattern with {t} of benchmarks/paper_geometry.py's stores")
+    parser.add_argument("--paper256-train", type=int, default=4, help="paper256: its first N train images")
+    parser.add_argument("--paper256-val", type=int, default=4, help="paper256: its first N val images")
+    parser.add_argument("--paper256-members", type=int, default=2)
+    parser.add_argument("--paper256-classes", type=int, default=34)
     parser.add_argument("--reference-threads", type=int, default=1,
                         help="CPU threads of (a); the shipped (b) computes on one thread per pass, as the fit stage")
     parser.add_argument("--set", nargs="*", default=[], help="EnsembleConfig overrides for (b), key=value")
@@ -381,6 +400,10 @@ def main() -> None:
         if name == "digits":
             geometries[name] = {**base, "stores": args.digits_stores, "t_steps": list(DIGITS_T_STEPS),
                                 "members": args.digits_members}
+        elif name == "paper256":
+            geometries[name] = {"num_classes": args.paper256_classes, "ignore_label": 255, "stores": args.paper256_stores,
+                                "t_steps": list(DIGITS_T_STEPS), "members": args.paper256_members,
+                                "train_images": args.paper256_train, "val_images": args.paper256_val}
         else:
             pattern = build_paper_like(args.work, args.checkpoint, args.paper_like_train, args.paper_like_val)
             geometries[name] = {**base, "stores": pattern, "t_steps": list(PAPER_LIKE["t_steps"]),
@@ -408,6 +431,9 @@ def main() -> None:
             "runs": runs, "time_ratio_paper_over_streamed":
                 statistics.mean(r["fit_seconds"] for r in runs["paper"]) / statistics.mean(r["fit_seconds"] for r in runs["streamed"]),
         }
+    if "paper256" in geometries:
+        results["paper256_geometry"] = {"train_images": args.paper256_train, "val_images": args.paper256_val,
+                                        "members_both": args.paper256_members, "classes": args.paper256_classes}
     if "paper_like" in geometries:
         results["paper_like_geometry"] = {**PAPER_LIKE, "train_images": args.paper_like_train,
                                           "val_images": args.paper_like_val, "members_both": args.paper_like_members}

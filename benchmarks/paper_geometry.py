@@ -14,8 +14,9 @@ repository, so each stage's wall time, peak RSS (its process tree's) and disk ar
 Per stage: wall seconds, peak RSS, bytes its outputs take on disk. Beside them, the RAM the paper's procedure
 needs for the same images: its ``train_interpreter.py`` holds every training pixel's features in one float32
 array, train images x 256² x D x 4 bytes (44.3 GB for 20 images), before any copy. Run it alone (both cores):
-extraction takes ~13.5 s an image (3 steps, native) and an epoch of 10 members roughly 27 min on 2 cores
-(estimated from the 2-member rows/s in docs/benchmarks.md), so the full geometry is hours;
+on this 2-core CPU, with ``--epochs 1``, it took 29 minutes (extract 14.0 s an image, 3 steps, native; one
+epoch of 10 members 587 s; evaluate 249 s: benchmarks/results/paper_geometry.json). The fit recipe's own
+epochs (at most 4) would take up to ~4x the fit's time.
 ``--train-images 2 --val-images 1 --test-images 1 --members 2 --epochs 1`` checks the script in ~5 minutes.
 """
 from __future__ import annotations
