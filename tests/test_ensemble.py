@@ -153,6 +153,28 @@ def test_shuffle_pool_holds_a_split_that_fits_and_reads_it_once():
     assert np.array_equal(np.sort(visited(pool, np.random.default_rng(2))[0]), labeled)
 
 
+def test_a_resident_pool_is_read_in_quarters_in_store_order(monkeypatch):
+    """Reading a split that fits as one group held ~4x the pool at 256² (the group, its concatenation, the
+    labeled copy, the dtype cast): it is read a quarter at a time, and holds the same rows in the same order."""
+    import pipeline.ensemble.pool as pool_module
+
+    x, y, labeled = numbered()
+    reads = []
+    real = pool_module._labeled_rows
+
+    def counted(*args, **kwargs):
+        features, targets = real(*args, **kwargs)
+        reads.append(len(targets))
+        return features, targets
+
+    monkeypatch.setattr(pool_module, "_labeled_rows", counted)
+    pool = ShufflePool(x, y, capacity=10_000, ignore_label=255)
+    [(features, _, rows)] = list(pool.epoch(np.random.default_rng(0)))
+    assert len(reads) >= 4 and max(reads) <= pool.size // 4 + 250  # a quarter, rounded up to whole chunks
+    numbers = (features[rows, 0].float() * 100 + features[rows, 1].float()).long().numpy()
+    assert np.array_equal(numbers, labeled)  # store order: as one read gave it
+
+
 def test_paper_rule_waits_for_warmup_then_stops_each_member():
     x, y = toy()
     never = EnsembleConfig(**SMALL, members=2, epochs=3, stopping=Stopping.PAPER, warmup_epochs=3, batch_patience=0)

@@ -19,7 +19,9 @@ def _labeled_rows(matrix: da.Array, labels: da.Array, chunks: list[int], ignore_
     parts = da.compute(*[(matrix.blocks[chunk], labels.blocks[chunk]) for chunk in chunks], scheduler="synchronous")
     features, targets = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     keep = targets != ignore_label
-    return torch.from_numpy(features[keep]).to(dtype), torch.from_numpy(targets[keep].astype(np.int64))
+    if not keep.all():  # no copy of the group when every row is labeled
+        features, targets = features[keep], targets[keep]
+    return torch.from_numpy(features).to(dtype), torch.from_numpy(targets.astype(np.int64))
 
 
 class ShufflePool:
@@ -32,8 +34,10 @@ class ShufflePool:
     thread). The first groups fill the pool; after that each group evicts as many rows, drawn at random
     from the whole pool, which are yielded and then overwritten; the last item is what the pool holds.
     So each batch draws on all the chunks in the pool, not on one group. When every labeled row fits in
-    the pool, the rows are read once and every epoch yields the whole pool: a global shuffle.
-    Memory: the pool plus two groups, about 1.5 x capacity x D values of ``dtype`` (2 bytes), whatever P is.
+    the pool, the rows are read once (in groups of a quarter of them, in store order) and every epoch yields the
+    whole pool: a global shuffle.
+    Memory: the pool plus two groups, about 1.5 x min(capacity, labeled rows) x D values of ``dtype`` (2 bytes),
+    whatever P is.
     """
 
     def __init__(self, matrix: da.Array, labels: da.Array, capacity: int, ignore_label: int,
@@ -49,7 +53,9 @@ class ShufflePool:
         self.total = int(self.counts.sum())
         self.size = min(capacity, self.total)
         self.resident = self.total <= capacity
-        self._group_rows = self.total if self.resident else max(1, capacity // 4)
+        # Resident or not, a group is a quarter of the pool: a global shuffle too is read group by group, so that it
+        # never holds the whole split more than once (reading it as one group took ~4x the pool at 256²).
+        self._group_rows = max(1, self.size // 4)
         self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _groups(self, rng: np.random.Generator) -> list[list[int]]:
