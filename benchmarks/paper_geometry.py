@@ -18,12 +18,16 @@ on this 2-core CPU, with ``--epochs 1``, it took 29 minutes (extract 14.0 s an i
 epoch of 10 members 587 s; evaluate 249 s: benchmarks/results/paper_geometry.json). The fit recipe's own
 epochs (at most 4) would take up to ~4x the fit's time.
 ``--train-images 2 --val-images 1 --test-images 1 --members 2 --epochs 1`` checks the script in ~5 minutes.
+``--reuse`` keeps a previous invocation's scratch repository (same ``--work``) and its ``--out`` JSON: the stages
+whose params did not change are skipped by DVC and keep that JSON's rows (marked ``"run": "previous"``), so e.g.
+``--reuse`` without ``--epochs`` reruns only fit and evaluate with the recipe's own epochs.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -90,6 +94,20 @@ def scratch_repository(args) -> Path:
     return root
 
 
+def reused_repository(args) -> Path:
+    """The previous invocation's scratch repository with this invocation's fit settings."""
+    root = args.work / "repo"
+    if not (root / "dvc.lock").is_file() or not (args.out and args.out.is_file()):
+        raise SystemExit(f"--reuse needs a finished previous run: {root / 'dvc.lock'} and --out's JSON")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    counts = {"train_images": args.train_images, "val_images": args.val_images, "test_images": args.test_images}
+    if any(params["dataset"][key] != value for key, value in counts.items()) or params["features"]["layout"] != args.layout:
+        raise SystemExit(f"--reuse: {root} holds another geometry ({params['dataset']}); run without --reuse")
+    params["ensemble"].update(members=args.members, epochs=args.epochs)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/paper_geometry"))
@@ -101,25 +119,31 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="null: the fit recipe's (stopping on plateau)")
     parser.add_argument("--layout", choices=("native", "pixels"), default="native")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true", help="rerun only the stages whose params changed (see above)")
     args = parser.parse_args()
-    root = scratch_repository(args)
+    previous = json.loads(args.out.read_text()) if args.reuse else {}
+    root = reused_repository(args) if args.reuse else scratch_repository(args)
     env, dvc = environment(), str(Path(sys.executable).parent / "dvc")
     params = yaml.safe_load((root / "params.yaml").read_text())
     stages = {}
     for name in STAGES:
         run = measured([dvc, "repro", "-s", name], root, env)
+        if args.reuse and "didn't change, skipping" in run["output"]:
+            stages[name] = dict(previous["stages"][name], run="previous", output=run["output"])
+            print(f"{name}: unchanged, the previous run's row", flush=True)
+            continue
         run["disk_bytes"] = sum(folder_bytes(root / path) if (root / path).is_dir() else
                                 (root / path).stat().st_size for path in OUTPUTS[name] if (root / path).exists())
         stages[name] = run
         print(f"{name}: {run['seconds']} s, peak RSS {run['peak_rss_mb']} MB, {run['disk_bytes'] / 1e9:.2f} GB",
               flush=True)
-    dim = int(next(line for line in stages["fit"]["output"].splitlines() if "pixels x" in line)
-              .split("pixels x ")[1].split()[0])
+    fitted = re.search(r"fit: \d+ pixels x (\d+) features(?s:.*)fit: (\d+) epochs \(", stages["fit"]["output"])
+    dim, epochs = (int(fitted[1]), int(fitted[2])) if fitted else (previous["feature_dim"], previous.get("fit_epochs_run"))
     paper_bytes = args.train_images * SIZE * SIZE * dim * 4
     result = {
         "geometry": f"{SIZE}², {args.classes} classes, adm256 random weights, blocks [5, 6, 7, 8, 12], t 50/150/250",
         "images": {"train": args.train_images, "val": args.val_images, "test": args.test_images},
-        "layout": args.layout, "members": args.members, "feature_dim": dim,
+        "layout": args.layout, "members": args.members, "fit_epochs_run": epochs, "feature_dim": dim,
         "paper_procedure_ram_bytes": paper_bytes,
         "val_miou": json.loads((root / "metrics" / "val.json").read_text())["miou"] if args.val_images else None,
         "test_miou": json.loads((root / "metrics" / "eval.json").read_text())["miou"],
