@@ -175,6 +175,33 @@ def test_a_resident_pool_is_read_in_quarters_in_store_order(monkeypatch):
     assert np.array_equal(numbers, labeled)  # store order: as one read gave it
 
 
+def test_a_streamed_pool_reads_random_groups_each_in_store_order(monkeypatch):
+    """Groups are drawn at random (each epoch another draw), and each group's chunks are read in store order, so a
+    native store's reader decodes an image's maps once for the chunks of that image in a group."""
+    import pipeline.ensemble.pool as pool_module
+
+    x, y, _ = numbered()
+    groups = []
+    real = pool_module._labeled_rows
+
+    def recorded(matrix, labels, chunks, *args, **kwargs):
+        groups.append(list(chunks))
+        return real(matrix, labels, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(pool_module, "_labeled_rows", recorded)
+    pool = ShufflePool(x, y, capacity=1_000, ignore_label=255)
+    assert not pool.resident
+    rng = np.random.default_rng(0)
+    first = (list(pool.epoch(rng)), list(groups))
+    groups.clear()
+    list(pool.epoch(rng))
+    for epoch in (first[1], groups):
+        assert all(group == sorted(group) for group in epoch)
+        assert sorted(sum(epoch, [])) == list(range(len(x.chunks[0])))  # every chunk once an epoch
+    order = sum(first[1], [])
+    assert order != sorted(order) and first[1] != groups  # random groups, drawn anew each epoch
+
+
 def test_paper_rule_waits_for_warmup_then_stops_each_member():
     x, y = toy()
     never = EnsembleConfig(**SMALL, members=2, epochs=3, stopping=Stopping.PAPER, warmup_epochs=3, batch_patience=0)

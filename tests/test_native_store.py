@@ -88,6 +88,28 @@ def test_any_row_range_of_a_native_store_matches_the_whole_read(tmp_path, tiny32
     assert np.array_equal(native[1500, 70:90].compute(), whole[1500, 70:90])
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_upsampled_rows_equal_the_rows_of_the_whole_upsampled_image(mode):
+    """upsample_rows (pixel-major, from only the source rows a strip uses) against F.interpolate of the whole
+    maps: every strip, maps of several resolutions (square and not, float16 as stores hold them), both dtypes."""
+    import torch
+
+    from pipeline.features.upsample import upsample_concat, upsample_rows
+
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.randn(channels, height, width, generator=generator).half()
+            for channels, height, width in ((5, 4, 4), (3, 8, 8), (2, 16, 16), (4, 32, 32), (3, 6, 10))]
+    size = 32
+    whole = upsample_concat([m[None] for m in maps], size, mode)[0].permute(1, 2, 0).reshape(size * size, -1)
+    for first, stop in ((0, 1), (0, 32), (3, 9), (31, 32), (17, 30)):
+        rows = upsample_rows(maps, size, first, stop, mode)
+        assert rows.dtype == torch.float32 and rows.shape == (((stop - first) * size), whole.shape[1])
+        torch.testing.assert_close(rows, whole[first * size : stop * size], atol=1e-5, rtol=1e-5)
+        half = upsample_rows(maps, size, first, stop, mode, torch.float16)
+        assert half.dtype == torch.float16 and torch.equal(half, rows.half())
+    assert upsample_rows(maps, size, 5, 5, mode).shape == (0, whole.shape[1])
+
+
 @pytest.mark.parametrize("layout", ["pixels", "native"])
 def test_blocks_are_selected_from_a_store_that_holds_more(tmp_path, tiny32, layout):
     meta, data = tiny32

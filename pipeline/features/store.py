@@ -15,7 +15,7 @@ Layout of ``features/t<t>.zarr``::
     <split> attrs: image_ids (stems, in row order), pixels_per_image
 
 Either layout reads back as the same lazy ``[N*H*W, D]`` float16 matrix (``FeatureStore.features``): a
-native store upsamples each row-chunk when it is read (``pipeline.features.activations.upsample_rows``), which equals
+native store upsamples each row-chunk when it is read (``pipeline.features.upsample.upsample_rows``), which equals
 the pixels layout to float16 rounding of the maps. A store may hold more blocks than an experiment uses;
 readers select ``blocks`` among the record's.
 
@@ -379,9 +379,9 @@ class NativeMatrix:
         for image in range(start // self.pixels, -(-stop // self.pixels) if stop > start else 0):
             first, last = max(start, image * self.pixels) - image * self.pixels, min(stop, (image + 1) * self.pixels) - image * self.pixels
             top, bottom = first // self.size, -(-last // self.size)
-            strip = upsample_rows(self.maps(image), self.size, top, bottom, self.store.record.upsample)
-            parts.append(strip[first - top * self.size : last - top * self.size].to(torch.float16).numpy())
-        out = np.concatenate(parts)[::step]
+            strip = upsample_rows(self.maps(image), self.size, top, bottom, self.store.record.upsample, torch.float16)
+            parts.append(strip[first - top * self.size : last - top * self.size].numpy())
+        out = (parts[1] if len(parts) == 2 else np.concatenate(parts))[::step]  # one image's rows: no copy
         return out[0][columns] if not isinstance(rows, slice) else out[:, columns]
 
 

@@ -31,15 +31,27 @@ def interpolation_weights(size_in: int, size_out: int, mode: UpsampleMode | str)
 
 
 def upsample_rows(maps: Sequence[torch.Tensor], size: int, first_row: int, stop_row: int,
-                  mode: UpsampleMode | str) -> torch.Tensor:
+                  mode: UpsampleMode | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows ``first_row:stop_row`` of ``upsample_concat`` of one image, as pixel rows ``[(stop-first)*size,
-    sum C_i] float32``: ``maps`` are ``[C_i, h_i, w_i]``. Only the needed output rows are computed (separable
-    weights), so a reader can make a chunk of rows without upsampling the whole image. Equal to
-    ``upsample_concat`` up to float32 rounding (the sums run in another order)."""
-    parts = []
+    sum C_i]`` of ``dtype`` (computed in float32): ``maps`` are ``[C_i, h_i, w_i]``. Only the needed output rows
+    are computed (separable weights), from only the source rows they use, so a reader can make a chunk of rows
+    without upsampling the whole image. Equal to ``upsample_concat`` up to float32 rounding (the sums run in
+    another order). Pixel-major throughout: the source rows are taken channels-last, so both products are
+    plain GEMMs and each block's result is written straight into its columns (faster than channel-major
+    products and a permuted copy: benchmarks/native_read.py)."""
+    rows_out = max(stop_row - first_row, 0)
+    out = torch.empty((rows_out * size, sum(block.shape[0] for block in maps)), dtype=dtype)
+    if rows_out == 0:
+        return out
+    column = 0
     for block in maps:
-        rows = interpolation_weights(block.shape[-2], size, mode)[first_row:stop_row]
-        columns = interpolation_weights(block.shape[-1], size, mode)
-        strip = torch.matmul(torch.matmul(rows, block.float()), columns.T)  # [C, stop-first, size]
-        parts.append(strip.permute(1, 2, 0).reshape(-1, block.shape[0]))
-    return torch.cat(parts, dim=1)
+        channels, height, width = block.shape
+        rows = interpolation_weights(height, size, mode)[first_row:stop_row]
+        used = torch.nonzero(rows.any(dim=0)).flatten()
+        low, high = int(used[0]), int(used[-1]) + 1
+        source = block[:, low:high].permute(1, 2, 0).to(torch.float32, memory_format=torch.contiguous_format)
+        strip = (rows[:, low:high] @ source.reshape(high - low, width * channels)).reshape(rows_out, width, channels)
+        columns = interpolation_weights(width, size, mode)
+        out[:, column : column + channels] = torch.matmul(columns, strip).reshape(rows_out * size, channels)
+        column += channels
+    return out
