@@ -75,17 +75,23 @@ UNFILTERED_IMAGES = 128
 # 256 samples from a DDPM pretrained this many steps instead of 800, one segnet seed each (every run pretrains
 # anew: a stage whose curve is kept in git is not in DVC's run-cache).
 DDPM_STEPS = (400, 1600)
+# ... and at a fixed number of segnet optimizer steps (segnet.steps) instead of 20 epochs, which give 80 steps to 29
+# kept samples and 580 to 231: 4x the 256-sample run's steps, at the smallest and largest set (one segnet seed each).
+SEGNET_STEPS = 2320
+FIXED_STEP_IMAGES = (32, 256)
 
 
-def datasetddpm_experiments(sizes=SYNTHETIC_IMAGES, unfiltered: int = UNFILTERED_IMAGES,
-                            ddpm_steps=DDPM_STEPS) -> tuple[Experiment, ...]:
+def datasetddpm_experiments(sizes=SYNTHETIC_IMAGES, unfiltered: int = UNFILTERED_IMAGES, ddpm_steps=DDPM_STEPS,
+                            segnet_steps: int = SEGNET_STEPS, fixed_step_sizes=FIXED_STEP_IMAGES) -> tuple[Experiment, ...]:
     runs = [Experiment(f"dd-n{size}", f"{size} samples, 10% most uncertain dropped", (f"sample.images={size}",))
             for size in sizes]
     runs.append(Experiment(f"dd-n{unfiltered}-all", f"{unfiltered} samples, none dropped",
                            (f"sample.images={unfiltered}", "datasetddpm.drop_uncertain=0")))
     return with_fit_seeds(tuple(runs), key="segnet.seed") + tuple(
         Experiment(f"dd-n256-ddpm{steps}", f"256 samples, a DDPM of {steps} pretraining steps (one segnet seed)",
-                   ("sample.images=256", f"ddpm.train.steps={steps}")) for steps in ddpm_steps)
+                   ("sample.images=256", f"ddpm.train.steps={steps}")) for steps in ddpm_steps) + tuple(
+        Experiment(f"dd-n{size}-s{segnet_steps}", f"{size} samples, {segnet_steps} segnet steps (one segnet seed)",
+                   (f"sample.images={size}", f"segnet.steps={segnet_steps}")) for size in fixed_step_sizes)
 
 
 def seed_of(name: str) -> int:

@@ -437,11 +437,23 @@ class SegnetConfig(Section):
     lr: Rate = 1e-3
     batch_size: Positive = 8
     epochs: Positive = 20
+    # null: ``epochs`` epochs whatever the synthetic set's size (the paper's recipe, for 10,000 samples). N: as many
+    # whole epochs as reach N optimizer steps (``epochs_for``), so that a sweep over synthetic-set sizes keeps the
+    # optimizer steps (at 20 epochs, 29 samples get 80 steps and 231 get 580); ``epochs`` is then not used.
+    steps: Optional[Positive] = None
     seed: Seed = 0
     # The encoder's initial weights (pipeline/segnet/weights.py): a transformers SegFormer folder written by
     # save_pretrained (a local copy of nvidia/mit-b0, say) or a .pt / .safetensors state dict of a SegformerModel
     # or SegformerForSemanticSegmentation. models/scratch (the placeholder) or null: random init.
     weights: Optional[StrictStr] = SCRATCH
+
+    def epochs_for(self, samples: int) -> int:
+        """The epochs trained on ``samples`` samples: ``epochs``, or with ``steps`` set the fewest whole epochs of
+        ``ceil(samples / batch_size)`` batches that make at least ``steps`` optimizer steps."""
+        if self.steps is None:
+            return self.epochs
+        batches = max(1, -(-samples // self.batch_size))
+        return -(-self.steps // batches)
 
     def weights_path(self) -> Path | None:
         """The file or folder ``weights`` names; None for a random init (null or the ``models/scratch`` placeholder)."""

@@ -109,6 +109,21 @@ def test_the_epoch_kept_is_the_one_val_prefers_not_the_last(project):
     assert not all(torch.equal(result.state_dict[key], snapshots[-1][key]) for key in snapshots[-1])
 
 
+def test_segnet_steps_sets_the_epochs_by_the_synthetic_sets_size(project):
+    """segnet.steps: the fewest whole epochs that make the steps, whatever the set's size (a size sweep keeps the
+    optimizer steps); null: segnet.epochs."""
+    assert params_from_dict({"segnet": {"epochs": 7}}).segnet.epochs_for(1000) == 7
+    config = params_from_dict({"segnet": {"steps": 580, "batch_size": 8, "epochs": 7}}).segnet
+    assert [config.epochs_for(n) for n in (29, 116, 231, 8, 1)] == [145, 39, 20, 580, 580]  # 4, 15, 29, 1, 1 batches
+    root, params = project
+    train = LabeledFolder(root / "synthetic", SIZE)
+    config = load_params(params).segnet.model_copy(update={"steps": 5})
+    batches = -(-len(train) // config.batch_size)
+    network = build_network(segformer_config(config, 11), seed=config.seed)
+    result = train_segnet(network, train, config, ignore_label=255, validate=None, device=torch.device("cpu"))
+    assert len(result.history) == -(-5 // batches) != config.epochs
+
+
 def test_the_stage_scores_every_epoch_on_val_and_saves_the_best(project, trained):
     root, params = project
     loaded = load_params(params)
@@ -249,6 +264,7 @@ def test_a_segnet_trained_for_other_params_is_refused_naming_the_key(project, tr
     ({"sr_ratios": [4, 2, 16]}, r"segnet.sr_ratios\[2\]=16 is more than encoder stage 2's map side 8"),
     ({"lr": -0.1}, "segnet.lr"),
     ({"epochs": 0}, "segnet.epochs"),
+    ({"steps": 0}, "segnet.steps"),
     ({"batch_size": "8"}, "segnet.batch_size"),
     ({"hidden_size": 8}, "segnet.hidden_size"),
 ])

@@ -1,9 +1,10 @@
 """Training DatasetDDPM's network on the labeled samples, the epoch chosen on the val split.
 
 As the official ``train_deeplab.py``: cross-entropy on the ensemble's labels, Adam (``segnet.lr``), batch
-``segnet.batch_size``, ``segnet.epochs`` epochs, no augmentation. Unlike it, the epoch kept is the one with
-the best val mIoU (the paper's protocol, ``pipeline.ensemble.metrics``) on the real val split: never on
-test, never on the labeled train images (the official code picks on those). Ties go to the earlier epoch.
+``segnet.batch_size``, ``segnet.epochs`` epochs (or as many as make ``segnet.steps`` steps), no augmentation.
+Unlike it, the epoch kept is the one with the best val mIoU (the paper's protocol, ``pipeline.ensemble.metrics``)
+on the real val split: never on test, never on the labeled train images (the official code picks on those). Ties
+go to the earlier epoch.
 
 After every epoch a resumable state (network, optimiser, RNG, history, the best epoch's weights so far) is
 written; a rerun whose fingerprint matches continues after its last finished epoch and ends with the same
@@ -100,7 +101,8 @@ def train_segnet(network: torch.nn.Module, train: LabeledFolder, config: SegnetC
                  validate: Callable[[torch.nn.Module], float] | None, device: torch.device,
                  state_path: Path | None = None, fingerprint: str = "",
                  on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainedSegnet:
-    """Train ``network`` (freshly built and seeded) for ``config.epochs`` epochs and return the weights of the
+    """Train ``network`` (freshly built and seeded) for ``config.epochs_for(len(train))`` epochs (``segnet.epochs``,
+    or enough for ``segnet.steps`` optimizer steps) and return the weights of the
     epoch ``choose_epoch`` picks. ``validate(network)`` scores the network on the val split (None: no val
     images, the last epoch is kept). With ``state_path`` a state is written after every epoch and a matching one
     (``fingerprint``) is resumed. ``on_epoch`` is called after each epoch's state is written."""
@@ -116,7 +118,7 @@ def train_segnet(network: torch.nn.Module, train: LabeledFolder, config: SegnetC
         restore_trainer_state(state, parts)
         history = [EpochRecord(**record) for record in state["history"]]
         best = (int(state["best_epoch"]), state["best_network"])
-    for epoch in range(len(history) + 1, config.epochs + 1):
+    for epoch in range(len(history) + 1, config.epochs_for(len(train)) + 1):
         network.train()
         order = torch.randperm(len(train), generator=generator).tolist()
         losses = []
