@@ -20,7 +20,7 @@ TINY = {
     "evaluate": {"overlays": 2},
     "sample": {"images": 4, "batch_size": 2, "steps": 5},
     "datasetddpm": {"drop_uncertain": 0.25},
-    "segnet": {"epochs": 2},
+    "segnet": {"epochs": 2, "steps": None},
 }
 DVC = str(Path(sys.executable).parent / "dvc")
 # Every stage of the default pipeline, in the order `dvc repro` runs them.

@@ -38,7 +38,8 @@ SIZE = 32
 # a two-stage SegFormer of ~10k parameters: a few epochs of six images take well under a second
 TINY_SEGNET = {"segnet.hidden_sizes": [8, 16], "segnet.depths": [1, 1], "segnet.attention_heads": [1, 2],
                "segnet.sr_ratios": [2, 1], "segnet.patch_sizes": [3, 3], "segnet.strides": [2, 2],
-               "segnet.decoder_hidden_size": 16, "segnet.batch_size": 4, "segnet.epochs": 4}
+               "segnet.decoder_hidden_size": 16, "segnet.batch_size": 4, "segnet.epochs": 4,
+               "segnet.steps": None}
 
 
 def square_example(rng: np.random.Generator, channel: int = 0, ignore: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +113,7 @@ def test_the_epoch_kept_is_the_one_val_prefers_not_the_last(project):
 def test_segnet_steps_sets_the_epochs_by_the_synthetic_sets_size(project):
     """segnet.steps: the fewest whole epochs that make the steps, whatever the set's size (a size sweep keeps the
     optimizer steps); null: segnet.epochs."""
-    assert params_from_dict({"segnet": {"epochs": 7}}).segnet.epochs_for(1000) == 7
+    assert params_from_dict({"segnet": {"epochs": 7, "steps": None}}).segnet.epochs_for(1000) == 7
     config = params_from_dict({"segnet": {"steps": 580, "batch_size": 8, "epochs": 7}}).segnet
     assert [config.epochs_for(n) for n in (29, 116, 231, 8, 1)] == [145, 39, 20, 580, 580]  # 4, 15, 29, 1, 1 batches
     root, params = project
@@ -122,6 +123,25 @@ def test_segnet_steps_sets_the_epochs_by_the_synthetic_sets_size(project):
     network = build_network(segformer_config(config, 11), seed=config.seed)
     result = train_segnet(network, train, config, ignore_label=255, validate=None, device=torch.device("cpu"))
     assert len(result.history) == -(-5 // batches) != config.epochs
+
+
+def test_many_short_epochs_are_scored_on_val_at_most_max_checks_times_and_the_last_always(project):
+    """segnet.steps on a small set makes hundreds of tiny epochs: val runs every ceil(epochs / 100)-th epoch and after
+    the last, and the epoch kept is one val scored."""
+    from pipeline.segnet.train import MAX_CHECKS
+
+    root, params = project
+    train = LabeledFolder(root / "synthetic", SIZE)
+    batches = -(-len(train) // 4)
+    config = load_params(params).segnet.model_copy(update={"steps": batches * 250, "batch_size": 4})
+    calls = iter(range(1000))
+    network = build_network(segformer_config(config, 11), seed=config.seed)
+    result = train_segnet(network, train, config, ignore_label=255, validate=lambda network: (next(calls) % 7) / 10,
+                          device=torch.device("cpu"))
+    scored = [record.epoch for record in result.history if record.val_miou is not None]
+    assert len(result.history) == 250 and len(scored) <= MAX_CHECKS
+    assert scored == [epoch for epoch in range(1, 251) if epoch % 3 == 0] + [250]
+    assert result.epoch in scored and result.history[result.epoch - 1].val_miou == 0.6
 
 
 def test_the_stage_scores_every_epoch_on_val_and_saves_the_best(project, trained):

@@ -97,6 +97,11 @@ def load_state(path: Path, fingerprint: str) -> dict | None:
                                 lambda state: f"after epoch {state['epoch']}")
 
 
+# With many short epochs (segnet.steps on a small synthetic set: 580 epochs of 4 batches at the defaults) scoring val
+# and writing the state after each would take most of the time: both happen every ceil(epochs / MAX_CHECKS) epochs.
+MAX_CHECKS = 100
+
+
 def train_segnet(network: torch.nn.Module, train: LabeledFolder, config: SegnetConfig, *, ignore_label: int,
                  validate: Callable[[torch.nn.Module], float] | None, device: torch.device,
                  state_path: Path | None = None, fingerprint: str = "",
@@ -104,8 +109,9 @@ def train_segnet(network: torch.nn.Module, train: LabeledFolder, config: SegnetC
     """Train ``network`` (freshly built and seeded) for ``config.epochs_for(len(train))`` epochs (``segnet.epochs``,
     or enough for ``segnet.steps`` optimizer steps) and return the weights of the
     epoch ``choose_epoch`` picks. ``validate(network)`` scores the network on the val split (None: no val
-    images, the last epoch is kept). With ``state_path`` a state is written after every epoch and a matching one
-    (``fingerprint``) is resumed. ``on_epoch`` is called after each epoch's state is written."""
+    images, the last epoch is kept); it runs after every ``ceil(epochs / MAX_CHECKS)``-th epoch and the last. With
+    ``state_path`` a state is written after those same epochs and a matching one (``fingerprint``) is resumed.
+    ``on_epoch`` is called after each epoch (and its state, if any) is written."""
     network.to(device).train()
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)  # the batches' order
@@ -118,7 +124,9 @@ def train_segnet(network: torch.nn.Module, train: LabeledFolder, config: SegnetC
         restore_trainer_state(state, parts)
         history = [EpochRecord(**record) for record in state["history"]]
         best = (int(state["best_epoch"]), state["best_network"])
-    for epoch in range(len(history) + 1, config.epochs_for(len(train)) + 1):
+    epochs = config.epochs_for(len(train))
+    every = -(-epochs // MAX_CHECKS)  # val (and the resumable state) at most MAX_CHECKS times, and after the last epoch
+    for epoch in range(len(history) + 1, epochs + 1):
         network.train()
         order = torch.randperm(len(train), generator=generator).tolist()
         losses = []
@@ -130,12 +138,13 @@ def train_segnet(network: torch.nn.Module, train: LabeledFolder, config: SegnetC
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-        val_miou = None if validate is None else round(float(validate(network)), 6)
+        checked = epoch % every == 0 or epoch == epochs
+        val_miou = None if validate is None or not checked else round(float(validate(network)), 6)
         record = EpochRecord(epoch, round(float(np.mean(losses)), 6), val_miou)
         history.append(record)
         if choose_epoch(history) == epoch:
             best = (epoch, copy.deepcopy({key: value.detach().cpu() for key, value in network.state_dict().items()}))
-        if state_path is not None:
+        if state_path is not None and checked:
             save_torch_atomic({"format": STATE_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
                                **trainer_state(parts), "history": [asdict(item) for item in history], "best_epoch": best[0],
                                "best_network": best[1]}, state_path)
