@@ -6,9 +6,9 @@ Unlike it, the epoch kept is the one with the best val mIoU (the paper's protoco
 on the real val split: never on test, never on the labeled train images (the official code picks on those). Ties
 go to the earlier epoch.
 
-After every epoch a resumable state (network, optimiser, RNG, history, the best epoch's weights so far) is
-written; a rerun whose fingerprint matches continues after its last finished epoch and ends with the same
-weights as an unbroken run. Images are read from their files batch by batch: memory does not grow with the
+After every epoch that val scores (each one, or every ``ceil(epochs / MAX_CHECKS)``-th and the last) a resumable
+state (network, optimiser, RNG, history, the best epoch's weights so far) is written; a rerun whose fingerprint
+matches continues after the epoch of that state and ends with the same weights as an unbroken run. Images are read from their files batch by batch: memory does not grow with the
 number of samples.
 """
 from __future__ import annotations
