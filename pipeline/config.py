@@ -439,9 +439,12 @@ class SegnetConfig(Section):
     epochs: Positive = 20
     # null: ``epochs`` epochs whatever the synthetic set's size (the paper's recipe, for 10,000 samples). N: as many
     # whole epochs as reach N optimizer steps (``epochs_for``), so that a sweep over synthetic-set sizes keeps the
-    # optimizer steps (at 20 epochs, 29 samples get 80 steps and 231 get 580); ``epochs`` is then not used. 2320,
-    # chosen on val: 0.146 at 32 samples and 0.180 at 256, against 0.094-0.100 and 0.119-0.121 at 20 epochs.
-    steps: Optional[Positive] = 2320
+    # optimizer steps (at 20 epochs, 29 samples get 80 steps and 231 get 580); ``epochs`` is then not used. Chosen
+    # on val: 2320 steps gave 0.146 at 32 samples and 0.180 at 256, against 0.094-0.100 and 0.119-0.121 at 20 epochs;
+    # at the default 32 samples val peaked at step 528 (epoch 132) and fell to ~0.124 by 2320, so the default is half
+    # of that, 1160 (same epoch kept, 75 s less); the size sweep (analyses/experiments.py) sets 2320, which 256
+    # samples need (their best epoch: step 2059).
+    steps: Optional[Positive] = 1160
     seed: Seed = 0
     # The encoder's initial weights (pipeline/segnet/weights.py): a transformers SegFormer folder written by
     # save_pretrained (a local copy of nvidia/mit-b0, say) or a .pt / .safetensors state dict of a SegformerModel
