@@ -156,6 +156,36 @@ def test_the_sample_efficiency_sweep_trains_equal_steps_and_draws_five_subsets_b
     assert all(runs[count] == runs[1][: len(runs[count])] for count in runs)
 
 
+def test_the_datasetddpm_size_sweep_trains_equal_segnet_steps_and_varies_the_set_alone():
+    from analyses.experiments import PAPER_EPOCHS, SEGNET_STEPS
+
+    sweeps: dict[str, dict[str, dict[str, str]]] = {"steps": {}, "epochs": {}}
+    for experiment in ANALYSES["datasetddpm"].experiments:
+        given = dict(o.split("=", 1) for o in experiment.overrides)
+        for key, value in given.items():  # each override alone is valid
+            *parents, leaf = key.split(".")
+            nested = {leaf: yaml.safe_load(value)}
+            for parent in reversed(parents):
+                nested = {parent: nested}
+            params_from_dict(nested)
+        if "ddpm.train.steps" in given:  # the pretraining runs: at the paper's epochs, named so
+            assert given["segnet.steps"] == "null" and experiment.name.endswith("-e20"), experiment
+            continue
+        # the sweep at fixed steps, and the same sweep at the paper's 20 epochs (names ending -e20[-fs<seed>])
+        sweep = "epochs" if "-e20" in experiment.name else "steps"
+        assert given["segnet.steps"] == (str(SEGNET_STEPS) if sweep == "steps" else PAPER_EPOCHS.split("=")[1])
+        sweeps[sweep][experiment.name] = given
+    for runs in sweeps.values():
+        sizes = {int(given["sample.images"]) for given in runs.values()}
+        assert len(sizes) >= 3
+        # Within a sweep only the set (its size, the filter) and the segnet seed change.
+        assert {key for given in runs.values() for key in given} <= {
+            "sample.images", "segnet.steps", "segnet.seed", "datasetddpm.drop_uncertain"}
+        assert {seed_of(name) for name in runs} == set(FIT_SEEDS)
+    # the two sweeps are the same sets, one trained by steps, one by epochs
+    assert {name.replace("-e20", "") for name in sweeps["epochs"]} == set(sweeps["steps"])
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     paths = make_project(tmp_path_factory.mktemp("analyses"), {
