@@ -49,6 +49,7 @@ chosen (see its ``notes``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -283,6 +284,8 @@ def build_paper_like(work: Path, checkpoint: Path, train_images: int, val_images
     if all(Path(pattern.format(t=t)).exists() for t in PAPER_LIKE["t_steps"]):
         return pattern
     model, diffusion, _ = load_checkpoint(checkpoint)
+    # The digits UNet (convolutional) run at the paper-like size: its config says so, for the noise drawn per image.
+    model.config = dataclasses.replace(model.config, image_size=PAPER_LIKE["size"])
     dim = feature_dim(model, PAPER_LIKE["blocks"])
     pools = split_digit_pools(5000, 0)
     # val digits come from the digits' unlabeled pool: disjoint from the train pool, never from test.
