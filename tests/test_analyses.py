@@ -318,10 +318,10 @@ def test_the_datasetddpm_table_groups_segnet_seeds_under_their_synthetic_set_aft
     table = datasetddpm_table(record, labels_of("datasetddpm"))
     assert table.iloc[0]["run"].startswith("ensemble") and table.iloc[0]["val mIoU"] == 0.361
     assert (table["ensemble val"] == 0.361).all()  # every set here was labeled by the default DDPM's ensemble
-    filtered = table[table["run"] == "32 samples, 10% most uncertain dropped"].iloc[0]
+    filtered = table[table["run"] == "32 samples, 10% most uncertain dropped, 2320 segnet steps"].iloc[0]
     assert (filtered["seeds"], filtered["samples"], filtered["kept"], filtered["epochs chosen"]) == (2, 32, 29, "1, 3")
     assert filtered["val mIoU"] == pytest.approx(0.11) and filtered["test std"] == pytest.approx(0.0141421, rel=1e-4)
-    unfiltered = table[table["run"] == "128 samples, none dropped"].iloc[0]
+    unfiltered = table[table["run"] == "128 samples, none dropped, 2320 segnet steps"].iloc[0]
     assert unfiltered["seeds"] == 1 and unfiltered["kept"] == 128 and unfiltered["val std"] != unfiltered["val std"]
     assert len(table) == 3  # the ensemble, then the two synthetic sets recorded (the others were not run)
 
@@ -428,7 +428,8 @@ def test_every_baseline_runs_three_fit_seeds_and_its_row_has_their_spread():
     labels = {e.label for e in experiments}
     once = [e.name for e in experiments if sum(other.label == e.label for other in experiments) == 1]
     # their pretraining reruns per seed (10-20 min each): one fit seed, their labels say so
-    assert once == ["bl-mae-6000", f"bl-swav-{2 * SWAV_STEPS}", "bl-mae-12000", "bl-mae-lr3e-4", "bl-mae-lr3e-3"]
+    assert once == ["bl-mae-6000", f"bl-swav-{2 * SWAV_STEPS}", "bl-mae-12000", "bl-mae-lr3e-4", "bl-mae-lr3e-3",
+                    "bl-mae-ps1", "bl-mae-ps2"]
     assert all("one fit seed" in e.label for e in experiments[-len(once):])
     assert len(experiments) == (len(labels) - len(once)) * 3 + len(once) and FIT_SEEDS == (0, 1, 2)
     seeded = {e.name: e for e in experiments}["bl-rgb-fs2"]
