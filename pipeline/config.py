@@ -302,10 +302,14 @@ class EnsembleConfig(Section):
     # more than 50 stale batches in a row, checked from 0-based epoch 4 on (train_interpreter.py).
     batch_patience: Annotated[StrictInt, Field(ge=0, description="0 = stop at the first stale batch")] = 50
     warmup_epochs: NonNegative = 4
-    # Shuffle buffer in labeled rows (ignore rows are dropped when it is filled); it holds buffer_rows x D
-    # values. When every labeled row fits, the fit reads the store once and shuffles globally every
-    # epoch, as the paper's in-RAM DataLoader does; otherwise rows are mixed across many chunks.
-    buffer_rows: Annotated[StrictInt, Field(ge=2, description="BatchNorm needs two rows per batch")] = 65536
+    # The shuffle pool of labeled rows (ignore rows are dropped when it is filled), sized in memory: buffer_mb MiB of
+    # rows of D values (2 bytes each: float16, or bfloat16 under bf16 autocast), or buffer_rows rows when that is set.
+    # When every labeled row fits, the fit reads the store once and shuffles globally every epoch, as the paper's
+    # in-RAM DataLoader does; otherwise rows are mixed across many chunks. A budget in bytes rather than rows keeps
+    # the memory the same at any D while narrow features get the whole split: 1024 MiB is 63,550 rows at the paper's
+    # D = 8448 (the earlier default was 65,536 rows at every D) and 279,620 at D = 1920 (docs/benchmarks.md).
+    buffer_mb: Positive = 1024
+    buffer_rows: Optional[Annotated[StrictInt, Field(ge=2, description="BatchNorm needs two rows per batch")]] = None
     # Members trained together in one pass over the data (null = members / parallel_passes). Fewer trade passes for memory:
     # 10 members of the paper's D=8448 MLP with Adam hold ~0.6 GB by themselves.
     members_per_pass: Optional[Positive] = None
@@ -334,6 +338,13 @@ class EnsembleConfig(Section):
         if "autocast" in filled:
             filled["autocast"] = Autocast(filled["autocast"])
         return self.model_copy(update=filled) if filled else self
+
+    def pool_rows(self, dim: int, itemsize: int = 2) -> int:
+        """Rows of the shuffle pool for ``dim`` features of ``itemsize`` bytes: ``buffer_rows`` when set, else as
+        many as ``buffer_mb`` MiB hold (at least 2, for BatchNorm)."""
+        if self.buffer_rows is not None:
+            return self.buffer_rows
+        return max(2, self.buffer_mb * 2**20 // (dim * itemsize))
 
     def given_by(self, key: str) -> str:
         """Where a recipe key's value comes from, for messages: ``ensemble.epochs=4 (recipe fast)``."""

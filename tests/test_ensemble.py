@@ -528,3 +528,31 @@ def test_steps_give_exactly_that_many_optimizer_steps_whatever_the_images(monkey
                                 buffer_rows=buffer_rows)
     fit_ensemble(x, y, num_classes=4, ignore_label=255, config=two_passes, device=torch.device("cpu"))
     assert len(taken) == 60  # 30 per pass, the passes sharing one pool
+
+
+def test_the_pool_is_sized_in_memory_so_narrow_features_get_the_whole_split(monkeypatch):
+    """The default pool is 1024 MiB of rows whatever D: 63,550 rows at the paper's D = 8448, 279,620 at D = 1920
+    (the paper-like store's 131,072 train rows fit, read once); buffer_rows, when set, wins; the fit sizes its pool
+    with the features' width and its rows' bytes."""
+    default = EnsembleConfig()
+    assert default.pool_rows(8448) == 63550 and default.pool_rows(1920) == 279620
+    assert default.pool_rows(1920) * 1920 * 2 <= 1024 * 2**20 < (default.pool_rows(1920) + 1) * 1920 * 2
+    assert EnsembleConfig(buffer_mb=1).pool_rows(1 << 20) == 2  # never below BatchNorm's two rows
+    assert EnsembleConfig(buffer_rows=300, buffer_mb=1).pool_rows(12) == 300
+    capacities = []
+    original = ShufflePool.__init__
+
+    def record(self, matrix, labels, capacity, *args, **kwargs):
+        capacities.append(capacity)
+        original(self, matrix, labels, capacity, *args, **kwargs)
+
+    monkeypatch.setattr(ShufflePool, "__init__", record)
+    x, y = toy(pixels=1024, dim=12)
+    for config in (EnsembleConfig(**SMALL, members=1, epochs=1, buffer_mb=1),
+                   EnsembleConfig(**SMALL, members=1, epochs=1, buffer_mb=1, autocast=Autocast.NONE),
+                   EnsembleConfig(**SMALL, members=1, epochs=1, buffer_rows=100)):
+        fit_ensemble(x, y, num_classes=4, ignore_label=255, config=config, device=torch.device("cpu"))
+    assert capacities == [2**20 // 24, 2**20 // 24, 100]  # 12 values of 2 bytes a row, float16 or bfloat16 alike
+    from pipeline.config import ConfigError, params_from_dict
+    with pytest.raises(ConfigError, match="ensemble.buffer_mb"):
+        params_from_dict({"ensemble": {"buffer_mb": 0}})

@@ -19,7 +19,7 @@ SECTIONS = {
     "dataset": ["name", "image_size", "num_classes", "ignore_label", "train_images", "val_images", "test_images", "non_square",
                 "class_names", "min_class_pixels"],
     "features": ["upsample", "noise_seed", "batch_size", "chunk_pixels", "codec", "clevel", "stochastic_noise"],
-    "ensemble": ["members", "lr", "batch_size", "epochs", "patience", "min_delta", "buffer_rows", "stopping", "seed"],
+    "ensemble": ["members", "lr", "batch_size", "epochs", "patience", "min_delta", "buffer_rows", "buffer_mb", "stopping", "seed"],
     "evaluate": ["overlays", "confusion_max_pixels", "batch_pixels"],
     "runtime": ["device", "threads"],
 }

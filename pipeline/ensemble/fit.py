@@ -6,11 +6,12 @@ BatchNorm are per-element / per-channel, so this trains exactly M independent ML
 (D→128→ReLU→BN→32→ReLU→BN→C, or 256/128 for C ≥ 30), each initialised from its own seed (``seed + i``)
 with the paper's N(0, 0.02) weights.
 
-Rows reach the trainer through a shuffle pool of ``ensemble.buffer_rows`` labeled rows (``ShufflePool``):
+Rows reach the trainer through a shuffle pool of ``ensemble.buffer_mb`` MiB of labeled rows (or
+``ensemble.buffer_rows`` rows; ``ShufflePool``):
 when the whole labeled split fits, the store is read once and every epoch is a global shuffle, as in the
 paper's in-RAM DataLoader; otherwise chunks stream through the pool and each batch mixes rows of many
 chunks. Passes trained at once share one pool (``SharedPool``), so the store is read once per epoch
-whatever their number. Memory is set by ``buffer_rows`` x D, never by the number of images.
+whatever their number. Memory is set by the pool's budget, never by the number of images.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def fit_ensemble(
     # The pool holds rows as the first product takes them: float16 as stored, or bfloat16 under bf16 autocast
     # (the same rounding autocast would apply, done once per row read instead of once per member and batch).
     dtype = AUTOCAST_DTYPES[config.autocast] or torch.float16
-    pool = ShufflePool(matrix, labels, config.buffer_rows, ignore_label, dtype)
+    pool = ShufflePool(matrix, labels, config.pool_rows(matrix.shape[1], dtype.itemsize), ignore_label, dtype)
     if pool.total < 2:
         raise DatasetError(
             "the training split has fewer than two labeled pixels (all others are the ignore label); check the masks "
