@@ -50,7 +50,6 @@ chosen (see its ``notes``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -285,8 +284,7 @@ def build_paper_like(work: Path, checkpoint: Path, train_images: int, val_images
     if all(Path(pattern.format(t=t)).exists() for t in PAPER_LIKE["t_steps"]):
         return pattern
     model, diffusion, _ = load_checkpoint(checkpoint)
-    # The digits UNet (convolutional) run at the paper-like size: its config says so, for the noise drawn per image.
-    model.config = dataclasses.replace(model.config, image_size=PAPER_LIKE["size"])
+    # The digits UNet (convolutional) runs at the paper-like size: the feature path draws noise at the images' size.
     dim = feature_dim(model, PAPER_LIKE["blocks"])
     pools = split_digit_pools(5000, 0)
     # val digits come from the digits' unlabeled pool: disjoint from the train pool, never from test.

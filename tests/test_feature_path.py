@@ -163,3 +163,30 @@ def test_robustness_holds_one_capped_batch_of_images_at_a_time(project, monkeypa
     capped = robustness.vote_on_images(model, diffusion, ensemble, params, images)
     assert seen == [2, 2, 2, 2]  # two images per batch under the cap, each step
     assert np.array_equal(capped, whole)
+
+
+def test_images_larger_than_the_model_get_noise_and_maps_of_their_own_size(project):
+    """The UNet is convolutional: 64 px images through the 32 px digits model draw 64 px noise (the shared noise of
+    a 64 px model: the same seed at that size) and give 64 x 64 rows; an image of another size is refused by name."""
+    import dataclasses
+
+    params = load_params(project["params"])
+    model, diffusion = loaded_model(str(project["checkpoint"]), "cpu")
+    small = read_rgb(list_examples(project["data"], Split.TEST)[0].image_path)
+    large = np.kron(small, np.ones((2, 2, 1), dtype=np.uint8))  # 64 x 64
+    options = dict(options=params.features, t_steps=[50], blocks=[1, 3])
+    (_, rows), = features_for_images(model, diffusion, [large], **options)
+    assert rows.shape[0] == 64 * 64
+    told = dataclasses.replace(model.config, image_size=64)  # what the benchmark once had to tell the model
+    real = model.config
+    model.config = told
+    try:
+        (_, expected), = features_for_images(model, diffusion, [large], **options)
+    finally:
+        model.config = real
+    assert torch.equal(rows, expected)
+    (_, own), = features_for_images(model, diffusion, [small], **options)
+    assert own.shape[0] == 32 * 32
+    with pytest.raises(Exception, match="image 1 is 32x32 px, but the first image is 64x64"):
+        list(features_for_images(model, diffusion, [large, small], **{**options, "options": params.features.model_copy(
+            update={"batch_size": 1})}))

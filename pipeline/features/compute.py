@@ -21,7 +21,7 @@ from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.diffusion.unet import UNetModel, for_inference
 from pipeline.enums import Representation, StoreLayout
-from pipeline.errors import ConfigError, check_timesteps
+from pipeline.errors import ConfigError, DatasetError, check_timesteps
 from pipeline.features.activations import (
     check_feature_values,
     decoder_activations,
@@ -36,6 +36,11 @@ from pipeline.runtime import AUTOCAST_DTYPES
 from pipeline.selfsup.encoders import encoder_maps, is_self_supervised, load_encoder
 
 ImageSource = str | Path | np.ndarray  # an image file, or an [S, S, 3] uint8 array at the model's size
+
+
+def image_side(image: str | Path | np.ndarray) -> int:
+    """The height of an image file or ``[H, W, 3]`` array: the side of the square images a call takes."""
+    return (read_rgb(image) if isinstance(image, (str, Path)) else np.asarray(image)).shape[0]
 
 
 def noise_for(seed: int, split: str, index: int, t: int, image_size: int) -> torch.Tensor:
@@ -123,7 +128,9 @@ def features_for_images(
     native = StoreLayout(layout) is StoreLayout.NATIVE
     if native and (len(t_steps) != 1 or options.representation is not Representation.DDPM):
         raise ValueError("the native layout holds one step of the DDPM's maps")
-    size = model.config.image_size
+    # The images' own size (square, as every split is), not the model's: a UNet is convolutional, so a benchmark or a
+    # user may feed it larger images, and the noise and the upsampled maps must match them.
+    size = image_side(images[0]) if len(images) else model.config.image_size
     dim = representation_dim(model, blocks, options.representation, options.patch_size)  # checks the blocks
     batch_size = images_per_batch(options.batch_size, size, dim * len(t_steps))
     autocast_dtype = AUTOCAST_DTYPES[options.autocast.value]
@@ -134,6 +141,10 @@ def features_for_images(
         batch = [indices[position] for position in positions]
         x0 = to_model_input(np.stack([read_rgb(images[p]) if isinstance(images[p], (str, Path)) else images[p]
                                       for p in positions]))
+        if x0.shape[-2:] != (size, size):
+            raise DatasetError(f"{name_of(batch[0])} is {x0.shape[-1]}x{x0.shape[-2]} px, but the first image is "
+                               f"{size}x{size}: one call takes images of one square size (resize them, or set "
+                               f"dataset.non_square: center_crop)")
         if device.type == "cuda":  # page-locked host memory lets the copy overlap the previous batch
             x0 = x0.pin_memory()
         x0 = x0.to(device, non_blocking=True)
