@@ -47,8 +47,9 @@ def main() -> None:
     if config.weights_path() is not None:
         init = load_encoder_weights(network, config.weights_path())
         print(f"train_segnet: encoder weights from {init['path']} (sha256 {init['sha256'][:12]}), a fresh decode head")
+    epochs = config.epochs_for(len(train))
     print(f"train_segnet: SegFormer {sum(p.numel() for p in network.parameters()):,} parameters, {len(train)} "
-          f"labeled samples, {config.epochs_for(len(train))} epochs of batch {config.batch_size}"
+          f"labeled samples, {epochs} epochs of batch {config.batch_size}"
           f"{'' if config.steps is None else f' (segnet.steps {config.steps})'}, Adam lr {config.lr:g}")
     live, start = open_curves(args.curves), time.perf_counter()
 
@@ -71,7 +72,7 @@ def main() -> None:
     write_curves(args.curves, [curve_row(record) for record in trained.history])
     state_path.unlink(missing_ok=True)
     val = "" if chosen.val_miou is None else f" (val mIoU {chosen.val_miou:.4f})"
-    print(f"train_segnet: epoch {trained.epoch} of {config.epochs_for(len(train))} kept{val} in {time.perf_counter() - start:.0f}s "
+    print(f"train_segnet: epoch {trained.epoch} of {epochs} kept{val} in {time.perf_counter() - start:.0f}s "
           f"-> {args.out}")
 
 
