@@ -150,11 +150,12 @@ ANALYSES = {
         *(Experiment(f"bl-mae-ps{seed}", f"MAE, the DDPM's pretraining time (3000 steps), pretraining seed {seed}, "
                      f"one fit seed", ("features.representation=mae", "t_steps=[50]", f"mae.seed={seed}"))
           for seed in (1, 2)),
-        # Each competitor's longer budget (issue 26's converged rows, on val): the DDPM at twice and four times its own
-        # pretraining time (its lr is constant after warm-up, so these continue the default run's curve) and the MAE
-        # at eight times (its curve still rose 0.05 val from 6000 to 12000 steps), one fit seed each.
+        # Each competitor's longer budget (issue 26's converged rows, on val): the DDPM at twice, four and eight times
+        # its own pretraining time (its lr is constant after warm-up, so these continue the default run's curve) and
+        # the MAE at eight times (its curve still rose 0.05 val from 6000 to 12000 steps), one fit seed each.
         *(Experiment(f"bl-ddpm-{steps}", f"DDPM, {times} its pretraining time ({steps} steps), one fit seed",
-                     (f"ddpm.train.steps={steps}",)) for steps, times in ((1600, "twice"), (3200, "four times"))),
+                     (f"ddpm.train.steps={steps}",))
+          for steps, times in ((1600, "twice"), (3200, "four times"), (6400, "eight times"))),
         Experiment("bl-mae-24000", "MAE, eight times the DDPM's pretraining time (24000 steps), one fit seed",
                    ("features.representation=mae", "t_steps=[50]", "mae.steps=24000")),
     )),

@@ -429,7 +429,7 @@ def test_every_baseline_runs_three_fit_seeds_and_its_row_has_their_spread():
     once = [e.name for e in experiments if sum(other.label == e.label for other in experiments) == 1]
     # their pretraining reruns per seed (10-20 min each): one fit seed, their labels say so
     assert once == ["bl-mae-6000", f"bl-swav-{2 * SWAV_STEPS}", "bl-mae-12000", "bl-mae-lr3e-4", "bl-mae-lr3e-3",
-                    "bl-mae-ps1", "bl-mae-ps2", "bl-ddpm-1600", "bl-ddpm-3200", "bl-mae-24000"]
+                    "bl-mae-ps1", "bl-mae-ps2", "bl-ddpm-1600", "bl-ddpm-3200", "bl-ddpm-6400", "bl-mae-24000"]
     assert all("one fit seed" in e.label for e in experiments[-len(once):])
     assert len(experiments) == (len(labels) - len(once)) * 3 + len(once) and FIT_SEEDS == (0, 1, 2)
     seeded = {e.name: e for e in experiments}["bl-rgb-fs2"]
