@@ -28,7 +28,7 @@ Geometries:
   run's DDPM (``--checkpoint``) applied convolutionally at 128 x 128, all 9 decoder blocks at
   t = 50, 150, 250, 350 (D = 1920), 1024-pixel chunks (16 per image, 131,072 train pixels for 8 images:
   the default 1024 MiB pool holds 279,620 rows of D = 1920, so (b) reads them once; ``--also
-  'streamed:buffer_rows=65536'`` streams them as the earlier 65,536-row default did). Fewer members than the paper's 10, for
+  'rows65536:buffer_rows=65536'`` streams them as the earlier 65,536-row default did). Fewer members than the paper's 10, for
   both procedures, keep it within minutes (``--paper-like-members``).
 - paper256: the stores of benchmarks/paper_geometry.py's FFHQ-34-sized run (``--paper256-stores
   /tmp/paper_geometry/repo/features/t{t}.zarr``): 256² scenes, 34 classes, the adm256 UNet's blocks
@@ -415,6 +415,8 @@ def main() -> None:
     also = {}
     for item in args.also:
         label, _, assignments = item.partition(":")
+        if label in ("paper", "streamed"):
+            parser.error(f"--also {item!r}: the name {label!r} is one of the two procedures' own rows; name it otherwise")
         also[label] = {**parse_set(args.set), **parse_set([a for a in assignments.split(",") if a])}
     results["also"] = also
     for name, geometry in geometries.items():
