@@ -74,7 +74,19 @@ def plot_sample_efficiency(summary: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
+def run_styles(runs: list[str]) -> dict[str, dict]:
+    """A line style per run, no two alike however many runs: matplotlib's default cycle has 10 colours, so with the
+    20 baselines' rows two runs shared each colour and the legend could not tell them apart. tab20's 10 dark hues
+    solid, then its 10 light ones dashed, then both again dotted and dash-dotted, each block with its own marker."""
+    colours = plt.get_cmap("tab20").colors
+    hues = [colours[i] for i in range(0, 20, 2)] + [colours[i] for i in range(1, 20, 2)]
+    lines, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D", "v", "P")
+    return {run: {"color": hues[i % 20], "linestyle": lines[i // 10 % 4], "marker": markers[i // 10 % 6]}
+            for i, run in enumerate(runs)}
+
+
 def plot_robustness(table: pd.DataFrame, path: Path) -> None:
+    styles = run_styles(list(dict.fromkeys(table["run"])))
     corruptions = list(dict.fromkeys(table["corruption"]))
     legend_rows = -(-table["run"].nunique() // 3)  # three runs a row under the panels
     legend_inches = 0.45 + 0.17 * legend_rows
@@ -84,7 +96,8 @@ def plot_robustness(table: pd.DataFrame, path: Path) -> None:
     severities = [c for c in table.columns if c not in ("run", "corruption")]
     for axis, corruption in zip(axes, corruptions):
         for _, row in table[table["corruption"] == corruption].iterrows():
-            axis.plot([int(s) for s in severities], [row[s] for s in severities], marker="o", label=row["run"])
+            axis.plot([int(s) for s in severities], [row[s] for s in severities], label=row["run"], markersize=4,
+                      **styles[row["run"]])
         axis.set_title(corruption, fontsize=9)
         axis.set_xlabel("severity (0 = clean)")
         axis.grid(alpha=0.3)

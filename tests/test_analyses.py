@@ -447,3 +447,29 @@ def test_every_baseline_runs_three_fit_seeds_and_its_row_has_their_spread():
     assert rgb["experiment"] == "bl-rgb"
     ddpm = table.set_index("run").loc["DDPM features (the pipeline's default)"]
     assert ddpm["seeds"] == 1 and ddpm["val std"] != ddpm["val std"]  # NaN: one seed has no spread
+
+
+def test_robustness_lines_are_told_apart_however_many_runs(tmp_path, monkeypatch):
+    """With matplotlib's 10-colour cycle the baselines' 20 rows shared colours two by two (the 4x DDPM and the 1x MAE
+    drew the same pink line); every run now has its own colour, line style and marker, in the plot too."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from analyses.report import plot_robustness, run_styles
+
+    runs = [f"run {i}" for i in range(34)]
+    styles = run_styles(runs)
+    assert len({(s["color"], s["linestyle"]) for s in styles.values()}) == 34
+    table = pd.DataFrame([{"run": run, "corruption": corruption, "0": 0.3, "1": 0.2}
+                          for corruption in ("blur", "jpeg") for run in runs[:25]])
+    drawn = []
+    real_plot = plt.Axes.plot
+
+    def keep(self, *args, **kwargs):
+        drawn.append((kwargs["label"], kwargs["color"], kwargs["linestyle"]))
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "plot", keep)
+    plot_robustness(table, tmp_path / "robustness.png")
+    assert (tmp_path / "robustness.png").stat().st_size > 0
+    assert len(set(drawn)) == 25 and len({(colour, style) for _, colour, style in drawn}) == 25
