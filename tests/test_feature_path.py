@@ -190,3 +190,8 @@ def test_images_larger_than_the_model_get_noise_and_maps_of_their_own_size(proje
     with pytest.raises(Exception, match="image 1 is 32x32 px, but the first image is 64x64"):
         list(features_for_images(model, diffusion, [large, small], **{**options, "options": params.features.model_copy(
             update={"batch_size": 1})}))
+    with pytest.raises(Exception, match="image 1 is 32x32 px, but the first image is 64x64"):  # within one batch too
+        list(features_for_images(model, diffusion, [large, small], **options))
+    files = [example.image_path for example in list_examples(project["data"], Split.TEST)][:2]
+    (_, from_file), _ = features_for_images(model, diffusion, files, **options)  # the size from the file's header
+    assert from_file.shape[0] == 32 * 32

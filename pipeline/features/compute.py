@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.config import FeaturesConfig
-from pipeline.data.images import read_rgb, to_model_input
+from pipeline.data.images import displayed_size, read_rgb, to_model_input
 from pipeline.diffusion.gaussian import Diffusion
 from pipeline.diffusion.train import load_checkpoint
 from pipeline.diffusion.unet import UNetModel, for_inference
@@ -35,12 +35,13 @@ from pipeline.features.upsample import upsample_concat
 from pipeline.runtime import AUTOCAST_DTYPES
 from pipeline.selfsup.encoders import encoder_maps, is_self_supervised, load_encoder
 
-ImageSource = str | Path | np.ndarray  # an image file, or an [S, S, 3] uint8 array at the model's size
+ImageSource = str | Path | np.ndarray  # an image file, or an [S, S, 3] uint8 array; one S for all images of a call
 
 
-def image_side(image: str | Path | np.ndarray) -> int:
-    """The height of an image file or ``[H, W, 3]`` array: the side of the square images a call takes."""
-    return (read_rgb(image) if isinstance(image, (str, Path)) else np.asarray(image)).shape[0]
+def image_side(image: ImageSource) -> int:
+    """The displayed height of an image file (its header only) or of an ``[H, W, 3]`` array: the side of the square
+    images a call takes."""
+    return displayed_size(image)[1] if isinstance(image, (str, Path)) else np.asarray(image).shape[0]
 
 
 def noise_for(seed: int, split: str, index: int, t: int, image_size: int) -> torch.Tensor:
@@ -139,12 +140,13 @@ def features_for_images(
     for first in range(0, len(indices), batch_size):
         positions = range(first, min(first + batch_size, len(indices)))
         batch = [indices[position] for position in positions]
-        x0 = to_model_input(np.stack([read_rgb(images[p]) if isinstance(images[p], (str, Path)) else images[p]
-                                      for p in positions]))
-        if x0.shape[-2:] != (size, size):
-            raise DatasetError(f"{name_of(batch[0])} is {x0.shape[-1]}x{x0.shape[-2]} px, but the first image is "
-                               f"{size}x{size}: one call takes images of one square size (resize them, or set "
-                               f"dataset.non_square: center_crop)")
+        arrays = [read_rgb(images[p]) if isinstance(images[p], (str, Path)) else images[p] for p in positions]
+        for index, array in zip(batch, arrays):  # each image named, within a batch as across batches
+            if array.shape[:2] != (size, size):
+                raise DatasetError(f"{name_of(index)} is {array.shape[1]}x{array.shape[0]} px, but the first image is "
+                                   f"{size}x{size}: one call takes images of one square size (resize them, or set "
+                                   f"dataset.non_square: center_crop)")
+        x0 = to_model_input(np.stack(arrays))
         if device.type == "cuda":  # page-locked host memory lets the copy overlap the previous batch
             x0 = x0.pin_memory()
         x0 = x0.to(device, non_blocking=True)
