@@ -16,7 +16,7 @@ import yaml
 import zarr
 from PIL import Image
 
-from analyses.experiments import ANALYSES, FIT_SEEDS, SWAV_STEPS, seed_of
+from analyses.experiments import ANALYSES, AT_64PX, FIT_SEEDS, SWAV_STEPS, seed_of
 from analyses.report import build_report
 from analyses.results import datasetddpm_table, experiment_rows, sample_efficiency_table, split_table
 from pipeline.analysis.corruptions import corrupt
@@ -31,6 +31,7 @@ from pipeline.ensemble.fit import image_rows, train_subset
 from pipeline.errors import DatasetError
 from pipeline.features.activations import feature_maps, make_noise, rgb_maps
 from pipeline.features.compute import batch_noise
+from pipeline.presets import DIGITS_MODEL_FLAGS, PRESETS
 from tests.conftest import REPO
 from tests.helpers import TINY_PARAMS, make_project, run_stage, write_params
 from tests.test_segment import new_canvases, save_random_ensemble
@@ -473,3 +474,21 @@ def test_robustness_lines_are_told_apart_however_many_runs(tmp_path, monkeypatch
     plot_robustness(table, tmp_path / "robustness.png")
     assert (tmp_path / "robustness.png").stat().st_size > 0
     assert len(set(drawn)) == 25 and len({(colour, style) for _, colour, style in drawn}) == 25
+
+
+def test_the_second_datasets_rows_are_the_first_datasets_at_64_px_with_nothing_retuned():
+    """baselines_64px runs the 32 px baselines' own overrides (representation, init, steps) plus the 64 px canvases
+    and the UNet's attention at the same relative resolution, so the two tables differ in the dataset alone."""
+    at_32 = {e.name: e for e in ANALYSES["baselines"].experiments}
+    rows = ANALYSES["baselines_64px"].experiments
+    assert ANALYSES["baselines_64px"].targets == ("evaluate",)
+    for experiment in rows:
+        assert experiment.overrides[:len(AT_64PX)] == AT_64PX and experiment.name.startswith("b64-")
+        twin = at_32["bl-" + experiment.name.removeprefix("b64-")]
+        assert experiment.overrides[len(AT_64PX):] == twin.overrides, experiment.name
+    assert AT_64PX == ("dataset.image_size=64", "ddpm.model.attention_resolutions=[16]")
+    # attention at a quarter of the image side, as the digits preset's is at its 32 px
+    (attention,) = DIGITS_MODEL_FLAGS["attention_resolutions"]
+    assert PRESETS["digits"]["image_size"] / attention == 64 / 16
+    assert {e.name for e in rows if "representation=mae" in " ".join(e.overrides)} == {"b64-mae"}  # one fit seed
+    assert sum(e.label.startswith("64 px: DDPM") for e in rows) == len(FIT_SEEDS)
