@@ -168,6 +168,7 @@ def build_report(results: Path, out: Path, kmeans: Path | None = None) -> str:
         parts.extend([markdown_table(table.drop(columns="experiment")), ""])
 
     split_section("baselines", "Baselines through the same stages")
+    split_section("baselines_64px", "Baselines on a second dataset: the digits at 64 px")
     parts.extend(["## Representation map (val)", ""])
     if "representation_map" in records:
         parts.extend(representation_map_section(records["representation_map"], out.parent))
