@@ -15,6 +15,7 @@ Run it alone: another torch job on the same cores spoils both timings.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -42,7 +43,7 @@ def run(launcher: str, steps: int, base: dict, scratch: Path) -> dict:
     work = scratch / f"{launcher.replace(':', '')}_{steps}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    params = json.loads(json.dumps(base))
+    params = copy.deepcopy(base)
     params["ddpm"]["train"].update(steps=steps, state_every=0)
     params_file = work / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
